@@ -1,0 +1,92 @@
+"""faasd: start and stop the whole platform under supervisord (run as root).
+
+``faasd up`` checks the settings, prepares ``$FAAS_ROOT`` and ``$FAAS_RUN`` with the
+owners and modes that decide who may talk to whom, and starts supervisord with
+``supervisord.conf``; ``faasd ctl ...`` is supervisorctl for that instance; ``faasd
+down`` stops everything. The config file takes every path from the environment this
+command sets, so it works from any directory and for any number of instances.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+from common.daemon import owner_ids
+from common.settings import EX_CONFIG, Settings, SettingsError, load
+
+DEFAULT_CONF = "/etc/faasd/supervisord.conf"
+
+
+def prepare(settings: Settings) -> None:
+    """Create the directories every daemon needs, owned and moded as DESIGN.md says.
+
+    ``$FAAS_RUN`` is root:faas 1770: the faas group may reach the controller's endpoint,
+    the unprivileged daemons may bind theirs, and the sticky bit stops them from removing
+    or replacing the root daemons' sockets. Others may not enter at all.
+    """
+    _, gid = owner_ids(settings)
+    for path, owner, group, mode in (
+        (settings.root, 0, 0, 0o755),
+        (os.path.join(settings.root, "logs"), 0, gid, 0o750),
+        (settings.run, 0, gid, 0o1770),
+    ):
+        os.makedirs(path, exist_ok=True)
+        st = os.lstat(path)
+        if os.path.islink(path):
+            raise SettingsError(f"{path} is a symlink; faasd wants a real directory there")
+        if (st.st_uid, st.st_gid) != (owner, group):
+            os.chown(path, owner, group)
+        os.chmod(path, mode)
+
+
+def _env(settings: Settings, args: argparse.Namespace) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        FAAS_ROOT=settings.root,
+        FAAS_RUN=settings.run,
+        FAAS_USER=settings.user,
+        FAAS_GROUP=settings.group,
+        FAAS_BIN=os.path.dirname(os.path.abspath(sys.argv[0])) if args.bin is None else args.bin,
+    )
+    return env
+
+
+def _supervisor_bin(name: str, env: dict[str, str]) -> str:
+    path = os.path.join(env["FAAS_BIN"], name)
+    return path if os.path.exists(path) else (shutil.which(name) or name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console script faasd."""
+    parser = argparse.ArgumentParser(prog="faasd", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--conf", default=os.environ.get("FAAS_SUPERVISORD_CONF", DEFAULT_CONF),
+                        help=f"supervisord config (default {DEFAULT_CONF})")
+    parser.add_argument("--bin", default=None,
+                        help="directory of the faas-* programs (default: beside this one)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="prepare directories and start supervisord")
+    up.add_argument("--foreground", action="store_true", help="run supervisord in the foreground")
+    sub.add_parser("down", help="stop every program and supervisord")
+    ctl = sub.add_parser("ctl", help="supervisorctl for this instance (status, restart NAME, ...)")
+    ctl.add_argument("args", nargs=argparse.REMAINDER)
+    ns = parser.parse_args(argv)
+    try:
+        settings = load()
+        env = _env(settings, ns)
+        if ns.command == "up":
+            prepare(settings)
+    except (SettingsError, OSError) as exc:
+        print(f"faasd: {exc}", file=sys.stderr)
+        sys.exit(EX_CONFIG)
+    conf = os.path.abspath(ns.conf)
+    if ns.command == "up":
+        argv_ = [_supervisor_bin("supervisord", env), "-c", conf]
+        argv_ += ["-n"] if ns.foreground else []
+    elif ns.command == "down":
+        argv_ = [_supervisor_bin("supervisorctl", env), "-c", conf, "shutdown"]
+    else:
+        argv_ = [_supervisor_bin("supervisorctl", env), "-c", conf, *ns.args]
+    os.execve(argv_[0], argv_, env)

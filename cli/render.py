@@ -1,0 +1,71 @@
+"""How faasctl shows results to people, and what exit status a result means."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable, TextIO
+
+from common.errors import EXIT_STATUS, Code
+
+
+def _age(ts: float | None) -> str:
+    if ts is None:
+        return "never"
+    return f"{max(0.0, time.time() - ts):.1f}s ago"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 120:
+        return f"{seconds:.0f}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    if s < 172800:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600}h"
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1048576:.1f}MiB"
+
+
+def table(rows: list[list[str]], out: TextIO) -> None:
+    """Left-aligned columns, two spaces apart."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+
+
+def render_status(result: dict[str, Any], out: TextIO) -> None:
+    """The process table of ``faasctl status``."""
+    rows = [["PROCESS", "STATE", "PID", "BOOT ID", "UPTIME", "MEMORY", "LAST SEEN", "SYNCED"]]
+    for p in result["processes"]:
+        rows.append([
+            p["name"], p["state"], str(p["pid"] or "-"), (p["boot_id"] or "-")[:12],
+            _duration(p["uptime"]), _mib(p["rss"]), _age(p["last_seen"]),
+            "yes" if p["synced"] else "no",
+        ])
+    table(rows, out)
+    for p in result["processes"]:
+        if p.get("error"):
+            out.write(f"{p['name']}: {p['error']}\n")
+
+
+def render_generic(result: Any, out: TextIO) -> None:
+    """Anything without its own renderer: indented JSON."""
+    out.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
+
+
+RENDERERS: dict[str, Callable[[Any, TextIO], None]] = {"status": render_status}
+
+
+def verdict(op: str, result: Any) -> int:
+    """Exit status for a successful call: ``status`` fails while any process is not up,
+    so scripts can wait on it."""
+    if op == "status" and any(p["state"] != "up" or not p["synced"]
+                              for p in result["processes"]):
+        return EXIT_STATUS[Code.UNAVAILABLE]
+    return 0

@@ -1,0 +1,203 @@
+"""Settings, declared once as data (name, type, default, check, help).
+
+Read from ``/etc/faasd/faasd.toml`` (or the file ``FAAS_CONFIG`` names) with tomllib;
+every key can be overridden by ``FAAS_<KEY>`` in the environment. A bad value is a
+:class:`SettingsError` naming the key and where the value came from; daemons turn it
+into a message on stderr and exit status 78 (EX_CONFIG) so supervisord marks them FATAL
+instead of restarting them in a loop.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+DEFAULT_CONFIG = "/etc/faasd/faasd.toml"
+EX_CONFIG = 78
+
+
+class SettingsError(Exception):
+    """A setting has a bad value, or the file cannot be read."""
+
+
+def _absolute(v: str) -> None:
+    if not os.path.isabs(v) or "\x00" in v:
+        raise ValueError("must be an absolute path")
+
+
+def _name(v: str) -> None:
+    if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", v):
+        raise ValueError("must be a system user or group name")
+
+
+def _ifname(v: str) -> None:
+    # Linux caps interface names at 15 bytes; a leading '-' would read as an option.
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,14}", v):
+        raise ValueError("must be an interface name: 1-15 of A-Z a-z 0-9 _ . = + -, not "
+                         "starting with '-'")
+
+
+def _v6net(v: str) -> None:
+    try:
+        net = ipaddress.IPv6Network(v)
+    except ValueError:
+        raise ValueError("must be an IPv6 network such as fd00:faa5:1::/64") from None
+    if net.prefixlen > 120:
+        raise ValueError("prefix must be /120 or wider")
+
+
+def _between(lo: float, hi: float) -> Callable[[Any], None]:
+    def check(v: float) -> None:
+        if not lo <= v <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+    return check
+
+
+def _one_of(*choices: str) -> Callable[[Any], None]:
+    def check(v: str) -> None:
+        if v not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+    return check
+
+
+def _endpoint(v: str) -> None:
+    if v and not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}", v):
+        raise ValueError("must be HOST:PORT or [IPv6]:PORT, or empty")
+
+
+def _upstreams(v: list[str]) -> None:
+    for addr in v:
+        try:
+            ipaddress.ip_address(addr)
+        except ValueError:
+            raise ValueError(f"{addr!r} is not an IP address") from None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its TOML key, type, default, check and help."""
+
+    key: str
+    type: type
+    default: Any
+    help: str
+    check: Callable[[Any], None] | None = None
+
+    @property
+    def env(self) -> str:
+        return "FAAS_" + self.key.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("root", str, "/var/lib/faasd", "state, images, logs, zone and keys", _absolute),
+    Setting("run", str, "/run/faasd", "sockets and control sockets (tmpfs)", _absolute),
+    Setting("user", str, "faas", "the unprivileged user of controller and dnsagent", _name),
+    Setting("group", str, "faas", "operators in this group may use faasctl", _name),
+    Setting("log_level", str, "info", "debug, info, warning or error",
+            _one_of("debug", "info", "warning", "error")),
+    Setting("ping_interval", float, 1.0, "seconds between the controller's pings of each agent",
+            _between(0.05, 60)),
+    Setting("wg_interface", str, "wg0", "the WireGuard interface netagent owns", _ifname),
+    Setting("wg_port", int, 51820, "WireGuard listen port (UDP)", _between(1, 65535)),
+    Setting("vpn_prefix", str, "fd00:faa5:0:100::/64",
+            "VPN network: the server is ::1, peers from ::2", _v6net),
+    Setting("function_prefix", str, "fd00:faa5:1::/64",
+            "function addresses are taken from here, from ::a upward", _v6net),
+    Setting("client_prefix", str, "fd00:faa5::/32", "what clients route into the tunnel", _v6net),
+    Setting("vpn_endpoint", str, "", "HOST:PORT that peers dial; printed in client configs",
+            _endpoint),
+    Setting("dns_upstreams", list, [], "resolvers for names outside faas. (none by default)",
+            _upstreams),
+    Setting("runtime", str, "runc", "OCI runtime for function containers: runc or crun",
+            _one_of("runc", "crun")),
+)
+
+_BY_KEY = {s.key: s for s in SETTINGS}
+
+
+class Settings:
+    """Read-only view of the settings in force; attribute access by key."""
+
+    def __init__(self, values: Mapping[str, Any], sources: Mapping[str, str]):
+        self._values = MappingProxyType(dict(values))
+        self.sources = MappingProxyType(dict(sources))
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every setting and its value."""
+        return dict(self._values)
+
+
+def _coerce(setting: Setting, raw: Any, from_env: bool) -> Any:
+    t = setting.type
+    if from_env:
+        if t is bool:
+            low = raw.strip().lower()
+            if low not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError("must be true or false")
+            return low in ("1", "true", "yes", "on")
+        if t is list:
+            return [p.strip() for p in raw.split(",") if p.strip()]
+        try:
+            return t(raw)
+        except ValueError:
+            raise ValueError(f"must be {'an integer' if t is int else 'a number'}") from None
+    if t is float and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
+    if not isinstance(raw, t) or (t is not bool and isinstance(raw, bool)):
+        raise ValueError(f"must be of type {t.__name__}, not {type(raw).__name__}")
+    if t is list and not all(isinstance(x, str) for x in raw):
+        raise ValueError("must be a list of strings")
+    return raw
+
+
+def _read_file(path: str, explicit: bool) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        if explicit:
+            raise SettingsError(f"config file {path} (from FAAS_CONFIG) does not exist") from None
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc}") from None
+
+
+def load(env: Mapping[str, str] | None = None) -> Settings:
+    """Defaults, then the TOML file, then FAAS_* variables; each value checked."""
+    env = os.environ if env is None else env
+    path = env.get("FAAS_CONFIG", DEFAULT_CONFIG)
+    table = _read_file(path, "FAAS_CONFIG" in env)
+    unknown = sorted(k for k in table if k not in _BY_KEY)
+    if unknown:
+        raise SettingsError(f"{path}: unknown key(s) {', '.join(unknown)}; known keys: "
+                            f"{', '.join(_BY_KEY)}")
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for s in SETTINGS:
+        if s.env in env:
+            raw, source, from_env = env[s.env], f"{s.env}={env[s.env]!r}", True
+        elif s.key in table:
+            raw, source, from_env = table[s.key], f"{path}: {s.key} = {table[s.key]!r}", False
+        else:
+            values[s.key], sources[s.key] = s.default, "default"
+            continue
+        try:
+            value = _coerce(s, raw, from_env)
+            if s.check is not None:
+                s.check(value)
+        except ValueError as exc:
+            raise SettingsError(f"bad setting {s.key} ({source}): {exc}. {s.key} is: {s.help}"
+                                ) from None
+        values[s.key], sources[s.key] = value, source
+    return Settings(values, sources)

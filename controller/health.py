@@ -1,0 +1,129 @@
+"""The controller's watch over its agents: ping, record, resync.
+
+Level-triggered, as Kubernetes controllers are: each agent is pinged about once a
+``ping_interval``; whenever its reply shows a boot id we have not synced, or says it
+has had no sync since it started, the agent gets a ``sync`` carrying its whole desired
+state. A restarted agent therefore heals without an operator, and so does an agent
+whose sync failed: the next ping finds it still unsynced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+from common import protocol
+from common.errors import FaasError
+from common.log import EventLog, request_id
+from common.rpc import Client
+
+
+@dataclass
+class AgentHealth:
+    """What the controller knows of one agent."""
+
+    name: str
+    state: str = "unknown"  # unknown (never answered), up, down
+    pid: int | None = None
+    boot_id: str | None = None
+    version: str | None = None
+    uptime: float | None = None
+    rss: int | None = None
+    last_seen: float | None = None  # wall-clock time of the last good ping
+    failures: int = 0  # consecutive failed pings
+    restarts: int = 0  # boot id changes seen
+    synced_boot: str | None = None  # boot id that last received a sync
+    last_sync: float | None = None
+    generation: int = 0
+    error: str | None = None
+
+    @property
+    def synced(self) -> bool:
+        return self.boot_id is not None and self.synced_boot == self.boot_id
+
+    def row(self) -> dict[str, Any]:
+        """Plain data for status replies."""
+        row = asdict(self)
+        row["synced"] = self.synced
+        return row
+
+
+class Monitor:
+    """Pings every agent on its own schedule and resyncs the ones that need it."""
+
+    def __init__(self, clients: dict[str, Client], desired: Callable[[str], dict[str, Any]],
+                 generation: Callable[[], int], interval: float, log: EventLog):
+        self.clients = clients
+        self.desired = desired
+        self.generation = generation
+        self.interval = interval
+        self.log = log
+        self.agents = {name: AgentHealth(name) for name in clients}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """One watcher task per agent, so a dead agent never delays the others."""
+        await asyncio.gather(*(self._watch(name, stop) for name in self.clients))
+
+    async def _watch(self, name: str, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            await self.check(name)
+            left = self.interval - (time.monotonic() - started)
+            if left > 0:
+                try:
+                    await asyncio.wait_for(stop.wait(), left)
+                except TimeoutError:
+                    pass
+
+    async def check(self, name: str) -> None:
+        """Ping one agent, record what it says, and sync it if it needs it."""
+        token = request_id.set(protocol.new_id())
+        try:
+            await self._check(name)
+        finally:
+            request_id.reset(token)
+
+    async def _check(self, name: str) -> None:
+        agent = self.agents[name]
+        try:
+            # No retries: the next tick is the retry, and a stale reading must not linger.
+            reply = protocol.PING_RESULT.check(
+                await self.clients[name].call("ping", retries=0), "ping")
+        except FaasError as exc:
+            agent.failures += 1
+            agent.error = exc.message
+            if agent.state != "down":
+                self.log.warning("agent_down", agent=name, error=exc.message)
+            agent.state = "down"
+            return
+        if agent.boot_id is not None and reply["boot_id"] != agent.boot_id:
+            agent.restarts += 1
+            self.log.info("agent_restarted", agent=name, boot_id=reply["boot_id"],
+                          previous=agent.boot_id)
+        if agent.state != "up":
+            self.log.info("agent_up", agent=name, boot_id=reply["boot_id"], pid=reply["pid"])
+        agent.state, agent.failures, agent.error = "up", 0, None
+        agent.boot_id, agent.pid, agent.version = reply["boot_id"], reply["pid"], reply["version"]
+        agent.uptime, agent.rss, agent.last_seen = reply["uptime"], reply["rss"], time.time()
+        if reply["protocol"] != protocol.VERSION:
+            agent.error = f"speaks protocol {reply['protocol']}, controller {protocol.VERSION}"
+            self.log.error("protocol_mismatch", agent=name, protocol=reply["protocol"])
+            return
+        if not reply["synced"] or agent.synced_boot != reply["boot_id"]:
+            await self.sync(name, reply["boot_id"])
+
+    async def sync(self, name: str, boot_id: str) -> None:
+        """Send the whole desired state; on failure the next ping tries again."""
+        agent = self.agents[name]
+        generation = self.generation()
+        try:
+            await self.clients[name].call("sync", {"generation": generation,
+                                                   "state": self.desired(name)})
+        except FaasError as exc:
+            agent.error = f"sync failed: {exc.message}"
+            self.log.warning("sync_failed", agent=name, code=exc.code.value, error=exc.message)
+            return
+        agent.synced_boot, agent.last_sync, agent.generation = boot_id, time.time(), generation
+        self.log.info("agent_synced", agent=name, boot_id=boot_id, generation=generation)
