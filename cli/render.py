@@ -21,7 +21,7 @@ def _duration(seconds: float | None) -> str:
     s = int(seconds)
     if s < 120:
         return f"{seconds:.0f}s"
-    if s < 7200:
+    if s < 3600:
         return f"{s // 60}m"
     if s < 172800:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"

@@ -1,0 +1,53 @@
+"""faasctl's commands, help and exit statuses come from the protocol table."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+from cli.main import build_parser
+from cli.render import render_status, verdict
+from common import protocol
+from common.errors import EXIT_STATUS, Code
+
+BIN = Path(sys.executable).parent
+
+
+def test_every_cli_op_is_a_command_with_its_doc_as_help():
+    help_text = build_parser().format_help()
+    for op in protocol.OPS["controller"].values():
+        if op.cli:
+            assert op.name in help_text
+            assert op.doc[:40] in help_text
+
+
+def test_status_help_comes_from_the_table():
+    out = subprocess.run([BIN / "faasctl", "status", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    assert protocol.STATUS.doc.split(":")[0] in " ".join(out.stdout.split())
+
+
+ROW = {"name": "runner", "state": "up", "pid": 7, "boot_id": "0123456789abcdef",
+       "uptime": 3725.0, "rss": 3 << 20, "last_seen": None, "synced": True, "error": None}
+
+
+def test_status_table_and_verdict():
+    out = io.StringIO()
+    result = {"processes": [ROW, {**ROW, "name": "dnsagent", "state": "down",
+                                  "error": "no answer"}]}
+    render_status(result, out)
+    lines = out.getvalue().splitlines()
+    assert lines[0].split()[:3] == ["PROCESS", "STATE", "PID"]
+    assert "0123456789ab" in lines[1] and "1h02m" in lines[1] and "3.0MiB" in lines[1]
+    assert lines[-1] == "dnsagent: no answer"
+    assert verdict("status", result) == EXIT_STATUS[Code.UNAVAILABLE]
+    assert verdict("status", {"processes": [ROW]}) == 0
+
+
+def test_unreachable_controller_exit_status(tmp_path):
+    env = {"FAAS_CONFIG": "/dev/null", "FAAS_RUN": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([BIN / "faasctl", "status"], env=env, capture_output=True, text=True)
+    assert out.returncode == EXIT_STATUS[Code.UNAVAILABLE]
+    assert "is faasd running" in out.stderr

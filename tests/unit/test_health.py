@@ -1,0 +1,102 @@
+"""The controller's monitor against fake agents: when does it resync?"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+from common.errors import Code, FaasError
+from common.log import EventLog
+from controller.health import Monitor
+
+
+class FakeAgent:
+    def __init__(self):
+        self.boot_id = "aaaa0000"
+        self.synced = False
+        self.down = False
+        self.fail_sync = False
+        self.syncs: list[dict] = []
+
+    async def call(self, op, args=None, timeout=None, retries=None):
+        if self.down:
+            raise FaasError(Code.TIMEOUT, "no answer")
+        if op == "ping":
+            return {"service": "runner", "version": "0.1.0", "protocol": 1,
+                    "boot_id": self.boot_id, "pid": 42, "uptime": 1.0, "rss": 1 << 20,
+                    "synced": self.synced, "generation": 0}
+        if self.fail_sync:
+            raise FaasError(Code.INTERNAL, "broken")
+        self.syncs.append(args)
+        self.synced = True
+        return {"generation": args["generation"]}
+
+
+def make():
+    agent = FakeAgent()
+    mon = Monitor({"runner": agent}, lambda name: {"for": name}, lambda: 5, 1.0,
+                  EventLog("controller", stream=io.StringIO()))
+    return agent, mon
+
+
+def check(mon):
+    asyncio.run(mon.check("runner"))
+    return mon.agents["runner"]
+
+
+def test_first_sight_syncs_once():
+    agent, mon = make()
+    health = check(mon)
+    assert health.state == "up" and health.synced and health.generation == 5
+    assert agent.syncs == [{"generation": 5, "state": {"for": "runner"}}]
+    check(mon)
+    assert len(agent.syncs) == 1
+
+
+def test_new_boot_id_resyncs_and_counts_a_restart():
+    agent, mon = make()
+    check(mon)
+    agent.boot_id, agent.synced = "bbbb1111", False
+    health = check(mon)
+    assert len(agent.syncs) == 2 and health.restarts == 1 and health.synced
+
+
+def test_agent_that_forgot_its_sync_is_resynced():
+    agent, mon = make()
+    check(mon)
+    agent.synced = False  # same boot id, but it says it has no state
+    check(mon)
+    assert len(agent.syncs) == 2
+
+
+def test_down_then_up_again():
+    agent, mon = make()
+    check(mon)
+    agent.down = True
+    health = check(mon)
+    assert health.state == "down" and health.failures == 1 and "no answer" in health.error
+    agent.down = False
+    health = check(mon)
+    assert health.state == "up" and health.failures == 0 and health.error is None
+
+
+def test_failed_sync_is_retried_on_the_next_ping():
+    agent, mon = make()
+    agent.fail_sync = True
+    health = check(mon)
+    assert not health.synced and "sync failed" in health.error
+    agent.fail_sync = False
+    health = check(mon)
+    assert health.synced and len(agent.syncs) == 1
+
+
+def test_protocol_mismatch_is_flagged_and_not_synced():
+    agent, mon = make()
+
+    async def old_ping(op, args=None, timeout=None, retries=None):
+        reply = await FakeAgent.call(agent, op, args)
+        return {**reply, "protocol": 0} if op == "ping" else reply
+
+    agent.call = old_ping
+    health = check(mon)
+    assert "protocol 0" in health.error and agent.syncs == []
