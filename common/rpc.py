@@ -211,6 +211,9 @@ class Client:
         self.sock: zmq.asyncio.Socket | None = None
         self._pending: dict[str, asyncio.Future[protocol.Reply]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        # Set on every new connection (a server that came back): watchers wake on it.
+        self.connected = asyncio.Event()
 
     def preflight(self) -> None:
         """Raise a clear error if the endpoint is missing or we may not connect to it."""
@@ -236,10 +239,35 @@ class Client:
             sock.setsockopt(zmq.RECONNECT_IVL, 50)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
             sock.setsockopt(zmq.MAXMSGSIZE, 2 * protocol.MAX_FRAME)
+            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED |
+                                              zmq.EVENT_DISCONNECTED)
             sock.connect(f"ipc://{self.path}")
             self.sock = sock
             self._reader = asyncio.ensure_future(self._read())
+            self._watcher = asyncio.ensure_future(self._watch(monitor))
         return self.sock
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        """Fail calls at once when the server goes away; signal when one arrives.
+
+        A reply can never come back over a connection that is gone, so waiting out the
+        timeout would only delay the caller's retry."""
+        try:
+            while True:
+                frames = await monitor.recv_multipart()
+                event = int.from_bytes(frames[0][:2], "little")
+                if event == zmq.EVENT_DISCONNECTED:
+                    lost = FaasError(Code.UNAVAILABLE, f"connection to {self.service} lost",
+                                     {"service": self.service})
+                    for fut in self._pending.values():
+                        if not fut.done():
+                            fut.set_exception(lost)
+                elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self.connected.set()
+        except (zmq.ZMQError, asyncio.CancelledError):
+            pass
+        finally:
+            monitor.close(0)
 
     async def _read(self) -> None:
         assert self.sock is not None
@@ -275,7 +303,7 @@ class Client:
             try:
                 return await self._once(op, args, left)
             except FaasError as exc:
-                if exc.code is not Code.TIMEOUT:
+                if exc.code not in (Code.TIMEOUT, Code.UNAVAILABLE):
                     raise
                 last = exc
         raise last or FaasError(Code.TIMEOUT, f"{self.service} {op}: no time left")
@@ -306,9 +334,10 @@ class Client:
 
     def close(self) -> None:
         """Drop the socket; pending calls fail with a timeout."""
-        if self._reader is not None:
-            self._reader.cancel()
-            self._reader = None
+        for task in (self._reader, self._watcher):
+            if task is not None:
+                task.cancel()
+        self._reader = self._watcher = None
         if self.sock is not None:
             self.sock.close(0)
             self.sock = None

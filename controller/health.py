@@ -67,15 +67,18 @@ class Monitor:
         await asyncio.gather(*(self._watch(name, stop) for name in self.clients))
 
     async def _watch(self, name: str, stop: asyncio.Event) -> None:
+        connected = self.clients[name].connected
         while not stop.is_set():
             started = time.monotonic()
+            connected.clear()
             await self.check(name)
             left = self.interval - (time.monotonic() - started)
             if left > 0:
-                try:
-                    await asyncio.wait_for(stop.wait(), left)
-                except TimeoutError:
-                    pass
+                # A new connection is most likely a restarted agent: look at once.
+                waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(connected.wait())]
+                await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                for w in waits:
+                    w.cancel()
 
     async def check(self, name: str) -> None:
         """Ping one agent, record what it says, and sync it if it needs it."""

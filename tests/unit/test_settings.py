@@ -97,3 +97,9 @@ def test_daemon_stops_at_start_on_a_bad_value(tmp_path, program, source):
     assert proc.returncode == EX_CONFIG
     assert "bad setting wg_port" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_every_setting_is_documented():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "settings.md").read_text()
+    for s in SETTINGS:
+        assert f"| `{s.key}` | `{s.env}` |" in doc, s.key

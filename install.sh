@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Install faasd on Debian 12 from this checkout and start it. Run as root.
+#
+#   ./install.sh              install everything and start the platform
+#   ./install.sh --no-start   install everything (and the test tools) but start nothing
+#
+# Idempotent: run it again after pulling a new version.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+prefix=${FAAS_PREFIX:-/opt/faasd}
+start=1
+for arg in "$@"; do
+  case "$arg" in
+    --no-start) start=0 ;;
+    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown option $arg (try --help)" >&2; exit 2 ;;
+  esac
+done
+[ "$(id -u)" -eq 0 ] || { echo "install.sh: run me as root (sudo $0)" >&2; exit 1; }
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+# Everything the platform and its tests run: the OCI runtimes, WireGuard (kernel module
+# where present, wireguard-go otherwise), iproute2 and ip6tables, BIND 9 and its tools,
+# curl, zstd for image layers, a C compiler for the test handlers.
+packages=(python3 python3-venv runc crun wireguard-tools wireguard-go iproute2 iptables
+          bind9 bind9-utils bind9-dnsutils curl zstd gcc libc6-dev util-linux procps)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if ! getent group faas >/dev/null; then
+  say "creating group faas (operators in it may use faasctl)"
+  groupadd --system faas
+fi
+if ! getent passwd faas >/dev/null; then
+  say "creating user faas (runs the controller and dnsagent)"
+  useradd --system --gid faas --home-dir /nonexistent --no-create-home \
+          --shell /usr/sbin/nologin faas
+fi
+
+say "installing the faasd package into $prefix/venv"
+[ -x "$prefix/venv/bin/python" ] || /usr/bin/python3 -m venv "$prefix/venv"
+"$prefix/venv/bin/pip" install -q --disable-pip-version-check "$here[test]"
+chmod -R a+rX "$prefix"
+
+install -d -m 0755 /etc/faasd
+[ -e /etc/faasd/faasd.toml ] || install -m 0644 "$here/etc/faasd.toml" /etc/faasd/faasd.toml
+install -m 0644 "$here/supervisord.conf" /etc/faasd/supervisord.conf
+for tool in faasctl faasd; do ln -sf "$prefix/venv/bin/$tool" "/usr/local/bin/$tool"; done
+
+[ "$start" -eq 1 ] || exit 0
+
+if faasd ctl pid >/dev/null 2>&1; then
+  say "faasd is running: restarting it on the new code"
+  faasd ctl restart all >/dev/null
+else
+  say "starting faasd"
+  faasd up
+fi
+for _ in $(seq 150); do
+  faasctl status >/dev/null 2>&1 && break
+  sleep 0.2
+done
+faasctl status
