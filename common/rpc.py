@@ -21,6 +21,7 @@ import itertools
 import os
 import stat
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -34,6 +35,22 @@ from common.log import EventLog, request_id
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 _call_counter = itertools.count(1)
+
+
+_contexts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, zmq.asyncio.Context] = (
+    weakref.WeakKeyDictionary())
+
+
+def context() -> zmq.asyncio.Context:
+    """The ZeroMQ context of the running event loop: a daemon has one loop, so one context.
+
+    Not ``Context.instance()``: that one is shared with synchronous code and outlives
+    event loops, and sockets of a finished loop must not share anything with new ones."""
+    loop = asyncio.get_running_loop()
+    ctx = _contexts.get(loop)
+    if ctx is None or ctx.closed:
+        ctx = _contexts[loop] = zmq.asyncio.Context()
+    return ctx
 
 
 def socket_path(run_dir: str, service: str) -> str:
@@ -96,7 +113,6 @@ class Server:
         self.lock_path = os.path.join(run_dir, f"{service}.lock")
         self.log = log
         self.access = access
-        self.ctx = zmq.asyncio.Context.instance()
         self.sock: zmq.asyncio.Socket | None = None
         self._lock_fd: int | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -108,7 +124,7 @@ class Server:
             os.unlink(self.path)  # stale: its owner is gone, or we would not hold the lock
         except FileNotFoundError:
             pass
-        sock = self.ctx.socket(zmq.ROUTER)
+        sock = context().socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, 2 * protocol.MAX_FRAME)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
@@ -207,7 +223,6 @@ class Client:
         self.service = service
         self.path = socket_path(run_dir, service)
         self.retries = retries
-        self.ctx = zmq.asyncio.Context.instance()
         self.sock: zmq.asyncio.Socket | None = None
         self._pending: dict[str, asyncio.Future[protocol.Reply]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -233,7 +248,7 @@ class Client:
 
     def _connect(self) -> zmq.asyncio.Socket:
         if self.sock is None:
-            sock = self.ctx.socket(zmq.DEALER)
+            sock = context().socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue a request on a dead pipe
             sock.setsockopt(zmq.RECONNECT_IVL, 50)

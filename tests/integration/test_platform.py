@@ -143,7 +143,8 @@ def test_operator_in_the_group_can_but_not_to_agents(platform):
 
 
 def raw_request(path, frames: list[bytes]) -> protocol.Reply:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 5000)
     sock.connect(f"ipc://{path}")
@@ -152,6 +153,7 @@ def raw_request(path, frames: list[bytes]) -> protocol.Reply:
         return protocol.parse_reply(sock.recv_multipart()[-1])
     finally:
         sock.close(0)
+        ctx.term()
 
 
 @pytest.mark.parametrize("service", PROCESSES)

@@ -174,7 +174,7 @@ def test_request_id_carries_into_outgoing_calls(tmp_path):
 
 
 def raw_call(path: str, frames: list[bytes]) -> protocol.Reply:
-    ctx = zmq.Context.instance()
+    ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 5000)
@@ -184,6 +184,7 @@ def raw_call(path: str, frames: list[bytes]) -> protocol.Reply:
         return protocol.parse_reply(sock.recv_multipart()[-1])
     finally:
         sock.close(0)
+        ctx.term()
 
 
 @pytest.mark.parametrize("frames,code", [
