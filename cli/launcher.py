@@ -23,14 +23,18 @@ DEFAULT_CONF = "/etc/faasd/supervisord.conf"
 def prepare(settings: Settings) -> None:
     """Create the directories every daemon needs, owned and moded as DESIGN.md says.
 
+    ``state/`` and ``spool/`` belong to the controller's user, ``images/`` to root alone.
     ``$FAAS_RUN`` is root:faas 1770: the faas group may reach the controller's endpoint,
     the unprivileged daemons may bind theirs, and the sticky bit stops them from removing
     or replacing the root daemons' sockets. Others may not enter at all.
     """
-    _, gid = owner_ids(settings)
+    uid, gid = owner_ids(settings)
     for path, owner, group, mode in (
         (settings.root, 0, 0, 0o755),
         (os.path.join(settings.root, "logs"), 0, gid, 0o750),
+        (os.path.join(settings.root, "state"), uid, gid, 0o700),  # controller's SQLite
+        (os.path.join(settings.root, "spool"), uid, gid, 0o700),  # uploads in progress
+        (os.path.join(settings.root, "images"), 0, 0, 0o700),  # runner's rootfs cache
         (settings.run, 0, gid, 0o1770),
     ):
         os.makedirs(path, exist_ok=True)

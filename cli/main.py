@@ -1,8 +1,10 @@
 """faasctl: the operator's command line. Talks ZeroMQ to the controller.
 
 Commands, their help text and their arguments come from ``common.protocol.OPS``: a
-controller op with ``cli=True`` is a command. ``--json`` prints the raw result. The exit
-status says what went wrong (see ``common.errors.EXIT_STATUS``).
+controller op with ``cli=True`` is a command, its ``positional`` args are positional
+arguments and the rest are options. ``new`` (stream an image) is the one command built
+by hand. ``--json`` prints the raw result. The exit status says what went wrong (see
+``common.errors.EXIT_STATUS``).
 """
 
 from __future__ import annotations
@@ -11,13 +13,19 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from typing import Any
 
+from cli.render import RENDERERS, render_generic, verdict
+from cli.upload import ProgressLine, source, upload
 from common import protocol
 from common.errors import EXIT_STATUS, Code, FaasError
 from common.rpc import Client
+from common.schema import Int, MapOf
 from common.settings import SettingsError, load
-from cli.render import RENDERERS, render_generic, verdict
+
+NEW_HELP = ("Deploy a docker save tarball (stdin or -f FILE) as a new version of function "
+            "NAME; " + protocol.UPLOAD_BEGIN.args.fields["name"].help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,24 +40,86 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="seconds to wait for the controller (default: per command)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    new = sub.add_parser("new", help=NEW_HELP, description=NEW_HELP)
+    new.add_argument("name", help=protocol.UPLOAD_BEGIN.args.fields["name"].help)
+    new.add_argument("-f", "--file", help="image tarball (default: stdin)")
+    new.add_argument("--tag", help=protocol.UPLOAD_BEGIN.args.fields["tag"].help)
+    new.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                     help="print the raw result as JSON")
+    logs = sub.add_parser("logs", help=protocol.LOGS.doc, description=protocol.LOGS.doc)
+    logs.add_argument("name", help=protocol.LOGS.args.fields["name"].help)
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("--since", type=float, metavar="SECONDS",
+                      help="only lines from the last SECONDS")
+    logs.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                      help="print JSON lines")
     for op in protocol.OPS["controller"].values():
-        if not op.cli:
-            continue
-        cmd = sub.add_parser(op.name, help=op.doc, description=op.doc)
-        cmd.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                         help="print the raw result as JSON")
-        for name, field in op.args.fields.items():
-            cmd.add_argument(f"--{name.replace('_', '-')}", dest=name, required=field.required,
-                             help=f"{field.help} ({field.describe()})")
+        if op.cli:
+            _add_op(sub, op)
     return parser
 
 
-async def _call(op: str, args: dict[str, Any], timeout: float | None) -> Any:
+async def _logs(client: Client, ns: argparse.Namespace) -> None:
+    since = time.time() - ns.since if ns.since is not None else None
+    offset = 0
+    while True:
+        got = await client.call("logs", {"name": ns.name, "since": since, "offset": offset})
+        for line in got["lines"]:
+            if ns.json:
+                print(json.dumps(line))
+            else:
+                stamp = time.strftime("%H:%M:%S", time.localtime(line["ts"]))
+                print(f"{stamp} {line.get('rid') or '-':14} {line['line']}")
+        sys.stdout.flush()
+        moved = got["offset"] != offset
+        offset = got["offset"]
+        if not ns.follow and not moved:
+            return
+        if not moved:
+            await asyncio.sleep(0.5)
+
+
+def _add_op(sub: Any, op: protocol.Op) -> None:
+    cmd = sub.add_parser(op.name, help=op.doc, description=op.doc)
+    cmd.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                     help="print the raw result as JSON")
+    for name, field in op.args.fields.items():
+        kind: Any = int if isinstance(field, Int) else str
+        text = f"{field.help} ({field.describe()})"
+        if isinstance(field, MapOf):
+            cmd.add_argument(name, type=_key_value, nargs="+", metavar="KEY=VALUE", help=text)
+        elif name in op.positional:
+            cmd.add_argument(name, type=kind, help=text,
+                             nargs=None if field.required else "?")
+        else:
+            cmd.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind,
+                             required=field.required, help=text)
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
+async def _run(ns: argparse.Namespace) -> Any:
     settings = load()
     client = Client("controller", settings.run, retries=0)
     client.preflight()
     try:
-        return await client.call(op, args, timeout=timeout)
+        if ns.command == "logs":
+            return await _logs(client, ns)
+        if ns.command == "new":
+            src = source(ns.file)
+            progress = None if ns.json else ProgressLine(sys.stderr)
+            return await upload(client, ns.name, ns.tag, src, progress)
+        op = protocol.OPS["controller"][ns.command]
+        args = {name: getattr(ns, name) for name in op.args.fields
+                if getattr(ns, name, None) is not None}
+        args.update({name: dict(args[name]) for name, field in op.args.fields.items()
+                     if isinstance(field, MapOf) and name in args})
+        return await client.call(op.name, args, timeout=ns.timeout)
     finally:
         client.close()
 
@@ -57,10 +127,8 @@ async def _call(op: str, args: dict[str, Any], timeout: float | None) -> Any:
 def main(argv: list[str] | None = None) -> None:
     """Console script faasctl."""
     ns = build_parser().parse_args(argv)
-    op = protocol.OPS["controller"][ns.command]
-    args = {name: getattr(ns, name) for name in op.args.fields if getattr(ns, name) is not None}
     try:
-        result = asyncio.run(_call(op.name, args, ns.timeout))
+        result = asyncio.run(_run(ns))
     except SettingsError as exc:
         print(f"faasctl: {exc}", file=sys.stderr)
         sys.exit(EXIT_STATUS[Code.BAD_REQUEST])
@@ -69,8 +137,12 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps({"ok": False, "error": exc.to_wire()}))
         print(f"faasctl: {exc.code.value}: {exc.message}", file=sys.stderr)
         sys.exit(EXIT_STATUS[exc.code])
+    except KeyboardInterrupt:
+        sys.exit(130)
+    if ns.command == "logs":
+        sys.exit(0)
     if ns.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
-        RENDERERS.get(op.name, render_generic)(result, sys.stdout)
-    sys.exit(verdict(op.name, result))
+        RENDERERS.get(ns.command, render_generic)(result, sys.stdout)
+    sys.exit(verdict(ns.command, result))

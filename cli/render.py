@@ -59,7 +59,65 @@ def render_generic(result: Any, out: TextIO) -> None:
     out.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
 
 
-RENDERERS: dict[str, Callable[[Any, TextIO], None]] = {"status": render_status}
+def render_list(result: dict[str, Any], out: TextIO) -> None:
+    """faasctl list."""
+    rows = [["NAME", "ADDRESS", "VERSION", "IMAGE", "COMMAND"]]
+    for f in result["functions"]:
+        rows.append([f["name"], f["address"], str(f["version"]), f["digest"][7:19],
+                     " ".join(f["command"])])
+    table(rows, out) if len(rows) > 1 else out.write("no functions; deploy one with "
+                                                     "faasctl new NAME\n")
+
+
+def _versions(rows_in: list[dict[str, Any]], current: int, out: TextIO) -> None:
+    rows = [["VERSION", "IMAGE", "SIZE", "DEPLOYED", "COMMAND"]]
+    for v in rows_in:
+        mark = "*" if v["version"] == current else " "
+        rows.append([f"{mark}{v['version']}", v["digest"][7:19], _mib(v["size"]),
+                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["created"])),
+                     " ".join(v["command"])])
+    table(rows, out)
+
+
+def render_info(result: dict[str, Any], out: TextIO) -> None:
+    """faasctl info NAME."""
+    for key in ("name", "address", "version", "digest"):
+        out.write(f"{key + ':':9} {result[key]}\n")
+    out.write(f"{'command:':9} {' '.join(result['command'])}\n")
+    _settings(result["settings"], out)
+    out.write("\n")
+    _versions(result["versions"], result["version"], out)
+
+
+def _settings(settings: dict[str, Any], out: TextIO) -> None:
+    out.write("settings: " + " ".join(f"{k}={v}" for k, v in settings.items() if k != "env")
+              + "\n")
+    for k, v in sorted(settings["env"].items()):
+        out.write(f"  env.{k}={v}\n")
+
+
+def render_versions(result: dict[str, Any], out: TextIO) -> None:
+    """faasctl versions NAME (the current one is starred)."""
+    current = next((v["version"] for v in result["versions"] if v["current"]), 0)
+    _versions(result["versions"], current, out)
+
+
+def render_new(result: dict[str, Any], out: TextIO) -> None:
+    """faasctl new."""
+    how = "image already present" if result["reused"] else "extracted"
+    out.write(f"{result['name']} version {result['version']} at {result['address']} "
+              f"({result['digest'][:19]}, {_mib(result['size'])}, {how}, "
+              f"{result['seconds']:.1f}s)\n")
+
+
+RENDERERS: dict[str, Callable[[Any, TextIO], None]] = {
+    "status": render_status, "list": render_list, "info": render_info,
+    "versions": render_versions, "new": render_new,
+    "ip": lambda r, out: out.write(r["address"] + "\n"),
+    "rollback": lambda r, out: out.write(f"{r['name']} now serves version {r['version']}\n"),
+    "rm": lambda r, out: out.write(f"removed {r['name']} ({r['address']})\n"),
+    "set": lambda r, out: _settings(r["settings"], out),
+}
 
 
 def verdict(op: str, result: Any) -> int:

@@ -76,6 +76,9 @@ class Daemon:
         """Long-running work beside the server (subclasses); cancelled at stop."""
         await self.stop.wait()
 
+    async def teardown(self) -> None:
+        """Graceful work after serving stopped, before exit (subclasses)."""
+
     async def run(self) -> None:
         """Bind, serve until SIGTERM, clean up."""
         loop = asyncio.get_running_loop()
@@ -92,6 +95,7 @@ class Daemon:
             await server.serve(self.stop)
             bg.cancel()
             await asyncio.gather(bg, return_exceptions=True)
+            await self.teardown()
         finally:
             server.close()
             self.log.info("stopped")

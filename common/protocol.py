@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 
 from common.errors import Code, FaasError
-from common.schema import Bool, Field, Float, Int, Record, Str
+from common.schema import Bool, Bytes, Field, Float, Int, IPv6, List, MapOf, Record, Str
 
 VERSION = 1
 
@@ -45,6 +45,38 @@ class Op:
     idempotent: bool = True
     timeout: float = 5.0
     cli: bool = False  # exposed as a faasctl command (controller ops only)
+    positional: tuple[str, ...] = ()  # args faasctl takes as positional arguments
+
+
+# Function names are DNS labels under faas.; a few are kept for the zone itself.
+NAME_PATTERN = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+RESERVED_NAMES = frozenset({"ns"})
+
+
+@dataclass(frozen=True)
+class FunctionName(Str):
+    """A function name: a DNS label, not reserved."""
+
+    max_len: int = 63
+    pattern: str | None = NAME_PATTERN
+    help: str = "function name: a DNS label (a-z, 0-9, inner '-'), at most 63 characters"
+
+    def check(self, value: Any, path: str) -> str:
+        if isinstance(value, str) and not re.fullmatch(NAME_PATTERN, value):
+            raise FaasError(Code.BAD_REQUEST, f"{path}: {value[:80]!r} is not a function name: "
+                            "use 1-63 of a-z, 0-9 and '-', starting and ending with a letter "
+                            "or digit (it becomes NAME.faas)", {"field": path})
+        value = super().check(value, path)
+        if value in RESERVED_NAMES:
+            raise FaasError(Code.BAD_REQUEST, f"{path}: {value!r} is reserved; pick another "
+                            "name", {"field": path})
+        return value
+
+
+UPLOAD_ID = Str(max_len=32, pattern=r"[0-9a-f]{32}", help="upload id from upload_begin")
+DIGEST = Str(max_len=71, pattern=r"sha256:[0-9a-f]{64}", help="image digest")
+CHUNK_SIZE = 1 << 20  # bytes per upload_chunk; MAX_FRAME leaves room for the envelope
+UPLOAD_WINDOW = 4  # chunks a client may have in flight: the controller's flow control
 
 
 # --- the operations ---------------------------------------------------------------
@@ -64,6 +96,111 @@ STATUS = Op(
 )
 
 
+NAME_ARGS = Record(fields={"name": FunctionName()})
+
+UPLOAD_BEGIN = Op(
+    "upload_begin",
+    "Start uploading an image for function NAME; the name is checked before any byte is "
+    "stored.",
+    Record(fields={
+        "name": FunctionName(),
+        "tag": Str(required=False, max_len=256, help="image to pick from a multi-image archive"),
+    }),
+    idempotent=False,
+)
+UPLOAD_CHUNK = Op(
+    "upload_chunk",
+    "Append bytes to an upload at OFFSET (in order; a repeated chunk is acknowledged again).",
+    Record(fields={"upload": UPLOAD_ID, "offset": Int(), "data": Bytes(max_len=CHUNK_SIZE)}),
+    timeout=30.0,
+)
+UPLOAD_ABORT = Op("upload_abort", "Drop an upload and its spooled bytes.",
+                  Record(fields={"upload": UPLOAD_ID}))
+DEPLOY = Op(
+    "deploy",
+    "Verify and extract an uploaded image and make it the function's new version.",
+    Record(fields={"upload": UPLOAD_ID}),
+    idempotent=False,
+    timeout=3600.0,
+)
+DEPLOY_PROGRESS = Op("deploy_progress", "Phase and byte counts of an upload or deploy.",
+                     Record(fields={"upload": UPLOAD_ID}), timeout=3.0)
+LIST = Op("list", "List deployed functions: name, address, version, command.", cli=True)
+INFO = Op("info", "Show one function: address, current version, image, every version.",
+          NAME_ARGS, cli=True, positional=("name",))
+IP = Op("ip", "Print the IPv6 address of function NAME.", NAME_ARGS, cli=True,
+        positional=("name",))
+VERSIONS = Op("versions", "List the versions of function NAME, oldest first.", NAME_ARGS,
+              cli=True, positional=("name",))
+ROLLBACK = Op(
+    "rollback",
+    "Serve an earlier version of NAME: VERSION, else the one before the current.",
+    Record(fields={"name": FunctionName(),
+                   "version": Int(min=1, required=False, help="version to serve")}),
+    idempotent=False,
+    cli=True,
+    positional=("name", "version"),
+)
+REMOVE = Op("rm", "Remove function NAME and every version; frees images no version uses.",
+            NAME_ARGS, idempotent=False, cli=True, positional=("name",))
+
+SET = Op(
+    "set",
+    "Change settings of function NAME: KEY=VALUE ... (memory, cpu, pids, timeout, "
+    "concurrency, queue, min_warm, reuse, idle_timeout, env.NAME; env.NAME= removes). "
+    "Connections in flight are not dropped.",
+    Record(fields={
+        "name": FunctionName(),
+        "settings": MapOf(key=Str(max_len=140, pattern=r"(env\.)?[A-Za-z_][A-Za-z0-9_]*"),
+                          value=Str(max_len=4096), max_items=64, help="KEY=VALUE pairs"),
+    }),
+    cli=True,
+    positional=("name", "settings"),
+)
+
+LOGS = Op(
+    "logs",
+    "Show the output of function NAME's containers, each line with its request id.",
+    Record(fields={
+        "name": FunctionName(),
+        "since": Float(required=False, help="only lines newer than this unix time"),
+        "offset": Int(required=False, help="continue from this byte offset (follow)"),
+    }),
+    timeout=5.0,
+)
+
+IMAGE_CONFIG = Record(fields={
+    "entrypoint": List(item=Str(max_len=4096), max_items=256),
+    "cmd": List(item=Str(max_len=4096), max_items=256),
+    "env": List(item=Str(max_len=8192), max_items=512),
+    "workdir": Str(max_len=4096),
+    "user": Str(max_len=256),
+    "os": Str(max_len=32),
+    "architecture": Str(max_len=32),
+})
+FUNCTION_SETTINGS = Record(fields={
+    "memory": Int(min=1), "cpu": Float(min=0.01), "pids": Int(min=1),
+    "timeout": Float(min=0.01), "concurrency": Int(min=1), "queue": Int(),
+    "min_warm": Int(), "reuse": Bool(), "idle_timeout": Float(min=0.01),
+    "env": MapOf(key=Str(max_len=128), value=Str(max_len=4096), max_items=128),
+})
+FUNCTION_SPEC = Record(fields={
+    "name": FunctionName(), "address": IPv6(), "digest": DIGEST, "config": IMAGE_CONFIG,
+    "settings": FUNCTION_SETTINGS,
+})
+
+IMAGE_ADD = Op(
+    "image_add",
+    "Extract the spooled upload into a rootfs keyed by its digest (nothing if already "
+    "there) and return the image's digest and config.",
+    Record(fields={"upload": UPLOAD_ID, "tag": Str(required=False, max_len=256)}),
+    idempotent=False,
+    timeout=3600.0,
+)
+IMAGE_PROGRESS = Op("image_progress", "Phase and byte counts of an extraction.",
+                    Record(fields={"upload": UPLOAD_ID}), timeout=2.0)
+
+
 def _sync(doc: str, state: dict[str, Field]) -> Op:
     return Op(
         "sync",
@@ -80,18 +217,28 @@ def _sync(doc: str, state: dict[str, Field]) -> Op:
 
 # The desired state each agent converges to. Empty records for now: later capabilities
 # add fields here, and both sides see them at once.
-NETAGENT_STATE: dict[str, Field] = {}
+NETAGENT_STATE: dict[str, Field] = {
+    "addresses": List(item=IPv6(), max_items=65536, required=False, default=[],
+                      help="function addresses (/128) to hold on the WireGuard interface"),
+}
 DNSAGENT_STATE: dict[str, Field] = {}
-RUNNER_STATE: dict[str, Field] = {}
+RUNNER_STATE: dict[str, Field] = {
+    "images": List(item=DIGEST, max_items=65536, required=False, default=[],
+                   help="image digests whose rootfs must be kept; others are removed"),
+    "functions": List(item=FUNCTION_SPEC, max_items=65536, required=False, default=[],
+                      help="functions to serve: listener, version, settings"),
+}
 
 OPS: dict[str, dict[str, Op]] = {
-    "controller": {op.name: op for op in (PING, STATUS)},
+    "controller": {op.name: op for op in (
+        PING, STATUS, UPLOAD_BEGIN, UPLOAD_CHUNK, UPLOAD_ABORT, DEPLOY, DEPLOY_PROGRESS,
+        LIST, INFO, IP, VERSIONS, ROLLBACK, REMOVE, SET, LOGS)},
     "netagent": {op.name: op for op in (PING, _sync(
         "Converge the interface, addresses, peers and firewall to this state.",
         NETAGENT_STATE))},
     "dnsagent": {op.name: op for op in (PING, _sync(
         "Converge the faas. zone to this state.", DNSAGENT_STATE))},
-    "runner": {op.name: op for op in (PING, _sync(
+    "runner": {op.name: op for op in (PING, IMAGE_ADD, IMAGE_PROGRESS, _sync(
         "Converge listeners, pools and images to this state.", RUNNER_STATE))},
 }
 

@@ -164,6 +164,8 @@ class Record(Field):
         for name, spec in self.fields.items():
             sub = f"{path}.{name}" if path else name
             v = value.get(name, _MISSING)
+            if v is None and not spec.required:
+                v = _MISSING  # nil stands for "not given" in an optional field
             if v is _MISSING:
                 if spec.required and spec.default is None:
                     raise _bad(sub, "is required")

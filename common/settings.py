@@ -115,6 +115,13 @@ SETTINGS: tuple[Setting, ...] = (
             _upstreams),
     Setting("runtime", str, "runc", "OCI runtime for function containers: runc or crun",
             _one_of("runc", "crun")),
+    Setting("http_listen", str, "127.0.0.1:8080",
+            "HOST:PORT of the controller's HTTP API (keep it on loopback)", _endpoint),
+    Setting("upload_max_bytes", int, 8 << 30, "largest image upload accepted, in bytes",
+            _between(1 << 20, 1 << 40)),
+    Setting("upload_idle_seconds", float, 60.0,
+            "an upload that sends nothing for this long is dropped with its bytes",
+            _between(1, 3600)),
 )
 
 _BY_KEY = {s.key: s for s in SETTINGS}
@@ -201,3 +208,16 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
                                 ) from None
         values[s.key], sources[s.key] = value, source
     return Settings(values, sources)
+
+
+def markdown_table() -> str:
+    """The settings as the table in docs/settings.md (``python -m common.settings``)."""
+    rows = ["| key | environment | type | default | what it is |", "|---|---|---|---|---|"]
+    for s in SETTINGS:
+        default = f'"{s.default}"' if isinstance(s.default, str) else repr(s.default)
+        rows.append(f"| `{s.key}` | `{s.env}` | {s.type.__name__} | `{default}` | {s.help} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")

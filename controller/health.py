@@ -1,9 +1,9 @@
 """The controller's watch over its agents: ping, record, resync.
 
 Level-triggered, as Kubernetes controllers are: each agent is pinged about once a
-``ping_interval``; whenever its reply shows a boot id we have not synced, or says it
-has had no sync since it started, the agent gets a ``sync`` carrying its whole desired
-state. A restarted agent therefore heals without an operator, and so does an agent
+``ping_interval``; whenever its reply shows a boot id we have not synced, says it has had
+no sync since it started, or holds another generation of the desired state than ours,
+the agent gets a ``sync`` carrying its whole desired state. A restarted agent therefore heals without an operator, and so does an agent
 whose sync failed: the next ping finds it still unsynced.
 """
 
@@ -114,8 +114,15 @@ class Monitor:
             agent.error = f"speaks protocol {reply['protocol']}, controller {protocol.VERSION}"
             self.log.error("protocol_mismatch", agent=name, protocol=reply["protocol"])
             return
-        if not reply["synced"] or agent.synced_boot != reply["boot_id"]:
+        if (not reply["synced"] or agent.synced_boot != reply["boot_id"]
+                or reply["generation"] != self.generation()):
             await self.sync(name, reply["boot_id"])
+
+    async def push(self) -> None:
+        """Sync every agent that is up now, after a change of desired state. An agent
+        missed here is caught by its next ping, whose generation is then behind."""
+        await asyncio.gather(*(self.sync(name, a.boot_id) for name, a in self.agents.items()
+                               if a.state == "up" and a.boot_id is not None))
 
     async def sync(self, name: str, boot_id: str) -> None:
         """Send the whole desired state; on failure the next ping tries again."""

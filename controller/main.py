@@ -3,19 +3,28 @@
 It never runs ip, wg or runc and never writes a zone file: it tells the agents, through
 their narrow ops, what the world should look like, and watches that they listen.
 Operators reach it with faasctl over ``$FAAS_RUN/controller.sock`` (mode 0660, group
-faas).
+faas) and over HTTP on ``http_listen`` (loopback).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import time
 from typing import Any
 
 from common import protocol
 from common.daemon import VERSION, Daemon, run_main
+from common.errors import FaasError
 from common.rpc import Client, Handler
 from controller.health import Monitor
+from controller.http import HttpApi
+from controller.state import State
+from controller.uploads import Uploads
+
+
+LOG_CHUNK = 256 << 10
 
 
 class Controller(Daemon):
@@ -26,20 +35,59 @@ class Controller(Daemon):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        clients = {name: Client(name, self.settings.run) for name in protocol.AGENTS}
-        self.monitor = Monitor(clients, self.desired_state, lambda: self.generation,
+        root = self.settings.root
+        self.state = State(os.path.join(root, "state", "state.db"), self.settings.function_prefix)
+        self.uploads = Uploads(os.path.join(root, "spool"), self.settings.upload_max_bytes,
+                               self.settings.upload_idle_seconds)
+        self.clients = {name: Client(name, self.settings.run) for name in protocol.AGENTS}
+        self.monitor = Monitor(self.clients, self.desired_state, lambda: self.state.generation,
                                self.settings.ping_interval, self.log)
-        self.generation = 1
+        self.http = HttpApi(self, self.settings.http_listen, self.log)
 
     def handlers(self) -> dict[str, Handler]:
-        return {"ping": self.op_ping, "status": self.op_status}
+        return {
+            "ping": self.op_ping, "status": self.op_status,
+            "upload_begin": self.op_upload_begin, "upload_chunk": self.op_upload_chunk,
+            "upload_abort": self.op_upload_abort, "deploy": self.op_deploy,
+            "deploy_progress": self.op_deploy_progress, "list": self.op_list,
+            "info": self.op_info, "ip": self.op_ip, "versions": self.op_versions,
+            "rollback": self.op_rollback, "rm": self.op_rm, "set": self.op_set,
+            "logs": self.op_logs,
+        }
+
+    async def op_ping(self, args: dict[str, Any]) -> dict[str, Any]:
+        reply = await super().op_ping(args)
+        reply.update(synced=True, generation=self.state.generation)
+        return reply
 
     def desired_state(self, agent: str) -> dict[str, Any]:
-        """The whole desired state for one agent (nothing is deployable yet)."""
+        """The whole desired state for one agent."""
+        if agent == "runner":
+            return {"images": sorted(self.state.digests()), "functions": self.state.specs()}
+        if agent == "netagent":
+            return {"addresses": self.state.addresses()}
         return {}
 
+    async def setup(self) -> None:
+        removed = self.uploads.clear()
+        if removed:
+            self.log.info("spool_cleared", files=removed)
+        await self.http.start()
+
     async def background(self) -> None:
-        await self.monitor.run(self.stop)
+        async def expire() -> None:
+            while True:
+                await asyncio.sleep(1)
+                for uid in self.uploads.expire():
+                    self.log.info("upload_expired", upload=uid)
+        janitor = asyncio.ensure_future(expire())
+        try:
+            await self.monitor.run(self.stop)
+        finally:
+            janitor.cancel()
+            await self.http.stop()
+
+    # --- status ----------------------------------------------------------------------
 
     async def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
         """Every faasd process as the controller sees it, itself first."""
@@ -50,7 +98,125 @@ class Controller(Daemon):
             "last_seen": time.time(), "synced": True, "restarts": 0, "error": None,
         }]
         rows += [agent.row() for agent in self.monitor.agents.values()]
-        return {"processes": rows, "generation": self.generation}
+        return {"processes": rows, "generation": self.state.generation}
+
+    # --- deploy ----------------------------------------------------------------------
+
+    async def op_upload_begin(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Open an upload; the name was checked by the schema before we got here."""
+        up = self.uploads.begin(args["name"], args["tag"])
+        self.log.info("upload_begin", upload=up.id, name=up.name)
+        return {"upload": up.id, "chunk": protocol.CHUNK_SIZE, "window": protocol.UPLOAD_WINDOW}
+
+    async def op_upload_chunk(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Spool one chunk."""
+        return {"received": self.uploads.write(args["upload"], args["offset"], args["data"])}
+
+    async def op_upload_abort(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Drop an upload."""
+        self.uploads.drop(args["upload"])
+        return {}
+
+    async def op_deploy(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Hand the spooled image to the runner, then record the new version."""
+        return await self.deploy(args["upload"])
+
+    async def deploy(self, upload_id: str) -> dict[str, Any]:
+        """Deploy a finished upload: one transaction records it once the rootfs exists."""
+        started = time.monotonic()
+        up = self.uploads.finish(upload_id)
+        try:
+            image = await self.clients["runner"].call(
+                "image_add", {"upload": up.id, "tag": up.tag})
+        finally:
+            self.uploads.drop(upload_id)
+        result = self.state.add_version(up.name, image["digest"], image["config"], up.received)
+        await self.monitor.push()
+        result.update(reused=image["reused"], size=up.received,
+                      seconds=round(time.monotonic() - started, 3))
+        self.log.info("deployed", **result)
+        return result
+
+    async def op_deploy_progress(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Where an upload or deploy stands; extraction figures come from the runner."""
+        up = self.uploads.get(args["upload"])
+        if up.phase in ("verify", "extract"):
+            try:
+                seen = await self.clients["runner"].call("image_progress", {"upload": up.id},
+                                                         retries=0)
+                up.phase, up.done, up.total = seen["phase"], seen["done"], seen["total"]
+            except FaasError:
+                pass  # a missed reading is not worth failing the caller over
+        return {"phase": up.phase, "done": up.done, "total": up.total}
+
+    # --- functions ---------------------------------------------------------------------
+
+    async def op_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Every function."""
+        return {"functions": self.state.functions()}
+
+    async def op_info(self, args: dict[str, Any]) -> dict[str, Any]:
+        """One function and its versions."""
+        info = self.state.function(args["name"])
+        info["versions"] = [v.row() for v in self.state.versions(args["name"])]
+        return info
+
+    async def op_ip(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The function's address."""
+        return {"address": self.state.function(args["name"])["address"]}
+
+    async def op_versions(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The function's versions."""
+        current = self.state.function(args["name"])["version"]
+        rows = [v.row() | {"current": v.version == current}
+                for v in self.state.versions(args["name"])]
+        return {"name": args["name"], "versions": rows}
+
+    async def op_rollback(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Serve an earlier version."""
+        result = self.state.rollback(args["name"], args["version"])
+        await self.monitor.push()
+        self.log.info("rolled_back", name=args["name"], version=result["version"])
+        return result
+
+    async def op_set(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Change a function's settings; the runner applies them without dropping
+        connections in flight."""
+        settings = self.state.set(args["name"], args["settings"])
+        await self.monitor.push()
+        self.log.info("settings_changed", name=args["name"], changes=sorted(args["settings"]))
+        return {"name": args["name"], "settings": settings}
+
+    async def op_logs(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Lines of a function's log from ``offset`` (at most LOG_CHUNK bytes of them)."""
+        path = os.path.join(self.settings.root, "logs", "functions", f"{args['name']}.log")
+        offset = args["offset"] or 0
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if offset > size:
+                    offset = 0  # rotated since: start the new file from its beginning
+                f.seek(offset)
+                data = f.read(LOG_CHUNK)
+        except FileNotFoundError:
+            return {"lines": [], "offset": 0}
+        data = data[:data.rfind(b"\n") + 1]  # whole lines only
+        lines = []
+        for raw in data.splitlines():
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                continue
+            if args["since"] is None or entry.get("ts", 0) >= args["since"]:
+                lines.append(entry)
+        return {"lines": lines, "offset": offset + len(data)}
+
+    async def op_rm(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Remove a function; the runner frees images no version uses on its next sync."""
+        removed = self.state.remove(args["name"])
+        await self.monitor.push()
+        self.log.info("removed", name=args["name"])
+        return removed
 
 
 def main() -> None:

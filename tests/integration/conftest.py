@@ -36,8 +36,14 @@ def netns():
 
 
 @pytest.fixture(scope="module")
-def platform(netns):
-    p = Platform(netns)
+def platform_config() -> str:
+    """faasd.toml for the module's platform; modules override this fixture."""
+    return ""
+
+
+@pytest.fixture(scope="module")
+def platform(netns, platform_config):
+    p = Platform(netns, platform_config)
     p.start()
     try:
         p.wait_healthy()

@@ -51,3 +51,48 @@ def test_unreachable_controller_exit_status(tmp_path):
     out = subprocess.run([BIN / "faasctl", "status"], env=env, capture_output=True, text=True)
     assert out.returncode == EXIT_STATUS[Code.UNAVAILABLE]
     assert "is faasd running" in out.stderr
+
+
+class FakeStream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_progress_on_a_terminal_redraws_one_line_per_phase():
+    from cli.upload import ProgressLine
+    out = FakeStream(tty=True)
+    p = ProgressLine(out)
+    p.update("upload", 1 << 20, 4 << 20)
+    p.update("extract", 2 << 20, 4 << 20)
+    p.close()
+    text = out.getvalue()
+    assert text.startswith("\rupload   1.0 MiB / 4.0 MiB") and "\n\rextract  2.0 MiB" in text
+    assert text.endswith("\n") and "MiB/s" in text
+
+
+def test_progress_elsewhere_is_plain_lines_per_tenth():
+    from cli.upload import ProgressLine
+    out = FakeStream(tty=False)
+    p = ProgressLine(out)
+    for done in range(0, 101):
+        p.update("upload", done, 100)
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 11 and "\r" not in out.getvalue()
+    assert lines[0].startswith("upload") and "/ " in lines[0]
+
+
+def test_new_refuses_a_terminal_as_image(monkeypatch):
+    from cli.upload import source
+    from common.errors import FaasError
+    monkeypatch.setattr("sys.stdin", FakeStream(tty=True))
+    try:
+        source(None)
+    except FaasError as exc:
+        assert exc.code is Code.BAD_REQUEST and "docker save" in exc.message
+    else:
+        raise AssertionError("a terminal was accepted as an image")

@@ -17,6 +17,7 @@ class FakeAgent:
         self.down = False
         self.fail_sync = False
         self.syncs: list[dict] = []
+        self.generation = 0
 
     async def call(self, op, args=None, timeout=None, retries=None):
         if self.down:
@@ -24,17 +25,21 @@ class FakeAgent:
         if op == "ping":
             return {"service": "runner", "version": "0.1.0", "protocol": 1,
                     "boot_id": self.boot_id, "pid": 42, "uptime": 1.0, "rss": 1 << 20,
-                    "synced": self.synced, "generation": 0}
+                    "synced": self.synced, "generation": self.generation}
         if self.fail_sync:
             raise FaasError(Code.INTERNAL, "broken")
         self.syncs.append(args)
-        self.synced = True
+        self.synced, self.generation = True, args["generation"]
         return {"generation": args["generation"]}
 
 
+GENERATION = [5]
+
+
 def make():
+    GENERATION[0] = 5
     agent = FakeAgent()
-    mon = Monitor({"runner": agent}, lambda name: {"for": name}, lambda: 5, 1.0,
+    mon = Monitor({"runner": agent}, lambda name: {"for": name}, lambda: GENERATION[0], 1.0,
                   EventLog("controller", stream=io.StringIO()))
     return agent, mon
 
@@ -100,3 +105,21 @@ def test_protocol_mismatch_is_flagged_and_not_synced():
     agent.call = old_ping
     health = check(mon)
     assert "protocol 0" in health.error and agent.syncs == []
+
+
+def test_agent_behind_on_generation_is_resynced():
+    agent, mon = make()
+    check(mon)
+    GENERATION[0] = 6  # the desired state changed and a push missed this agent
+    check(mon)
+    assert [s["generation"] for s in agent.syncs] == [5, 6]
+    check(mon)
+    assert len(agent.syncs) == 2
+
+
+def test_push_syncs_every_agent_that_is_up():
+    agent, mon = make()
+    check(mon)
+    GENERATION[0] = 7
+    asyncio.run(mon.push())
+    assert agent.syncs[-1]["generation"] == 7

@@ -15,11 +15,35 @@ SAMPLE_ARGS = {
     ("controller", "ping"): {},
     ("controller", "status"): {},
     ("netagent", "ping"): {},
-    ("netagent", "sync"): {"generation": 3, "state": {}},
+    ("netagent", "sync"): {"generation": 3, "state": {"addresses": ["fd00:faa5:1::a"]}},
     ("dnsagent", "ping"): {},
     ("dnsagent", "sync"): {"generation": 0, "state": {}},
     ("runner", "ping"): {},
-    ("runner", "sync"): {"generation": 7, "state": {}},
+    ("runner", "sync"): {"generation": 7, "state": {
+        "images": ["sha256:" + "a" * 64],
+        "functions": [{
+            "name": "fib", "address": "fd00:faa5:1::a", "digest": "sha256:" + "a" * 64,
+            "config": {"entrypoint": [], "cmd": ["/app/handler"], "env": ["PATH=/bin"],
+                       "workdir": "/app", "user": "", "os": "linux", "architecture": "amd64"},
+            "settings": {"memory": 1 << 29, "cpu": 1.0, "pids": 128, "timeout": 30.0,
+                         "concurrency": 16, "queue": 64, "min_warm": 0, "reuse": False,
+                         "idle_timeout": 60.0, "env": {"A": "b"}},
+        }]}},
+    ("runner", "image_add"): {"upload": "0" * 32, "tag": None},
+    ("runner", "image_progress"): {"upload": "0" * 32},
+    ("controller", "upload_begin"): {"name": "fib", "tag": "fib:latest"},
+    ("controller", "upload_chunk"): {"upload": "f" * 32, "offset": 0, "data": b"\x00tar"},
+    ("controller", "upload_abort"): {"upload": "f" * 32},
+    ("controller", "deploy"): {"upload": "f" * 32},
+    ("controller", "deploy_progress"): {"upload": "f" * 32},
+    ("controller", "list"): {},
+    ("controller", "info"): {"name": "fib"},
+    ("controller", "ip"): {"name": "a"},
+    ("controller", "versions"): {"name": "my-fn-2"},
+    ("controller", "rollback"): {"name": "fib", "version": 2},
+    ("controller", "rm"): {"name": "fib"},
+    ("controller", "logs"): {"name": "fib", "since": 1.5, "offset": 10},
+    ("controller", "set"): {"name": "fib", "settings": {"memory": "256M", "env.A": "b"}},
 }
 
 
@@ -33,7 +57,14 @@ def envelope(**over):
     return env
 
 
-def refuse(body: bytes, service: str = "netagent") -> FaasError:
+def refuse(body: bytes, service: str | None = None) -> FaasError:
+    if service is None:
+        try:
+            obj = msgpack.unpackb(body, strict_map_key=False)
+        except Exception:
+            obj = None
+        obj = obj if isinstance(obj, dict) else {}
+        service = "controller" if obj.get("op") == "upload_chunk" else "netagent"
     with pytest.raises(FaasError) as info:
         protocol.parse_request(body, service)
     return info.value
@@ -87,6 +118,9 @@ MALFORMED = {
                      Code.BAD_REQUEST),
     "extra nested field": (msgpack.packb(envelope(op="sync", args={
         "generation": 1, "state": {"peers": []}})), Code.BAD_REQUEST),
+    "chunk over the cap": (msgpack.packb(envelope(op="upload_chunk", args={
+        "upload": "f" * 32, "offset": 0, "data": b"x" * (protocol.CHUNK_SIZE + 1)})),
+        Code.BAD_REQUEST),
     "bad id": (msgpack.packb(envelope(id="../../x")), Code.BAD_REQUEST),
     "missing id": (msgpack.packb({"v": 1, "op": "ping", "args": {}}), Code.BAD_REQUEST),
     "not a map": (msgpack.packb([1, "a", "ping", {}]), Code.BAD_REQUEST),
@@ -167,3 +201,18 @@ def test_optional_fields_get_their_default():
 
 def test_ipv6_is_normalised():
     assert IPv6().check("FD00:0::0:1", "a") == "fd00::1"
+
+
+@pytest.mark.parametrize("name", ["", "-fib", "fib-", "Fib", "f_b", "ns", "_functions",
+                                  "a" * 64, "fib.faas", "fib\n", "$INCLUDE", "é"])
+def test_bad_function_names_are_refused(name):
+    body = msgpack.packb(envelope(op="upload_begin", args={"name": name}))
+    err = refuse(body, "controller")
+    assert err.code is Code.BAD_REQUEST and err.details["field"] == "args.name"
+
+
+@pytest.mark.parametrize("name", ["a", "fib", "my-fn-2", "0", "a" * 63])
+def test_good_function_names_pass(name):
+    req = protocol.parse_request(msgpack.packb(envelope(op="upload_begin", args={"name": name})),
+                                 "controller")
+    assert req.args == {"name": name, "tag": None}

@@ -1,0 +1,102 @@
+"""Per-function settings, declared once: name, parser, default, range, help.
+
+``faasctl set NAME KEY=VALUE ...`` sends raw strings; the controller parses them here,
+stores the typed values, and the runner reads them with the same defaults. ``env.X=V``
+sets an environment variable of the function's containers (``env.X=`` removes it).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from common.errors import Code, FaasError
+
+_SIZE = re.compile(r"([0-9]+)([KMG]i?B?|B)?", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+RESERVED_ENV = ("FAAS_",)  # the runner's own variables
+MAX_ENV = 128
+
+
+def _size(text: str) -> int:
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise ValueError("must be a size such as 512M, 1G or 268435456")
+    return int(m.group(1)) * _UNITS[(m.group(2) or "")[:1].lower()]
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        raise ValueError("must be true or false")
+    return low in ("true", "1", "yes", "on")
+
+
+@dataclass(frozen=True)
+class FnSetting:
+    """One per-function setting."""
+
+    key: str
+    parse: Callable[[str], Any]
+    default: Any
+    lo: float
+    hi: float
+    help: str
+
+    def value(self, text: str) -> Any:
+        v = self.parse(text)
+        if not isinstance(v, bool) and not self.lo <= v <= self.hi:
+            raise ValueError(f"must be between {self.lo:g} and {self.hi:g}")
+        return v
+
+
+FN_SETTINGS: tuple[FnSetting, ...] = (
+    FnSetting("memory", _size, 512 << 20, 16 << 20, 64 << 30, "memory limit of a container"),
+    FnSetting("cpu", float, 1.0, 0.05, 64, "CPUs a container may use"),
+    FnSetting("pids", int, 128, 8, 32768, "processes and threads a container may have"),
+    FnSetting("timeout", float, 30.0, 0.1, 3600, "seconds a connection may take"),
+    FnSetting("concurrency", int, 16, 1, 4096, "connections served at once"),
+    FnSetting("queue", int, 64, 0, 65536, "connections that may wait for a slot; past it: 503"),
+    FnSetting("min_warm", int, 0, 0, 256, "containers kept started and waiting"),
+    FnSetting("reuse", _bool, False, 0, 1, "a container that answers done gets the next one"),
+    FnSetting("idle_timeout", float, 60.0, 1, 86400, "seconds an idle reused container lives"),
+)
+BY_KEY = {s.key: s for s in FN_SETTINGS}
+
+
+def defaults() -> dict[str, Any]:
+    """Every setting at its default, with no env."""
+    return {**{s.key: s.default for s in FN_SETTINGS}, "env": {}}
+
+
+def apply(current: dict[str, Any], changes: dict[str, str]) -> dict[str, Any]:
+    """Parse ``KEY=VALUE`` changes onto ``current``; refuse the whole set on any error."""
+    out = {**defaults(), **current}
+    env = dict(out["env"])
+    for key, text in changes.items():
+        if key.startswith("env."):
+            name = key[4:]
+            if not ENV_NAME.fullmatch(name) or name.startswith(RESERVED_ENV):
+                raise FaasError(Code.BAD_REQUEST, f"{key}: not a usable variable name (letters, "
+                                "digits, _; not starting with FAAS_)", {"key": key})
+            if "\x00" in text:
+                raise FaasError(Code.BAD_REQUEST, f"{key}: NUL in value", {"key": key})
+            if text == "":
+                env.pop(name, None)
+            else:
+                env[name] = text
+            continue
+        setting = BY_KEY.get(key)
+        if setting is None:
+            raise FaasError(Code.BAD_REQUEST, f"unknown setting {key!r}; known: "
+                            f"{', '.join(BY_KEY)}, env.NAME", {"key": key})
+        try:
+            out[key] = setting.value(text)
+        except ValueError as exc:
+            raise FaasError(Code.BAD_REQUEST, f"{key}={text!r}: {exc}", {"key": key}) from None
+    if len(env) > MAX_ENV:
+        raise FaasError(Code.BAD_REQUEST, f"more than {MAX_ENV} environment variables")
+    out["env"] = env
+    return out

@@ -1,0 +1,225 @@
+"""The desired state: SQLite in WAL mode, one transaction per change.
+
+The controller is the only writer. A crash at any instant leaves either the old or the
+new state: every change below is one ``with self.tx():`` block. The schema is versioned
+with ``PRAGMA user_version`` and migrated forward at open.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from common import fnsettings
+from common.errors import Code, FaasError
+
+# Each entry migrates from version i to i+1; never edit one that has shipped.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE functions (
+        name     TEXT PRIMARY KEY,
+        address  TEXT NOT NULL UNIQUE,
+        version  INTEGER NOT NULL,          -- the version being served
+        created  REAL NOT NULL
+    );
+    CREATE TABLE versions (
+        name     TEXT NOT NULL REFERENCES functions(name) ON DELETE CASCADE,
+        version  INTEGER NOT NULL,
+        digest   TEXT NOT NULL,             -- sha256:<hex> of the image config
+        config   TEXT NOT NULL,             -- JSON: entrypoint, cmd, env, workdir, user
+        size     INTEGER NOT NULL,          -- bytes uploaded
+        created  REAL NOT NULL,
+        PRIMARY KEY (name, version)
+    );
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    INSERT INTO meta VALUES ('generation', '1');
+    """,
+    """
+    ALTER TABLE functions ADD COLUMN settings TEXT NOT NULL DEFAULT '{}';
+    """,
+)
+
+FIRST_HOST = 0xA  # functions take addresses from ::a upward
+
+
+@dataclass(frozen=True)
+class Version:
+    """One deployed version of a function."""
+
+    name: str
+    version: int
+    digest: str
+    config: dict[str, Any]
+    size: int
+    created: float
+
+    def row(self) -> dict[str, Any]:
+        return {"version": self.version, "digest": self.digest, "size": self.size,
+                "created": self.created, "command": command_of(self.config)}
+
+
+def command_of(config: dict[str, Any]) -> list[str]:
+    """What a container of this image runs."""
+    return list(config.get("entrypoint") or []) + list(config.get("cmd") or [])
+
+
+class State:
+    """The controller's database."""
+
+    def __init__(self, path: str, function_prefix: str):
+        self.prefix = ipaddress.IPv6Network(function_prefix)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        current = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if current > len(MIGRATIONS):
+            raise RuntimeError(f"state.db schema {current} is newer than this controller "
+                               f"({len(MIGRATIONS)}): upgrade faasd")
+        for i in range(current, len(MIGRATIONS)):
+            # One script, one transaction: the schema and its version number move together.
+            self.db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[i]}; "
+                                  f"PRAGMA user_version = {i + 1}; COMMIT;")
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One transaction: committed whole or not at all."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- reading -------------------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        return int(self.db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0])
+
+    def functions(self) -> list[dict[str, Any]]:
+        """Every function with its address and current version."""
+        rows = self.db.execute(
+            "SELECT f.name, f.address, f.version, f.created, f.settings, v.digest, v.config"
+            " FROM functions f JOIN versions v ON v.name = f.name AND v.version = f.version"
+            " ORDER BY f.name")
+        return [{"name": r["name"], "address": r["address"], "version": r["version"],
+                 "created": r["created"], "digest": r["digest"],
+                 "command": command_of(json.loads(r["config"])),
+                 "settings": fnsettings.apply(json.loads(r["settings"]), {})} for r in rows]
+
+    def specs(self) -> list[dict[str, Any]]:
+        """What the runner needs to serve every function: address, image, settings."""
+        rows = self.db.execute(
+            "SELECT f.name, f.address, f.settings, v.digest, v.config FROM functions f"
+            " JOIN versions v ON v.name = f.name AND v.version = f.version ORDER BY f.name")
+        return [{"name": r["name"], "address": r["address"], "digest": r["digest"],
+                 "config": json.loads(r["config"]),
+                 "settings": fnsettings.apply(json.loads(r["settings"]), {})} for r in rows]
+
+    def function(self, name: str) -> dict[str, Any]:
+        """One function, or not_found."""
+        for f in self.functions():
+            if f["name"] == name:
+                return f
+        raise FaasError(Code.NOT_FOUND, f"no function named {name!r}; faasctl list shows them",
+                        {"name": name})
+
+    def versions(self, name: str) -> list[Version]:
+        """Every version of a function, oldest first."""
+        self.function(name)
+        rows = self.db.execute("SELECT * FROM versions WHERE name=? ORDER BY version", (name,))
+        return [Version(r["name"], r["version"], r["digest"], json.loads(r["config"]),
+                        r["size"], r["created"]) for r in rows]
+
+    def digests(self) -> set[str]:
+        """Every image digest some version uses: the rootfs the runner must keep."""
+        return {r[0] for r in self.db.execute("SELECT DISTINCT digest FROM versions")}
+
+    def addresses(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT address FROM functions ORDER BY address")]
+
+    # --- changing ------------------------------------------------------------------
+
+    def _bump(self, db: sqlite3.Connection) -> None:
+        db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='generation'")
+
+    def _allocate(self, db: sqlite3.Connection) -> str:
+        used = {int(ipaddress.IPv6Address(r[0])) for r in db.execute("SELECT address FROM functions")}
+        base = int(self.prefix.network_address)
+        for offset in range(FIRST_HOST, self.prefix.num_addresses):
+            if base + offset not in used:
+                return str(ipaddress.IPv6Address(base + offset))
+        raise FaasError(Code.CONFLICT, f"function prefix {self.prefix} is full; widen "
+                        "function_prefix or remove functions")
+
+    def add_version(self, name: str, digest: str, config: dict[str, Any], size: int) -> dict[str, Any]:
+        """Record a new version and serve it; a new function gets an address."""
+        now = time.time()
+        with self.tx() as db:
+            row = db.execute("SELECT address FROM functions WHERE name=?", (name,)).fetchone()
+            if row is None:
+                address = self._allocate(db)
+                version = 1
+                db.execute("INSERT INTO functions (name, address, version, created) "
+                           "VALUES (?, ?, 0, ?)", (name, address, now))
+            else:
+                address = row["address"]
+                version = db.execute("SELECT MAX(version) FROM versions WHERE name=?",
+                                     (name,)).fetchone()[0] + 1
+            db.execute("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?)",
+                       (name, version, digest, json.dumps(config), size, now))
+            db.execute("UPDATE functions SET version=? WHERE name=?", (version, name))
+            self._bump(db)
+        return {"name": name, "version": version, "address": address, "digest": digest,
+                "command": command_of(config)}
+
+    def rollback(self, name: str, version: int | None) -> dict[str, Any]:
+        """Serve an earlier version: the one given, else the one before the current."""
+        current = self.function(name)["version"]
+        known = [v.version for v in self.versions(name)]
+        if version is None:
+            older = [v for v in known if v < current]
+            if not older:
+                raise FaasError(Code.CONFLICT, f"{name} has no version before {current}",
+                                {"versions": known})
+            version = older[-1]
+        if version not in known:
+            raise FaasError(Code.NOT_FOUND, f"{name} has no version {version}; it has "
+                            f"{', '.join(map(str, known))}", {"versions": known})
+        with self.tx() as db:
+            db.execute("UPDATE functions SET version=? WHERE name=?", (version, name))
+            self._bump(db)
+        return self.function(name)
+
+    def set(self, name: str, changes: dict[str, str]) -> dict[str, Any]:
+        """Apply KEY=VALUE changes to a function's settings, all or none."""
+        settings = fnsettings.apply(self.function(name)["settings"], changes)
+        with self.tx() as db:
+            db.execute("UPDATE functions SET settings=? WHERE name=?", (json.dumps(settings), name))
+            self._bump(db)
+        return settings
+
+    def remove(self, name: str) -> dict[str, Any]:
+        """Forget a function and all its versions."""
+        f = self.function(name)
+        with self.tx() as db:
+            db.execute("DELETE FROM versions WHERE name=?", (name,))
+            db.execute("DELETE FROM functions WHERE name=?", (name,))
+            self._bump(db)
+        return f

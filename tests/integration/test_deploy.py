@@ -1,0 +1,250 @@
+"""Deploying images end to end: faasctl and HTTP uploads into the real runner, versions,
+rollback, removal, and what is left when an upload or a daemon dies half-way."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+from harness import BIN, poll, run
+
+from common.errors import EXIT_STATUS, Code
+from tests.imagebuild import Dir, File, Layer, Symlink, build_image
+
+HANDLER = b"#!/bin/sh\necho hello\n"
+
+
+@pytest.fixture(scope="module")
+def platform_config() -> str:
+    return "upload_idle_seconds = 2\n"
+
+
+def image(path: Path, marker: bytes = b"v1", fmt: str = "legacy", compression: str = "none"):
+    layers = [
+        [Dir("app"), File("app/handler", HANDLER, mode=0o755), Symlink("bin", "app")],
+        [File("app/version", marker, mode=0o644, uid=1000, gid=1000)],
+    ]
+    return build_image(path, layers, {"config": {"Cmd": ["/app/handler"], "User": "1000"}},
+                       fmt=fmt, compression=compression)
+
+
+def big_image(path: Path, size: int):
+    """One layer with a file of ``size`` zero bytes: small to upload, slow to extract."""
+    def chunks():
+        info = tarfile.TarInfo("big")
+        info.size = size
+        yield info.tobuf(tarfile.USTAR_FORMAT)
+        block = bytes(1 << 20)
+        for _ in range(size >> 20):
+            yield block
+        yield bytes(-size % 512) + bytes(1024)
+    return build_image(path, [Layer(chunks=chunks)], fmt="oci", compression="zstd")
+
+
+def faasctl_json(platform, *args, check=True):
+    out = platform.faasctl("--json", *args, check=check)
+    return json.loads(out.stdout) if out.stdout.strip() else None, out
+
+
+def functions(platform) -> dict[str, dict]:
+    return {f["name"]: f for f in faasctl_json(platform, "list")[0]["functions"]}
+
+
+def images_dir(platform) -> Path:
+    return platform.root / "images"
+
+
+def leftovers(platform) -> list[str]:
+    spool = os.listdir(platform.root / "spool")
+    staging = [n for n in os.listdir(images_dir(platform)) if n.startswith(".staging")]
+    incoming = os.listdir(images_dir(platform) / ".incoming")
+    return spool + staging + incoming
+
+
+@pytest.mark.parametrize("fmt,compression", [("legacy", "none"), ("docker25", "gzip"),
+                                             ("oci", "zstd")])
+def test_faasctl_new_deploys_every_format(platform, tmp_path, fmt, compression):
+    platform.wait_healthy()
+    name = f"fn-{fmt}"
+    built = image(tmp_path / "img.tar", fmt=fmt, compression=compression)
+    result, out = faasctl_json(platform, "new", name, "-f", tmp_path / "img.tar")
+    assert result["name"] == name and result["version"] == 1
+    assert result["digest"] == built.digest and result["command"] == ["/app/handler"]
+    rootfs = images_dir(platform) / built.digest[7:] / "rootfs"
+    assert (rootfs / "app" / "handler").read_bytes() == HANDLER
+    st = (rootfs / "app" / "version").stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1000, 1000, 0o644)
+    assert os.readlink(rootfs / "bin") == "app"
+    ip = platform.faasctl("ip", name).stdout.strip()
+    assert ip == result["address"] and ip.startswith("fd00:faa5:1::")
+    assert functions(platform)[name]["address"] == ip
+    assert leftovers(platform) == []
+
+
+def test_stdin_upload_with_progress_and_redeploy_extracts_nothing(platform, tmp_path):
+    platform.wait_healthy()
+    built = image(tmp_path / "img.tar", b"stdin")
+    with open(tmp_path / "img.tar", "rb") as src:
+        first = run(BIN / "faasctl", "new", "piped", env=platform.env, stdin=src)
+    assert "upload" in first.stderr and "piped version 1" in first.stdout
+    with open(tmp_path / "img.tar", "rb") as src:
+        second = json.loads(run(BIN / "faasctl", "--json", "new", "piped", env=platform.env,
+                                stdin=src).stdout)
+    assert second["version"] == 2 and second["reused"] is True
+    assert second["digest"] == built.digest and second["seconds"] < 1.0
+    info = faasctl_json(platform, "info", "piped")[0]
+    assert [v["version"] for v in info["versions"]] == [1, 2]
+
+
+def curl(platform, *args) -> tuple[int, dict]:
+    out = run(*platform.netns.argv("curl", "-s", "-w", "\n%{http_code}", *args))
+    body, _, code = out.stdout.rpartition("\n")
+    return int(code), json.loads(body)
+
+
+def test_http_api_new_and_list(platform, tmp_path):
+    platform.wait_healthy()
+    built = image(tmp_path / "img.tar", b"http")
+    code, body = curl(platform, "-X", "POST", "-H", "X-Image-Name: via-http", "--data-binary",
+                      f"@{tmp_path / 'img.tar'}", "http://127.0.0.1:8080/api/new")
+    assert code == 200, body
+    assert body["name"] == "via-http" and body["command"] == ["/app/handler"]
+    assert body["address"].startswith("fd00:faa5:1::") and body["digest"] == built.digest
+    code, listed = curl(platform, "http://127.0.0.1:8080/api/list")
+    assert code == 200 and "via-http" in [f["name"] for f in listed]
+    # chunked transfer (a pipe of unknown length)
+    code, body = curl(platform, "-X", "POST", "-H", "X-Image-Name: chunked", "-H",
+                      "Transfer-Encoding: chunked", "--data-binary", f"@{tmp_path / 'img.tar'}",
+                      "http://127.0.0.1:8080/api/new")
+    assert code == 200 and body["name"] == "chunked"
+
+
+def test_bad_names_are_refused_before_any_byte(platform, tmp_path):
+    platform.wait_healthy()
+    image(tmp_path / "img.tar")
+    before = functions(platform)
+    for name in ("Bad", "ns", "x-", "a" * 64, "a.b", "_functions"):
+        out = platform.faasctl("new", name, "-f", tmp_path / "img.tar", check=False)
+        assert out.returncode == EXIT_STATUS[Code.BAD_REQUEST], name
+        assert "function name" in out.stderr or "reserved" in out.stderr
+        code, body = curl(platform, "-X", "POST", "-H", f"X-Image-Name: {name}",
+                          "--data-binary", f"@{tmp_path / 'img.tar'}",
+                          "http://127.0.0.1:8080/api/new")
+        assert code == 400 and body["error"]["code"] == "bad_request"
+    assert functions(platform) == before and leftovers(platform) == []
+
+
+def test_hostile_image_is_refused_and_leaves_nothing(platform, tmp_path):
+    platform.wait_healthy()
+    before_fns, before_imgs = functions(platform), sorted(os.listdir(images_dir(platform)))
+    bad = tarfile.TarInfo("../../escape")
+    bad.size = 0
+    from tests.imagebuild import Raw
+    build_image(tmp_path / "bad.tar", [[Raw(bad)]])
+    out = platform.faasctl("new", "evil", "-f", tmp_path / "bad.tar", check=False)
+    assert out.returncode == EXIT_STATUS[Code.BAD_IMAGE], out.stderr
+    assert "bad_image" in out.stderr
+    assert functions(platform) == before_fns
+    assert sorted(os.listdir(images_dir(platform))) == before_imgs
+    assert leftovers(platform) == []
+    assert not (platform.root.parent / "escape").exists()
+
+
+def test_versions_rollback_and_rm_frees_images(platform, tmp_path):
+    platform.wait_healthy()
+    one = image(tmp_path / "1.tar", b"one")
+    two = image(tmp_path / "2.tar", b"two")
+    platform.faasctl("new", "ver", "-f", tmp_path / "1.tar")
+    platform.faasctl("new", "ver", "-f", tmp_path / "2.tar")
+    versions = faasctl_json(platform, "versions", "ver")[0]["versions"]
+    assert [(v["version"], v["digest"], v["current"]) for v in versions] == [
+        (1, one.digest, False), (2, two.digest, True)]
+    assert faasctl_json(platform, "rollback", "ver")[0]["version"] == 1
+    assert functions(platform)["ver"]["digest"] == one.digest
+    assert faasctl_json(platform, "rollback", "ver", "2")[0]["version"] == 2
+    out = platform.faasctl("rollback", "ver", "9", check=False)
+    assert out.returncode == EXIT_STATUS[Code.NOT_FOUND]
+    address = functions(platform)["ver"]["address"]
+    platform.faasctl("rm", "ver")
+    assert "ver" not in functions(platform)
+    for built in (one, two):
+        poll("image freed", lambda b=built: not (images_dir(platform) / b.digest[7:]).exists(), 10)
+    out = platform.faasctl("rm", "ver", check=False)
+    assert out.returncode == EXIT_STATUS[Code.NOT_FOUND]
+    # the address is free again for the next new function
+    platform.faasctl("new", "again", "-f", tmp_path / "1.tar")
+    assert functions(platform)["again"]["address"] == address
+
+
+def test_upload_cut_off_half_way_leaves_nothing(platform, tmp_path):
+    platform.wait_healthy()
+    before = functions(platform)
+    proc = subprocess.Popen([BIN / "faasctl", "new", "cutoff"], env=platform.env,
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    proc.stdin.write(b"\0" * (3 << 20))
+    proc.stdin.flush()
+    spool = platform.root / "spool"
+    poll("bytes in the spool", lambda: any(f.stat().st_size for f in spool.iterdir()), 10)
+    proc.kill()
+    proc.wait()
+    poll("the spool emptied", lambda: leftovers(platform) == [], 10)
+    assert functions(platform) == before
+
+
+@pytest.mark.parametrize("victim", ["controller", "runner"])
+def test_daemon_killed_during_extraction_leaves_nothing(platform, tmp_path, victim):
+    platform.wait_healthy()
+    before = functions(platform)
+    big_image(tmp_path / "big.tar", (768 + len(victim)) << 20)  # a digest of its own
+    proc = subprocess.Popen([BIN / "faasctl", "new", "big", "-f", tmp_path / "big.tar"],
+                            env=platform.env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    staging = lambda: [n for n in os.listdir(images_dir(platform)) if n.startswith(".staging")]
+    poll("extraction under way", staging, 30, interval=0.02)
+    os.kill(platform.status()[victim]["pid"], signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    platform.wait_healthy()
+    poll("no spool, staging or incoming left", lambda: leftovers(platform) == [], 20)
+    assert functions(platform) == before
+
+
+def interface_addresses(platform) -> set[str]:
+    out = run(*platform.netns.argv("ip", "-6", "-j", "addr", "show", "dev", platform.interface),
+              check=False)
+    if out.returncode != 0:
+        return set()
+    return {a["local"] for link in json.loads(out.stdout) for a in link["addr_info"]
+            if a["local"].startswith("fd00:faa5:1:")}
+
+
+def test_function_addresses_follow_the_state(platform, tmp_path):
+    platform.wait_healthy()
+    image(tmp_path / "img.tar", b"addr")
+    address = faasctl_json(platform, "new", "addr", "-f", tmp_path / "img.tar")[0]["address"]
+    poll("the address on the interface", lambda: address in interface_addresses(platform), 5)
+    assert interface_addresses(platform) == {f["address"] for f in functions(platform).values()}
+    # netagent killed: its wireguard-go dies with it, the next netagent rebuilds it all
+    os.kill(platform.status()["netagent"]["pid"], signal.SIGKILL)
+    poll("the address back", lambda: address in interface_addresses(platform), 5)
+    platform.faasctl("rm", "addr")
+    poll("the address gone", lambda: address not in interface_addresses(platform), 5)
+
+
+def test_netagent_refuses_an_address_outside_the_prefix(platform):
+    from test_platform import raw_request
+    from common import protocol
+    platform.wait_healthy()
+    before = interface_addresses(platform)
+    reply = raw_request(platform.run_dir / "netagent.sock", [protocol.make_request(
+        "sync", {"generation": 99, "state": {"addresses": ["fd00:faa5:1::a", "2001:db8::1"]}},
+        "t1")])
+    assert not reply.ok and reply.error.code is Code.BAD_REQUEST
+    assert "outside the function prefix" in reply.error.message
+    assert interface_addresses(platform) == before
