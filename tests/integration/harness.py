@@ -88,7 +88,11 @@ class Platform:
         conf.write_text(config)
         conf.chmod(0o644)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("FAAS_")}
+        # A WireGuard interface name of its own: wireguard-go's control socket lives in
+        # /var/run/wireguard, which network namespaces share.
+        self.interface = f"wgt{secrets.token_hex(3)}"
         self.env.update(FAAS_ROOT=str(self.root), FAAS_RUN=str(self.run_dir),
+                        FAAS_WG_INTERFACE=self.interface,
                         FAAS_CONFIG=str(conf), FAAS_SUPERVISORD_CONF=str(REPO / "supervisord.conf"))
         self.proc: subprocess.Popen[bytes] | None = None
 
