@@ -35,6 +35,7 @@ def prepare(settings: Settings) -> None:
         (os.path.join(settings.root, "state"), uid, gid, 0o700),  # controller's SQLite
         (os.path.join(settings.root, "spool"), uid, gid, 0o700),  # uploads in progress
         (os.path.join(settings.root, "images"), 0, 0, 0o700),  # runner's rootfs cache
+        (os.path.join(settings.root, "dns"), uid, gid, 0o755),  # dnsagent's zone, named reads
         (settings.run, 0, gid, 0o1770),
     ):
         os.makedirs(path, exist_ok=True)
