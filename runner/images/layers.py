@@ -209,11 +209,16 @@ def decompressed(raw: Reader) -> Reader:
 
 
 class _Stream:
-    """The uncompressed layer, read ahead by a helper thread, as a forward-only file for tarfile.
+    """The uncompressed layer, read ahead by helper threads, as a forward-only file for tarfile.
 
-    The helper reads the archive, uncompresses and hashes the layer (all of which
-    release the GIL) while this thread parses headers and writes files: the hash costs
-    no wall time. Chunks go through a small bounded queue (memory stays a few MiB).
+    Three threads share a layer: a reader reads the archive and uncompresses it, a
+    hasher computes its sha256, and the calling thread parses headers and writes files
+    (pread, zlib, zstd, sha256 and write all release the GIL). The reader hands every
+    chunk to both others. Hashing has its own thread because reading plus hashing in
+    one thread was the slowest stage of an uncompressed layer (the page-cache copy and
+    sha256 cost about as much as writing the files). A chunk is an immutable ``bytes``
+    read once from the archive: the bytes hashed are exactly the bytes written. Both
+    queues are small and bounded (memory stays a few MiB).
 
     tarfile gets this object as a plain fileobj with ``tell`` and a forward-only
     ``seek``: it parses headers as they stream by, exactly as in its "r|" mode, but
@@ -222,12 +227,15 @@ class _Stream:
     """
 
     def __init__(self, raw: Reader, budget: Budget):
-        self.sha = hashlib.sha256()
+        self._sha = hashlib.sha256()
         self._queue: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=_AHEAD)
+        self._to_hash: queue.Queue[bytes | None] = queue.Queue(maxsize=_AHEAD)
         self._stop = threading.Event()
-        self._buf, self._pos, self._offset, self._ended = b"", 0, 0, False
-        self._thread = threading.Thread(target=self._produce, args=(raw, budget), daemon=True)
-        self._thread.start()
+        self._buf, self._pos, self._offset, self._ended = memoryview(b""), 0, 0, False
+        self._hasher = threading.Thread(target=self._hash, daemon=True)
+        self._hasher.start()
+        self._reader = threading.Thread(target=self._produce, args=(raw, budget), daemon=True)
+        self._reader.start()
 
     def _produce(self, raw: Reader, budget: Budget) -> None:
         try:
@@ -236,17 +244,24 @@ class _Stream:
                 data = source.read(_CHUNK)
                 if data:
                     budget.stream(len(data))  # a bomb stops here, whatever tarfile reads
-                    self.sha.update(data)
-                self._put(data)
+                    self._put(self._to_hash, data)
+                self._put(self._queue, data)
                 if not data:
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
-            self._put(exc)
+            self._put(self._queue, exc)
+        finally:
+            self._to_hash.put(None)  # cannot block for long: the hasher always empties its queue
 
-    def _put(self, item: bytes | BaseException) -> None:
+    def _hash(self) -> None:
+        while (data := self._to_hash.get()) is not None:
+            self._sha.update(data)
+
+    def _put(self, q: queue.Queue, item: bytes | BaseException) -> None:
+        # Polls the stop flag: after an error nobody empties the main queue.
         while not self._stop.is_set():
             try:
-                self._queue.put(item, timeout=0.1)
+                q.put(item, timeout=0.1)
                 return
             except queue.Full:
                 continue
@@ -261,13 +276,16 @@ class _Stream:
         if not item:
             self._ended = True
             return False
-        self._buf, self._pos = item, 0
+        self._buf, self._pos = memoryview(item), 0
         return True
 
-    def read1(self, n: int = _CHUNK) -> bytes:
-        """Up to n bytes, fewer at a chunk boundary (for copying file data); b"" at the end."""
+    def read1(self, n: int = _CHUNK) -> memoryview:
+        """Up to n bytes, fewer at a chunk boundary; empty at the end.
+
+        A view into the chunk, not a copy: file data goes from it straight to write(2).
+        """
         if self._pos >= len(self._buf) and not self._next_chunk():
-            return b""
+            return memoryview(b"")
         out = self._buf[self._pos:self._pos + n]
         self._pos += len(out)
         self._offset += len(out)
@@ -277,7 +295,7 @@ class _Stream:
         """Exactly n bytes unless the stream ends first (tarfile counts on full reads)."""
         out = self.read1(n)
         if len(out) == n or not out:
-            return out
+            return out.tobytes()
         parts, got = [out], len(out)
         while got < n and (more := self.read1(n - got)):
             parts.append(more)
@@ -302,8 +320,13 @@ class _Stream:
         while self._next_chunk():
             pass
 
+    def hexdigest(self) -> str:
+        """The sha256 of the whole stream, once :meth:`drain` has returned."""
+        self._hasher.join()  # the reader has ended, so the hasher's queue ends with None
+        return self._sha.hexdigest()
+
     def close(self) -> None:
-        """Stop the helper thread (it may be blocked on a full queue after an error)."""
+        """Stop the helper threads (the reader may be blocked on a full queue after an error)."""
         self._stop.set()
 
 
@@ -323,7 +346,7 @@ def apply_layer(root: SafeRoot, raw: Reader, diff_id: str, label: str, budget: B
         stream.drain()
     finally:
         stream.close()
-    actual = "sha256:" + stream.sha.hexdigest()
+    actual = "sha256:" + stream.hexdigest()
     if actual != diff_id:
         raise bad_image(
             f"{label} does not match its digest: the config says {diff_id}, its content is {actual} "
