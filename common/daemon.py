@@ -136,6 +136,10 @@ def run_main(cls: type[Daemon]) -> None:
         sys.exit(EX_CONFIG)
     try:
         asyncio.run(cls(settings, log).run())
+    except SettingsError as exc:  # a setting this host cannot honour (found at start)
+        print(f"faas-{cls.service}: {exc}", file=sys.stderr)
+        log.error("bad_settings", error=str(exc))
+        sys.exit(EX_CONFIG)
     except AlreadyRunning as exc:
         print(f"faas-{cls.service}: refusing to start: {exc}", file=sys.stderr)
         log.error("already_running", error=str(exc))

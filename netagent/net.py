@@ -36,7 +36,11 @@ class Net:
         return out.decode()
 
     async def link_exists(self) -> bool:
-        return os.path.exists(f"/sys/class/net/{self.interface}")
+        # Asked over netlink: /sys shows the namespace that mounted it, not ours.
+        proc = await asyncio.create_subprocess_exec(
+            "ip", "link", "show", "dev", self.interface,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        return await proc.wait() == 0
 
     async def create_link(self) -> str:
         """Create the WireGuard interface: the kernel module where present, else

@@ -2,15 +2,22 @@
 
 It decides nothing: it converges to the whole desired state the controller sends with
 ``sync``. Its endpoint is mode 0600 and owned by the controller's user: nobody else may
-talk to it. supervisord stops and kills it as a group so its containers die with it.
+talk to it. supervisord stops and kills it as a group so its containers die with it; at
+start it removes whatever a previous run left behind.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 from typing import Any
 
 from common.daemon import AgentDaemon, owner_ids, run_main
+from common.settings import SettingsError
 from common.rpc import Handler
+from runner.fleet import Fleet
+from runner.fnlogs import FunctionLogs
+from runner.runtime import Runtime, RuntimeUnavailable
 from runner.store import ImageStore
 
 
@@ -22,14 +29,40 @@ class Runner(AgentDaemon):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.store = ImageStore(self.settings.root, owner_ids(self.settings)[0])
+        uid, gid = owner_ids(self.settings)
+        root, run = self.settings.root, self.settings.run
+        self.store = ImageStore(root, uid)
+        self.runtime = Runtime(self.settings.runtime,
+                               os.path.join(run, os.path.basename(self.settings.runtime)))
+        try:
+            self.runtime.check()
+        except RuntimeUnavailable as exc:
+            raise SettingsError(f"runtime = {self.settings.runtime}: {exc}") from None
+        self.fleet: Fleet | None = None
+        self._gid = gid
 
     def handlers(self) -> dict[str, Handler]:
         return {**super().handlers(), "image_add": self.op_image_add,
                 "image_progress": self.op_image_progress}
 
     async def setup(self) -> None:
-        self.log.info("recovered", **self.store.recover())
+        logs = FunctionLogs(os.path.join(self.settings.root, "logs", "functions"), self._gid)
+        self.fleet = Fleet(self.settings.root, self.settings.run, self.runtime, logs, self.log)
+        removed = await self.remove_leftover_containers()
+        self.log.info("recovered", containers=removed, **self.store.recover(),
+                      **self.fleet.recover())
+
+    async def remove_leftover_containers(self) -> int:
+        """Containers of a previous run: deleted (killed first) through the runtime."""
+        ids = await asyncio.to_thread(self.runtime.list)
+        for cid in ids:
+            await asyncio.to_thread(self.runtime.delete, cid, True)
+        return len(ids)
+
+    async def teardown(self) -> None:
+        """SIGTERM: stop accepting, let requests in flight finish, stop containers."""
+        if self.fleet is not None:
+            await self.fleet.close()
 
     async def op_image_add(self, args: dict[str, Any]) -> dict[str, Any]:
         """Extract a spooled upload into a rootfs, or find it already extracted."""
@@ -43,6 +76,8 @@ class Runner(AgentDaemon):
         return self.store.progress_of(args["upload"])
 
     async def converge(self, state: dict[str, Any]) -> None:
+        assert self.fleet is not None
+        await self.fleet.converge(state["functions"])
         for digest in self.store.keep(state["images"]):
             self.log.info("image_removed", digest=digest)
 

@@ -97,6 +97,7 @@ class ImageStore:
             os.unlink(path)
             self.progress.pop(upload, None)
         self.pinned[result.digest] = time.monotonic()
+        await asyncio.to_thread(make_mountpoints, str(result.rootfs))
         return {"digest": result.digest, "config": result.config.to_dict(),
                 "reused": result.reused, "dropped": result.dropped}
 
@@ -122,3 +123,28 @@ class ImageStore:
             remove_image(self.images, digest)
             removed.append(digest)
         return removed
+
+
+# What every container mounts over the image. Created once here, so that the runtime
+# never has to create them in the shared rootfs at a container's start.
+MOUNT_DIRS = ("proc", "dev", "sys", "tmp")
+MOUNT_FILES = ("control.sock",)
+
+
+def make_mountpoints(rootfs: str) -> None:
+    """Create missing top-level mount points; never follow or replace what is there."""
+    fd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for name in MOUNT_DIRS:
+            try:
+                os.mkdir(name, 0o755, dir_fd=fd)  # mkdirat never follows a symlink
+            except FileExistsError:
+                pass
+        for name in MOUNT_FILES:
+            try:
+                os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                                 os.O_CLOEXEC, 0o644, dir_fd=fd))
+            except FileExistsError:
+                pass
+    finally:
+        os.close(fd)

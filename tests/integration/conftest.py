@@ -8,7 +8,7 @@ import shutil
 import pytest
 from harness import BIN, Netns, Platform
 
-TOOLS = ("ip", "setpriv")
+TOOLS = ("ip", "setpriv", "nsenter", "runc", "gcc", "curl", "wireguard-go")
 
 
 def pytest_collection_modifyitems(items):

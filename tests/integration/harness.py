@@ -58,7 +58,9 @@ class Netns:
         run("ip", "-n", self.name, "link", "set", "lo", "up")
 
     def argv(self, *cmd: Any) -> list[str]:
-        return ["ip", "netns", "exec", self.name, *map(str, cmd)]
+        # nsenter --net, not `ip netns exec`: that one also remounts /sys, which hides
+        # the cgroup mounts runc needs.
+        return ["nsenter", f"--net=/var/run/netns/{self.name}", *map(str, cmd)]
 
     def pids(self) -> list[int]:
         out = run("ip", "netns", "pids", self.name, check=False).stdout
@@ -86,6 +88,7 @@ class Platform:
         self.root, self.run_dir = self.base / "root", self.base / "run"
         conf = self.base / "faasd.toml"
         conf.write_text(config)
+        self.config = config
         conf.chmod(0o644)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("FAAS_")}
         # A WireGuard interface name of its own: wireguard-go's control socket lives in

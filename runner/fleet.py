@@ -1,0 +1,107 @@
+"""Every function the runner serves, converged from the controller's desired state.
+
+A new function gets a listener at once; a changed one keeps its listener and connections
+in flight while new containers use the new version and settings; a removed one stops
+accepting, finishes what is in flight and stops its containers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from typing import Any, Callable
+
+from common.log import EventLog
+from runner.bundle import FunctionSettings, build_config
+from runner.container import Container
+from runner.fnlogs import FunctionLogs
+from runner.runtime import Runtime
+from runner.serve import Function, settings_from
+
+
+class Fleet:
+    """The runner's functions."""
+
+    def __init__(self, root: str, run: str, runtime: Runtime, logs: FunctionLogs,
+                 log: EventLog):
+        self.images = os.path.join(root, "images")
+        self.bundles = os.path.join(root, "bundles")
+        self.ctl = os.path.join(run, "ctl")
+        self.runtime = runtime
+        self.logs = logs
+        self.log = log
+        self.functions: dict[str, Function] = {}
+        self.specs: dict[str, dict[str, Any]] = {}
+
+    def recover(self) -> dict[str, int]:
+        """At start: remove bundles and control sockets a previous run left behind (the
+        containers themselves are removed through the runtime by the caller)."""
+        counts = {}
+        for path, mode in ((self.bundles, 0o700), (self.ctl, 0o700)):
+            os.makedirs(path, mode=mode, exist_ok=True)
+            entries = list(os.scandir(path))
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+            counts[os.path.basename(path)] = len(entries)
+        return counts
+
+    async def converge(self, specs: list[dict[str, Any]]) -> None:
+        """Serve exactly these functions."""
+        wanted = {s["name"]: s for s in specs}
+        for name in sorted(set(self.functions) - set(wanted)):
+            await self._drop(name)
+        for name, spec in wanted.items():
+            if spec == self.specs.get(name):
+                continue
+            fn = self.functions.get(name)
+            if fn is not None and fn.address != spec["address"]:
+                await self._drop(name)
+                fn = None
+            factory = self._factory(spec)
+            if fn is None:
+                self.functions[name] = Function(name, spec["address"],
+                                                settings_from(spec["settings"]), factory, self.log)
+                self.log.info("serving", function=name, address=spec["address"],
+                              digest=spec["digest"])
+            else:
+                fn.update(settings_from(spec["settings"]), factory)
+                self.log.info("updated", function=name, digest=spec["digest"])
+            self.specs[name] = spec
+
+    async def _drop(self, name: str) -> None:
+        fn = self.functions.pop(name)
+        self.specs.pop(name, None)
+        await fn.close()
+        self.logs.forget(name)
+        self.log.info("stopped_serving", function=name)
+
+    def _factory(self, spec: dict[str, Any]) -> Callable[[], Container]:
+        rootfs = os.path.join(self.images, spec["digest"].removeprefix("sha256:"), "rootfs")
+        s = spec["settings"]
+        limits = FunctionSettings(memory_bytes=s["memory"], cpus=s["cpu"], pids=s["pids"],
+                                  # The handler protocol's hint: answering "done" is
+                                  # worth it (the SDK reads it; any handler may).
+                                  env={**s["env"], "FAAS_REUSE": "1" if s["reuse"] else "0"})
+        name = spec["name"]
+
+        def make_config(container_id: str, control_socket: str) -> dict[str, Any]:
+            return build_config(rootfs, spec["config"], container_id=container_id,
+                                hostname=name, control_socket=control_socket, settings=limits)
+
+        def sink(container: str, stream: str, request: str | None, line: str) -> None:
+            self.logs.write(name, container, stream, request, line)
+
+        return lambda: Container(name, self.bundles, self.ctl, self.runtime, make_config, sink)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Per-function pool and counters."""
+        return {name: fn.snapshot() for name, fn in self.functions.items()}
+
+    async def close(self) -> None:
+        """Graceful stop: every function finishes what is in flight."""
+        await asyncio.gather(*(self._drop(n) for n in list(self.functions)),
+                             return_exceptions=True)

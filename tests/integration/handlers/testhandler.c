@@ -1,0 +1,86 @@
+/* A handler for the end-to-end tests, written from docs/handler-protocol.md alone.
+ *
+ * Paths:  /        "ok <n> pid <pid>"         /sleep  never answers (timeout)
+ *         /exit    exits without answering     /fds    the fds it holds
+ *         /id      uid gid                      /write  tries to write the rootfs
+ * TEST_MODE (env): noconnect, noread, crash, forkbomb misbehave on purpose.
+ * FAAS_REUSE=1: answer "done" and wait for the next connection. */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+static void reply(int fd, const char *body) {
+    char buf[8192];
+    int n = snprintf(buf, sizeof buf,
+                     "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n"
+                     "Connection: close\r\n\r\n%s", strlen(body), body);
+    write(fd, buf, n);
+}
+
+static void fds(char *out, size_t cap) {
+    DIR *d = opendir("/proc/self/fd");
+    struct dirent *e;
+    out[0] = 0;
+    while (d && (e = readdir(d))) {
+        if (e->d_name[0] == '.') continue;
+        if (atoi(e->d_name) == dirfd(d)) continue;
+        strncat(out, e->d_name, cap - strlen(out) - 2);
+        strncat(out, " ", cap - strlen(out) - 1);
+    }
+    if (d) closedir(d);
+}
+
+int main(void) {
+    const char *mode = getenv("TEST_MODE");
+    const char *path = getenv("FAAS_CONTROL_SOCKET");
+    int reuse = getenv("FAAS_REUSE") && !strcmp(getenv("FAAS_REUSE"), "1");
+    if (mode && !strcmp(mode, "crash")) return 1;
+    if (mode && !strcmp(mode, "noconnect")) { for (;;) pause(); }
+    if (mode && !strcmp(mode, "forkbomb")) { for (;;) fork(); }
+    int ctl = socket(AF_UNIX, SOCK_SEQPACKET, 0);
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    strncpy(sa.sun_path, path ? path : "/control.sock", sizeof sa.sun_path - 1);
+    if (connect(ctl, (struct sockaddr *)&sa, sizeof sa) < 0) { perror("connect"); return 2; }
+    if (mode && !strcmp(mode, "noread")) { for (;;) pause(); }
+    for (int served = 1;; served++) {
+        char packet[4096], cbuf[CMSG_SPACE(sizeof(int) * 4)];
+        struct iovec iov = {packet, sizeof packet - 1};
+        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1,
+                             .msg_control = cbuf, .msg_controllen = sizeof cbuf};
+        ssize_t n = recvmsg(ctl, &msg, MSG_CMSG_CLOEXEC);
+        if (n <= 0) return 0; /* the runner closed the control socket: stop */
+        packet[n] = 0;
+        int conn = -1;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
+            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+                memcpy(&conn, CMSG_DATA(c), sizeof conn);
+        if (!strstr(packet, "\"type\": \"conn\"") || conn < 0) continue; /* unknown: ignore */
+        char id[128] = "";
+        char *p = strstr(packet, "\"id\": \"");
+        if (p) sscanf(p + 7, "%127[^\"]", id);
+        char req[2048] = "";
+        read(conn, req, sizeof req - 1);
+        fprintf(stderr, "request %s\n", id);
+        char body[4096];
+        if (!strncmp(req, "GET /sleep", 10)) { for (;;) pause(); }
+        if (!strncmp(req, "GET /exit", 9)) return 3;
+        if (!strncmp(req, "GET /fds", 8)) fds(body, sizeof body);
+        else if (!strncmp(req, "GET /id", 7)) snprintf(body, sizeof body, "%d %d", getuid(), getgid());
+        else if (!strncmp(req, "GET /write", 10)) {
+            int w = open("/written", O_WRONLY | O_CREAT, 0644);
+            snprintf(body, sizeof body, "%s", w < 0 ? strerror(errno) : "written");
+        } else snprintf(body, sizeof body, "ok %d pid %d", served, getpid());
+        reply(conn, body);
+        close(conn);
+        if (!reuse) return 0;
+        char done[256];
+        int m = snprintf(done, sizeof done, "{\"type\": \"done\", \"id\": \"%s\"}", id);
+        send(ctl, done, m, 0);
+    }
+}

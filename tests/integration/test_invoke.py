@@ -1,0 +1,197 @@
+"""Serving connections end to end: a real runc container per connection, the socket
+handed over with SCM_RIGHTS, limits, pools, hostile handlers, and nothing leaked."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from harness import BIN, poll, run
+
+from tests.imagebuild import Dir, File, build_image
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module", params=["runc", "crun"])
+def runtime(request) -> str:
+    """Every test runs on both OCI runtimes: a platform each."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def platform_config(runtime) -> str:
+    return f'runtime = "{runtime}"\n'
+
+
+@pytest.fixture(scope="module")
+def handler_binary(tmp_path_factory) -> bytes:
+    out = tmp_path_factory.mktemp("handler") / "handler"
+    run("gcc", "-static", "-O2", "-o", out, HERE / "handlers" / "testhandler.c")
+    return out.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def image_tar(tmp_path_factory, handler_binary) -> Path:
+    path = tmp_path_factory.mktemp("image") / "handler.tar"
+    build_image(path, [[Dir("tmp", mode=0o1777), File("handler", handler_binary, mode=0o755)]],
+                {"config": {"Cmd": ["/handler"]}})
+    return path
+
+
+def deploy(platform, image_tar, name: str, *settings: str) -> str:
+    out = platform.faasctl("--json", "new", name, "-f", image_tar)
+    address = json.loads(out.stdout)["address"]
+    if settings:
+        platform.faasctl("set", name, *settings)
+    poll(f"{name} answering", lambda: get(platform, address, "/", timeout=5)[0] == 200, 15)
+    return address
+
+
+def get(platform, address: str, path: str, timeout: float = 10) -> tuple[int, str]:
+    """One request from inside the namespace: (status or 0 for no answer, body)."""
+    out = run(*platform.netns.argv("curl", "-s", "-g", "-m", str(timeout), "-o", "-", "-w",
+                                   "\n%{http_code}", f"http://[{address}]{path}"), check=False)
+    body, _, code = out.stdout.rpartition("\n")
+    return int(code or 0), body
+
+
+def load(platform, address: str, path: str, count: int, concurrency: int) -> dict:
+    out = run(*platform.netns.argv(sys.executable, HERE / "loadclient.py", address, path,
+                                   count, concurrency), timeout=300)
+    return json.loads(out.stdout)
+
+
+def leaks(platform) -> dict[str, int]:
+    """What the runner holds now: containers, bundles, control sockets, mounts, fds."""
+    runner = platform.status()["runner"]["pid"]
+    runtime = "crun" if 'runtime = "crun"' in platform.config else "runc"
+    listed = run(runtime, "--root", platform.run_dir / runtime, "list", "-q", check=False)
+    return {
+        "containers": len(listed.stdout.split()),
+        "bundles": len(os.listdir(platform.root / "bundles")),
+        "sockets": len(os.listdir(platform.run_dir / "ctl")),
+        "mounts": sum(1 for line in open("/proc/self/mountinfo") if "faas-it-" in line),
+        "fds": len(os.listdir(f"/proc/{runner}/fd")),
+    }
+
+
+def settled(platform, baseline: dict[str, int]):
+    now = leaks(platform)
+    return now if all(now[k] <= baseline[k] for k in now) else None
+
+
+def test_a_request_is_served_by_a_fresh_container(platform, image_tar):
+    address = deploy(platform, image_tar, "hello")
+    status, body = get(platform, address, "/")
+    assert status == 200 and body.startswith("ok 1 pid 1"), body  # pid 1: its own namespace
+    assert get(platform, address, "/")[1].startswith("ok 1 ")  # one-shot: a new container
+
+
+def test_container_confinement(platform, image_tar):
+    address = deploy(platform, image_tar, "confined")
+    assert get(platform, address, "/id")[1] == "65534 65534"
+    assert get(platform, address, "/write")[1] == "Read-only file system"
+    # stdin, stdout, stderr, the control socket and the connection: nothing else
+    assert get(platform, address, "/fds")[1].split() == ["0", "1", "2", "3", "4"]
+
+
+def test_fifty_concurrent_clients_are_all_answered(platform, image_tar):
+    address = deploy(platform, image_tar, "busy", "concurrency=64")
+    result = load(platform, address, "/", 50, 50)
+    print(f"50 concurrent: {result}")
+    assert result["statuses"] == {"200": 50}
+
+
+def test_timeout_kills_the_container_and_closes_the_client(platform, image_tar):
+    address = deploy(platform, image_tar, "slow", "timeout=1")
+    started = time.monotonic()
+    status, _ = get(platform, address, "/sleep", timeout=10)
+    assert status == 0 and time.monotonic() - started < 5
+    assert get(platform, address, "/")[0] == 200
+
+
+def test_over_capacity_gets_503_with_retry_after(platform, image_tar):
+    address = deploy(platform, image_tar, "narrow", "concurrency=1", "queue=0", "timeout=3")
+    # The slot of the deploy's own probe frees when its container has exited, a moment
+    # after its answer: curl --retry takes the 503 that may meet it as transient.
+    slow = subprocess.Popen(platform.netns.argv("curl", "-s", "-g", "-m", "10", "--retry", "5",
+                                                f"http://[{address}]/sleep"))
+    try:
+        def rejected():
+            out = run(*platform.netns.argv("curl", "-s", "-g", "-i", "-m", "5",
+                                           f"http://[{address}]/"), check=False)
+            return out.stdout if out.stdout.startswith("HTTP/1.1 503") else None
+        head = poll("a 503", rejected, 5)
+        assert "Retry-After: 1" in head
+    finally:
+        slow.wait(timeout=20)
+
+
+@pytest.mark.parametrize("mode,expect", [("crash", 502), ("noconnect", 504), ("noread", 0),
+                                         ("forkbomb", 504)])
+def test_hostile_handlers_fail_cleanly(platform, image_tar, mode, expect):
+    name = f"bad-{mode}"
+    out = platform.faasctl("--json", "new", name, "-f", image_tar)
+    address = json.loads(out.stdout)["address"]
+    platform.faasctl("set", name, f"env.TEST_MODE={mode}", "timeout=2", "pids=32")
+    ok_address = deploy(platform, image_tar, "bystander")
+    baseline = leaks(platform)  # with both listeners in place
+    status, _ = get(platform, address, "/", timeout=15)
+    assert status == expect
+    assert get(platform, ok_address, "/")[0] == 200  # everyone else is still served
+    poll("nothing left behind", lambda: settled(platform, baseline), 15)
+
+
+def test_reuse_serves_the_next_connection_in_the_same_container(platform, image_tar):
+    address = deploy(platform, image_tar, "reused", "reuse=true")
+    bodies = [get(platform, address, "/")[1] for _ in range(3)]
+    pids = {b.split()[-1] for b in bodies}
+    counts = [int(b.split()[1]) for b in bodies]
+    assert len(pids) == 1 and counts == sorted(counts) and counts[-1] >= 3, bodies
+
+
+def test_min_warm_hands_over_without_a_start(platform, image_tar):
+    deploy(platform, image_tar, "warm", "min_warm=2")
+    poll("two warm containers", lambda: len(
+        [c for c in os.listdir(platform.run_dir / "ctl") if c.startswith("warm-")]) >= 2, 15)
+    address = json.loads(platform.faasctl("--json", "ip", "warm").stdout)["address"]
+    assert get(platform, address, "/")[0] == 200
+    outcomes = [line.get("outcome") for line in platform.log_lines("runner")
+                if line.get("function") == "warm" and line["event"] == "request"]
+    assert outcomes and outcomes[-1].startswith("warm:")
+
+
+def test_logs_carry_the_request_id(platform, image_tar):
+    address = deploy(platform, image_tar, "chatty")
+    get(platform, address, "/")
+    out = platform.faasctl("--json", "logs", "chatty")
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    mine = [line for line in lines if line["line"].startswith("request ")]
+    assert mine and mine[-1]["rid"] == mine[-1]["line"].split()[1]
+
+
+def test_runner_restart_brings_listeners_back_and_cleans_up(platform, image_tar):
+    address = deploy(platform, image_tar, "phoenix", "min_warm=1")
+    os.kill(platform.status()["runner"]["pid"], signal.SIGKILL)
+    t0 = time.monotonic()
+    poll("answering again", lambda: get(platform, address, "/", timeout=2)[0] == 200, 10)
+    print(f"runner kill -9: answering again after {time.monotonic() - t0:.2f}s")
+    assert time.monotonic() - t0 < 3.0 + 2  # heal within 3 s of the runner being back
+
+
+def test_a_thousand_requests_leave_nothing_behind(platform, image_tar):
+    address = deploy(platform, image_tar, "many")
+    get(platform, address, "/")
+    baseline = leaks(platform)
+    result = load(platform, address, "/", 1000, 1)
+    print(f"1000 sequential: {result}")
+    assert result["statuses"] == {"200": 1000}
+    after = poll("back to the baseline", lambda: settled(platform, baseline), 20)
+    print(f"before {baseline} after {after}")
