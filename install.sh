@@ -52,6 +52,27 @@ say "installing the faasd package into $prefix/venv"
 "$prefix/venv/bin/pip" install -q --disable-pip-version-check "$here[test]"
 chmod -R a+rX "$prefix"
 
+# faasd runs its own named under supervisord (faas-named): the distribution's instance
+# would hold rndc's port 953 and answer on every address, so it is stopped for good.
+if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+  systemctl disable --now named.service >/dev/null 2>&1 || true
+fi
+# Debian confines named with AppArmor; let it read faasd's zone and configuration and
+# write its working directory (pid, lock, session key) under the default FAAS_ROOT.
+aa_local=/etc/apparmor.d/local/usr.sbin.named
+if [ -d /etc/apparmor.d/local ] && ! grep -q 'faasd' "$aa_local" 2>/dev/null; then
+  cat >>"$aa_local" <<'AA'
+# faasd (install.sh): its zone, its named.conf and named's working directory
+/var/lib/faasd/dns/** r,
+/var/lib/faasd/named/** r,
+/var/lib/faasd/named/work/** rw,
+AA
+  if command -v apparmor_parser >/dev/null && [ -e /etc/apparmor.d/usr.sbin.named ] \
+     && [ -d /sys/kernel/security/apparmor ]; then
+    apparmor_parser -r /etc/apparmor.d/usr.sbin.named || true
+  fi
+fi
+
 install -d -m 0755 /etc/faasd
 [ -e /etc/faasd/faasd.toml ] || install -m 0644 "$here/etc/faasd.toml" /etc/faasd/faasd.toml
 install -m 0644 "$here/supervisord.conf" /etc/faasd/supervisord.conf

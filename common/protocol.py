@@ -221,7 +221,11 @@ NETAGENT_STATE: dict[str, Field] = {
     "addresses": List(item=IPv6(), max_items=65536, required=False, default=[],
                       help="function addresses (/128) to hold on the WireGuard interface"),
 }
-DNSAGENT_STATE: dict[str, Field] = {}
+DNS_RECORD = Record(fields={"name": FunctionName(), "address": IPv6()})
+DNSAGENT_STATE: dict[str, Field] = {
+    "records": List(item=DNS_RECORD, max_items=65536, required=False, default=[],
+                    help="one AAAA record <name>.faas per function"),
+}
 RUNNER_STATE: dict[str, Field] = {
     "images": List(item=DIGEST, max_items=65536, required=False, default=[],
                    help="image digests whose rootfs must be kept; others are removed"),

@@ -123,6 +123,8 @@ class IPv6(Str):
 
     def check(self, value: Any, path: str) -> str:
         value = super().check(value, path)
+        if "%" in value:  # ipaddress keeps a scope id verbatim, newlines and all
+            raise _bad(path, "must not carry a scope id (%...)")
         try:
             return str(ipaddress.IPv6Address(value))
         except ValueError:

@@ -72,6 +72,8 @@ def _endpoint(v: str) -> None:
 
 def _upstreams(v: list[str]) -> None:
     for addr in v:
+        if not isinstance(addr, str) or "%" in addr:  # a scope id would reach named.conf
+            raise ValueError(f"{addr!r} is not a plain IP address (no %scope)")
         try:
             ipaddress.ip_address(addr)
         except ValueError:

@@ -66,6 +66,9 @@ class Controller(Daemon):
             return {"images": sorted(self.state.digests()), "functions": self.state.specs()}
         if agent == "netagent":
             return {"addresses": self.state.addresses()}
+        if agent == "dnsagent":
+            return {"records": [{"name": s["name"], "address": s["address"]}
+                                for s in self.state.specs()]}
         return {}
 
     async def setup(self) -> None:

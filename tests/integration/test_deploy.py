@@ -233,8 +233,11 @@ def test_function_addresses_follow_the_state(platform, tmp_path):
     # netagent killed: its wireguard-go dies with it, the next netagent rebuilds it all
     os.kill(platform.status()["netagent"]["pid"], signal.SIGKILL)
     poll("the address back", lambda: address in interface_addresses(platform), 5)
+    zone = platform.root / "dns" / "faas.db"
+    poll("the name in the zone", lambda: f"addr IN AAAA {address}" in zone.read_text(), 5)
     platform.faasctl("rm", "addr")
     poll("the address gone", lambda: address not in interface_addresses(platform), 5)
+    poll("the name gone", lambda: "addr IN AAAA" not in zone.read_text(), 5)
 
 
 def test_netagent_refuses_an_address_outside_the_prefix(platform):

@@ -17,7 +17,8 @@ SAMPLE_ARGS = {
     ("netagent", "ping"): {},
     ("netagent", "sync"): {"generation": 3, "state": {"addresses": ["fd00:faa5:1::a"]}},
     ("dnsagent", "ping"): {},
-    ("dnsagent", "sync"): {"generation": 0, "state": {}},
+    ("dnsagent", "sync"): {"generation": 0, "state": {"records": [
+        {"name": "fib", "address": "fd00:faa5:1::a"}]}},
     ("runner", "ping"): {},
     ("runner", "sync"): {"generation": 7, "state": {
         "images": ["sha256:" + "a" * 64],

@@ -24,15 +24,16 @@ def test_control_socket_is_private_and_there_is_no_http_server():
 def test_programs():
     cp = parsed()
     programs = {s.split(":", 1)[1]: cp[s] for s in cp if s.startswith("program:")}
-    assert set(programs) == {"controller", "netagent", "dnsagent", "runner"}
+    assert set(programs) == {"controller", "netagent", "dnsagent", "runner", "dns"}
     for name, p in programs.items():
-        assert p["command"] == f"%(ENV_FAAS_BIN)s/faas-{name}"
+        binary = "faas-named" if name == "dns" else f"faas-{name}"
+        assert p["command"] == f"%(ENV_FAAS_BIN)s/{binary}"
         assert p["autorestart"] == "true" and int(p["startsecs"]) >= 1
         assert p["stdout_logfile"] == f"%(ENV_FAAS_ROOT)s/logs/{name}.log"
         assert p["redirect_stderr"] == "true"
     for unprivileged in ("controller", "dnsagent"):
         assert programs[unprivileged]["user"] == "%(ENV_FAAS_USER)s"
-    for root in ("netagent", "runner"):  # their children (wireguard-go, runc) die with them
+    for root in ("netagent", "runner", "dns"):  # named drops to user bind itself  # their children (wireguard-go, runc) die with them
         assert "user" not in programs[root]
         assert programs[root]["stopasgroup"] == programs[root]["killasgroup"] == "true"
 

@@ -1,0 +1,325 @@
+"""faas-named: render one instance's BIND 9 configuration and run ``named`` in the foreground.
+
+Run as root by supervisord. Each start renders the configuration from the settings,
+makes the rndc key once, and then becomes ``named -g -u bind``: ``named`` opens port
+53 as root and drops to the ``bind`` user; with ``-g`` it stays in the foreground and
+logs to stderr, which supervisord keeps in ``$FAAS_ROOT/logs/dns.log``.
+
+On disk (see docs/dns.md)::
+
+    $FAAS_ROOT/dns/            faas 0755 (the launcher)  dnsagent's: named reads it
+      faas.db                  faas 0644                 the zone (dnsagent)
+      serial                   faas 0644                 last serial handed out (dnsagent)
+      rndc.conf                faas 0600                 rndc's config and key (dnsagent)
+    $FAAS_ROOT/named/          root:bind 0750            this module's
+      named.conf               root:bind 0640
+      rndc.key                 root:bind 0640            made once
+      work/                    bind:bind 0750            named's directory: pid, lock, session key
+
+named's own configuration is not in ``dns/``: that directory belongs to the faas user,
+who could rename any file in it, and ``named`` reads its configuration as root (a
+``pid-file`` or ``include`` path there is a root write or read). The faas user gets only
+the client side, ``rndc.conf``, a copy of the key it needs for ``rndc reload``.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import os
+import pwd
+import re
+import secrets
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+
+from common.daemon import owner_ids
+from common.settings import EX_CONFIG, Settings, SettingsError, load
+from dnsagent import zone
+
+# rndc control channel: 127.0.0.1 on this port. 953 is rndc's default; a second
+# instance on one host needs its own network namespace (as the tests use) or another
+# port passed to prepare().
+RNDC_PORT = 953
+RNDC_HOST = "127.0.0.1"
+KEY_NAME = "faas-rndc"
+BIND_USER = "bind"
+DNS_PORT = 53
+MAX_CACHE = "64m"  # the forwarding cache; BIND's default is 90% of the machine's memory
+EX_NOPERM = 77
+# The faas user's PATH under supervisord may lack the sbin directories.
+TOOL_DIRS = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one instance keeps its DNS files, all derived from ``$FAAS_ROOT``."""
+
+    root: str
+
+    @property
+    def dns_dir(self) -> str:
+        return os.path.join(self.root, "dns")
+
+    @property
+    def zone_file(self) -> str:
+        return os.path.join(self.dns_dir, "faas.db")
+
+    @property
+    def serial_file(self) -> str:
+        return os.path.join(self.dns_dir, "serial")
+
+    @property
+    def rndc_conf(self) -> str:
+        return os.path.join(self.dns_dir, "rndc.conf")
+
+    @property
+    def named_dir(self) -> str:
+        return os.path.join(self.root, "named")
+
+    @property
+    def named_conf(self) -> str:
+        return os.path.join(self.named_dir, "named.conf")
+
+    @property
+    def key_file(self) -> str:
+        return os.path.join(self.named_dir, "rndc.key")
+
+    @property
+    def work_dir(self) -> str:
+        return os.path.join(self.named_dir, "work")
+
+
+def find_tool(name: str) -> str | None:
+    """Absolute path of a BIND tool: PATH first, then the usual bin and sbin dirs."""
+    path = os.pathsep.join([os.environ.get("PATH", ""), *TOOL_DIRS])
+    return shutil.which(name, path=path)
+
+
+# --- files ---------------------------------------------------------------------------
+
+
+def stage(path: str, data: bytes, mode: int, owner: tuple[int, int] | None = None) -> str:
+    """Write ``data`` to a new temporary file beside ``path``, fsynced; return its path.
+
+    The name is random and opened with O_EXCL, so nothing planted in the directory is
+    followed; ownership and mode are set on the descriptor, never by path.
+    """
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if owner is not None:
+                os.fchown(f.fileno(), *owner)
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def commit(tmp: str, path: str) -> None:
+    """Rename ``tmp`` over ``path`` and fsync the directory: the new file or the old one
+    survives a crash, never a mix. A symlink at ``path`` is replaced, not followed."""
+    os.rename(tmp, path)
+    dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def write_atomic(path: str, data: bytes, mode: int, owner: tuple[int, int] | None = None) -> None:
+    """Replace ``path`` with ``data`` atomically (stage, then commit)."""
+    commit(stage(path, data, mode, owner), path)
+
+
+# --- rendering -----------------------------------------------------------------------
+
+
+def _quoted(text: str) -> str:
+    # named.conf strings end at '"' and know '\' escapes; a path is never allowed either.
+    if any(c in text for c in '"\\;{}') or not text.isprintable():
+        raise SettingsError(f"{text!r} cannot be written into named.conf: quotes, "
+                            "backslashes, braces, semicolons and control characters are "
+                            "not allowed in faasd's paths")
+    return f'"{text}"'
+
+
+def _address(text: str) -> str:
+    # Settings check upstreams with ip_address(), which keeps any '%scope' text verbatim.
+    if "%" in text:
+        raise SettingsError(f"dns_upstreams: {text!r}: scoped addresses are not supported")
+    ip = ipaddress.ip_address(text)
+    return str(type(ip)(int(ip)))
+
+
+def _network(text: str) -> str:
+    net = ipaddress.IPv6Network(text)
+    return f"{ipaddress.IPv6Address(int(net.network_address))}/{net.prefixlen}"
+
+
+def _recursion(settings: Settings) -> list[str]:
+    """Forward to the upstreams for VPN clients only; without upstreams, no recursion."""
+    upstreams = [_address(a) for a in settings.dns_upstreams]
+    if not upstreams:
+        return ["recursion no;", "allow-recursion { none; };", "allow-query-cache { none; };"]
+    vpn = _network(settings.vpn_prefix)
+    return [
+        "recursion yes;",
+        f"allow-recursion {{ {vpn}; }};",
+        f"allow-query-cache {{ {vpn}; }};",
+        "forward only;",
+        "forwarders { " + " ".join(f"{a};" for a in upstreams) + " };",
+    ]
+
+
+def render_named_conf(settings: Settings, layout: Layout, rndc_port: int = RNDC_PORT) -> str:
+    """named.conf for this instance: authoritative for faas., listening on the VPN
+    server address only, forwarding to the upstreams for VPN clients, no transfers."""
+    ns = zone.ns_address(ipaddress.IPv6Network(settings.vpn_prefix))
+    work = layout.work_dir
+    options = [
+        f"directory {_quoted(work)};",
+        f"pid-file {_quoted(os.path.join(work, 'named.pid'))};",
+        f"lock-file {_quoted(os.path.join(work, 'named.lock'))};",
+        f"session-keyfile {_quoted(os.path.join(work, 'session.key'))};",
+        f"managed-keys-directory {_quoted(work)};",
+        "listen-on { none; };",
+        f"listen-on-v6 port {DNS_PORT} {{ {ns}; }};",
+        "// netagent puts the address on the WireGuard interface, maybe after named",
+        "// starts: the route socket reports it at once; the timed rescan is a fallback.",
+        "automatic-interface-scan yes;",
+        "interface-interval 1;",
+        "version none;",
+        "hostname none;",
+        "server-id none;",
+        "allow-transfer { none; };",
+        "allow-update { none; };",
+        "notify no;",
+        "// the upstream resolvers validate; validating again here breaks behind one",
+        "// that strips DNSSEC records, and would fetch root keys at every start.",
+        "dnssec-validation no;",
+        f"max-cache-size {MAX_CACHE};",
+        *_recursion(settings),
+    ]
+    zone_opts = [
+        "type primary;",
+        f"file {_quoted(layout.zone_file)};",
+        "allow-transfer { none; };",
+        "allow-update { none; };",
+        "notify no;",
+    ]
+    return "\n".join([
+        "// Rendered by faas-named from faasd's settings at every start; edits are lost.",
+        "options {", *(f"\t{o}" for o in options), "};",
+        "",
+        f"include {_quoted(layout.key_file)};",
+        (f"controls {{ inet {RNDC_HOST} port {int(rndc_port)} allow {{ {RNDC_HOST}; }} "
+         f'keys {{ "{KEY_NAME}"; }}; }};'),
+        "",
+        f'zone "{zone.ORIGIN.rstrip(".")}" {{', *(f"\t{o}" for o in zone_opts), "};",
+        "",
+    ])
+
+
+def new_secret() -> str:
+    """A fresh HMAC-SHA256 key: 32 random bytes, base64."""
+    return base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def render_key(secret: str) -> str:
+    """The key statement, shared by named.conf (include) and rndc.conf."""
+    return f'key "{KEY_NAME}" {{\n\talgorithm hmac-sha256;\n\tsecret "{secret}";\n}};\n'
+
+
+def render_rndc_conf(secret: str, rndc_port: int = RNDC_PORT) -> str:
+    """rndc's client config: the key inline (the faas user cannot read named's copy)."""
+    return (render_key(secret)
+            + f'options {{\n\tdefault-key "{KEY_NAME}";\n\tdefault-server {RNDC_HOST};\n'
+            f"\tdefault-port {int(rndc_port)};\n}};\n")
+
+
+_SECRET = re.compile(r'secret "([A-Za-z0-9+/]{43}=)";')
+
+
+def read_secret(path: str) -> str | None:
+    """The secret of a key file this module wrote, or None (missing or not ours)."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            m = _SECRET.search(f.read())
+    except FileNotFoundError:
+        return None
+    return m.group(1) if m else None
+
+
+# --- preparing an instance (root) -----------------------------------------------------
+
+
+def _directory(path: str, uid: int, gid: int, mode: int) -> None:
+    os.makedirs(path, exist_ok=True)
+    if os.path.islink(path):
+        raise SettingsError(f"{path} is a symlink; faas-named wants a real directory there")
+    os.chown(path, uid, gid)
+    os.chmod(path, mode)
+
+
+def prepare(settings: Settings, rndc_port: int = RNDC_PORT, bind_user: str = BIND_USER) -> Layout:
+    """Create named's directories, the key (once), named.conf and rndc.conf. Root only.
+
+    Idempotent: run at every start, so a changed setting takes effect on restart and a
+    damaged or missing file is rewritten.
+    """
+    layout = Layout(settings.root)
+    try:
+        bind = pwd.getpwnam(bind_user)
+    except KeyError:
+        raise SettingsError(f"no user {bind_user}: install the bind9 package") from None
+    uid, gid = owner_ids(settings)
+    conf = render_named_conf(settings, layout, rndc_port).encode()
+    _directory(layout.dns_dir, uid, gid, 0o755)  # as the launcher makes it
+    _directory(layout.named_dir, 0, bind.pw_gid, 0o750)
+    _directory(layout.work_dir, bind.pw_uid, bind.pw_gid, 0o750)
+    secret = read_secret(layout.key_file)
+    if secret is None:
+        secret = new_secret()
+        write_atomic(layout.key_file, render_key(secret).encode(), 0o640, (0, bind.pw_gid))
+    os.chown(layout.key_file, 0, bind.pw_gid)
+    os.chmod(layout.key_file, 0o640)
+    write_atomic(layout.named_conf, conf, 0o640, (0, bind.pw_gid))
+    # Into the faas user's directory: stage() opens a fresh O_EXCL name and commit()
+    # renames over whatever sits at rndc.conf, so a planted symlink is never followed.
+    write_atomic(layout.rndc_conf, render_rndc_conf(secret, rndc_port).encode(), 0o600,
+                 (uid, gid))
+    return layout
+
+
+def named_argv(layout: Layout, bind_user: str = BIND_USER) -> list[str]:
+    """The command that runs named for this instance in the foreground."""
+    named = find_tool("named")
+    if named is None:
+        raise SettingsError("named not found: install the bind9 package")
+    return [named, "-g", "-u", bind_user, "-c", layout.named_conf]
+
+
+def main() -> None:
+    """Console script faas-named: render this instance's configuration, exec named."""
+    try:
+        settings = load()
+        if os.geteuid() != 0:
+            print("faas-named: run me as root (named opens port 53, then becomes bind)",
+                  file=sys.stderr)
+            sys.exit(EX_NOPERM)
+        layout = prepare(settings)
+        argv = named_argv(layout)
+    except SettingsError as exc:
+        print(f"faas-named: {exc}", file=sys.stderr)
+        sys.exit(EX_CONFIG)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)
