@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
+import time
 
 from common.daemon import owner_ids
 from common.settings import EX_CONFIG, Settings, SettingsError, load
@@ -64,6 +66,38 @@ def _supervisor_bin(name: str, env: dict[str, str]) -> str:
     return path if os.path.exists(path) else (shutil.which(name) or name)
 
 
+def down(settings: Settings, conf: str, env: dict[str, str], timeout: float = 60) -> int:
+    """Shut supervisord down, wait until it has gone (its programs stop first), then
+    remove the interface and chains, which netagent leaves in place across restarts."""
+    pidfile = os.path.join(settings.run, "supervisord.pid")
+    try:
+        with open(pidfile, encoding="ascii") as f:
+            pid = int(f.read().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        pid = 0
+    if pid:
+        subprocess.run([_supervisor_bin("supervisorctl", env), "-c", conf, "shutdown"],
+                       env=env, check=False)
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(pid):
+            print(f"faasd: supervisord (pid {pid}) did not stop within {timeout:.0f}s; "
+                  "the interface is left in place", file=sys.stderr)
+            return 1
+    return subprocess.run([os.path.join(env["FAAS_BIN"], "faas-netagent"), "--remove"],
+                          env=env, check=False).returncode
+
+
+def _alive(pid: int) -> bool:
+    """The process runs (a zombie waiting for its parent to reap it has stopped)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console script faasd."""
     parser = argparse.ArgumentParser(prog="faasd", description=__doc__.split("\n\n")[0])
@@ -74,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="prepare directories and start supervisord")
     up.add_argument("--foreground", action="store_true", help="run supervisord in the foreground")
-    sub.add_parser("down", help="stop every program and supervisord")
+    sub.add_parser("down", help="stop every program and supervisord, then take the "
+                   "WireGuard interface and its firewall chains away")
     ctl = sub.add_parser("ctl", help="supervisorctl for this instance (status, restart NAME, ...)")
     ctl.add_argument("args", nargs=argparse.REMAINDER)
     ns = parser.parse_args(argv)
@@ -91,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         argv_ = [_supervisor_bin("supervisord", env), "-c", conf]
         argv_ += ["-n"] if ns.foreground else []
     elif ns.command == "down":
-        argv_ = [_supervisor_bin("supervisorctl", env), "-c", conf, "shutdown"]
+        sys.exit(down(settings, conf, env))
     else:
         argv_ = [_supervisor_bin("supervisorctl", env), "-c", conf, *ns.args]
     os.execve(argv_[0], argv_, env)

@@ -1,20 +1,48 @@
-"""netagent (root): owns the WireGuard interface, addresses, peers and its firewall chain.
+"""netagent (root): owns the WireGuard interface, addresses, peers and its firewall chains.
 
 It offers only narrow verbs (see common.protocol.OPS["netagent"]) and converges to the
 whole desired state the controller sends with ``sync``. Every argument is checked
-against the configured interface and prefixes before anything runs: one bad address
-refuses the whole sync and changes nothing. Its endpoint is mode 0600 and owned by the
-controller's user: nobody else may talk to it.
+against the configured interface and prefixes before anything runs: one bad address or
+peer refuses the whole sync and changes nothing. Its endpoint is mode 0600 and owned by
+the controller's user: nobody else may talk to it.
+
+What it converges, in order (docs/network.md):
+
+1. the interface (kernel WireGuard, else wireguard-go as its child), up;
+2. the server key, generated once into ``$FAAS_ROOT/wireguard/private.key`` (0600) and
+   given to ``wg`` by path; the listen port;
+3. the firewall chains, before any peer can send a packet;
+4. addresses: the VPN server address (``::1/64`` of ``vpn_prefix``) and one /128 per
+   function; addresses in those prefixes that should not be there are removed, others
+   are not touched; the route for the function prefix;
+5. peers: each key with exactly its own /128 as allowed-ips; any other peer is removed.
+
+A restart changes nothing that was right: every step compares before it acts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import json
+import os
+import sys
 from typing import Any
 
 from common.daemon import AgentDaemon, run_main
 from common.errors import Code, FaasError
+from common.rpc import Handler
+from common.settings import EX_CONFIG, SettingsError, load
+from netagent.firewall import Firewall
 from netagent.net import Net
+
+KEEPALIVE = 25  # seconds, for a peer the server greets first (see set_peer)
+ENDPOINT_SAVE_SECONDS = 2.0
+
+
+def server_address(vpn_prefix: ipaddress.IPv6Network) -> ipaddress.IPv6Interface:
+    """The server's own VPN address: ::1 of the VPN prefix, with the prefix length."""
+    return ipaddress.IPv6Interface(f"{vpn_prefix.network_address + 1}/{vpn_prefix.prefixlen}")
 
 
 class NetAgent(AgentDaemon):
@@ -26,7 +54,18 @@ class NetAgent(AgentDaemon):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.net = Net(self.settings.wg_interface)
+        self.firewall = Firewall(self.settings.wg_interface, self.net.run, self.net.check)
         self.function_prefix = ipaddress.IPv6Network(self.settings.function_prefix)
+        self.vpn_prefix = ipaddress.IPv6Network(self.settings.vpn_prefix)
+        self.server = server_address(self.vpn_prefix)
+        self.key_path = os.path.join(self.settings.root, "wireguard", "private.key")
+        self.endpoints_path = os.path.join(self.settings.root, "wireguard", "endpoints.json")
+        self.endpoints = self.load_endpoints()
+
+    def handlers(self) -> dict[str, Handler]:
+        return {**super().handlers(), "wg_info": self.op_wg_info, "peers": self.op_peers}
+
+    # --- checks ----------------------------------------------------------------------
 
     def check_addresses(self, addresses: list[str]) -> set[ipaddress.IPv6Interface]:
         """Every function address must lie inside the function prefix."""
@@ -39,21 +78,135 @@ class NetAgent(AgentDaemon):
             wanted.add(ipaddress.IPv6Interface(f"{ip}/128"))
         return wanted
 
+    def check_peers(self, peers: list[dict[str, str]]) -> dict[str, ipaddress.IPv6Network]:
+        """Each peer: a key (the schema checked its form) and its own /128 inside the VPN
+        prefix, not the server's; no key or address twice."""
+        wanted: dict[str, ipaddress.IPv6Network] = {}
+        seen: set[ipaddress.IPv6Address] = set()
+        for peer in peers:
+            key, ip = peer["public_key"], ipaddress.IPv6Address(peer["address"])
+            if ip not in self.vpn_prefix or ip == self.server.ip \
+                    or ip == self.vpn_prefix.network_address:
+                raise FaasError(Code.BAD_REQUEST, f"peer address {ip} is not a peer address "
+                                f"of the VPN prefix {self.vpn_prefix}", {"address": str(ip)})
+            if key in wanted or ip in seen:
+                raise FaasError(Code.BAD_REQUEST, f"peer {key} or address {ip} appears twice",
+                                {"public_key": key, "address": str(ip)})
+            wanted[key] = ipaddress.IPv6Network(f"{ip}/128")
+            seen.add(ip)
+        return wanted
+
+    # --- converging ------------------------------------------------------------------
+
     async def converge(self, state: dict[str, Any]) -> None:
-        wanted = self.check_addresses(state["addresses"])
+        addresses = self.check_addresses(state["addresses"]) | {self.server}
+        peers = self.check_peers(state["peers"])
         if not await self.net.link_exists():
             kind = await self.net.create_link()
             self.log.info("interface_created", interface=self.net.interface, kind=kind)
+        await self.net.ensure_key(self.key_path)
+        if await self.net.listen_port() != self.settings.wg_port or \
+                not await self.net.public_key():
+            await self.net.configure(self.key_path, self.settings.wg_port)
+        await self.firewall.apply(self.function_prefix, self.server.ip)
         await self.net.set_up()
-        have = {a for a in await self.net.addresses() if a.ip in self.function_prefix}
+        await self.converge_addresses(addresses)
+        await self.net.route(self.function_prefix)
+        await self.converge_peers(peers)
+
+    async def converge_addresses(self, wanted: set[ipaddress.IPv6Interface]) -> None:
+        have = {a for a in await self.net.addresses()
+                if a.ip in self.function_prefix or a.ip in self.vpn_prefix}
         for iface in sorted(wanted - have):
             await self.net.add_address(iface)
-            self.log.info("address_added", address=str(iface.ip))
+            self.log.info("address_added", address=str(iface))
         for iface in sorted(have - wanted):
             await self.net.del_address(iface)
-            self.log.info("address_removed", address=str(iface.ip))
+            self.log.info("address_removed", address=str(iface))
+
+    async def converge_peers(self, wanted: dict[str, ipaddress.IPv6Network]) -> None:
+        have = await self.net.peers()
+        for key, net in wanted.items():
+            if have.get(key, {}).get("allowed_ips") != [str(net)]:
+                endpoint = None if key in have else self.endpoints.get(key)
+                await self.net.set_peer(key, net, endpoint, KEEPALIVE)
+                self.log.info("peer_set", public_key=key, address=str(net.network_address),
+                              endpoint=endpoint)
+        for key in sorted(set(have) - set(wanted)):
+            await self.net.remove_peer(key)
+            self.log.info("peer_removed", public_key=key)
+
+    # --- where peers were last seen -----------------------------------------------------
+
+    def load_endpoints(self) -> dict[str, str]:
+        """Peer endpoints remembered from the interface (a new interface knows none)."""
+        try:
+            with open(self.endpoints_path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (FileNotFoundError, ValueError):
+            return {}
+        return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} \
+            if isinstance(data, dict) else {}
+
+    async def background(self) -> None:
+        """Every few seconds, remember where each peer was last seen (root-only file):
+        after a restart that lost the interface, the server greets them first."""
+        while not self.stop.is_set():
+            try:
+                await asyncio.wait_for(self.stop.wait(), ENDPOINT_SAVE_SECONDS)
+                return
+            except TimeoutError:
+                pass
+            if not self.synced or not await self.net.link_exists():
+                continue
+            try:
+                current = await self.net.peers()
+            except FaasError:
+                continue
+            merged = {k: p["endpoint"] or self.endpoints[k] for k, p in current.items()
+                      if p["endpoint"] or k in self.endpoints}
+            if merged != self.endpoints:
+                self.endpoints = merged
+                tmp = f"{self.endpoints_path}.tmp"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+                with open(fd, "w", encoding="utf-8") as f:
+                    json.dump(merged, f)
+                os.rename(tmp, self.endpoints_path)
+
+    # --- read-only verbs ---------------------------------------------------------------
+
+    async def op_wg_info(self, args: dict[str, Any]) -> dict[str, Any]:
+        """What a client config needs from this side of the tunnel."""
+        if not await self.net.link_exists() or not os.path.exists(self.key_path):
+            raise FaasError(Code.UNAVAILABLE, f"{self.net.interface} is not set up yet: "
+                            "netagent has not had its first sync")
+        return {"interface": self.net.interface, "public_key": await self.net.public_key(),
+                "listen_port": await self.net.listen_port(),
+                "server_address": str(self.server.ip)}
+
+    async def op_peers(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Every peer the interface has, with handshake and byte counters."""
+        if not await self.net.link_exists():
+            return {"peers": []}
+        return {"peers": [{"public_key": k, **v} for k, v in (await self.net.peers()).items()]}
+
+
+async def teardown(settings: Any) -> None:
+    """``faas-netagent --remove``: the interface first (so no packet arrives unfiltered),
+    then the firewall chains. Run by ``faasd down`` once supervisord has stopped."""
+    net = Net(settings.wg_interface)
+    await net.delete_link()
+    await Firewall(settings.wg_interface, net.run, net.check).remove()
 
 
 def main() -> None:
-    """Console script faas-netagent."""
+    """Console script faas-netagent (``--remove``: take the interface and chains away)."""
+    if sys.argv[1:] == ["--remove"]:
+        try:
+            settings = load()
+        except SettingsError as exc:
+            print(f"faas-netagent: {exc}", file=sys.stderr)
+            sys.exit(EX_CONFIG)
+        asyncio.run(teardown(settings))
+        return
     run_main(NetAgent)

@@ -1,4 +1,4 @@
-"""netagent's one seam to the OS: ``ip`` and ``wireguard-go``, argv lists only.
+"""netagent's one seam to the OS: ``ip``, ``wg``, ``wireguard-go``, argv lists only.
 
 Every argument that reaches a command here was checked by the caller against the
 configured interface and prefixes; this module only runs what it is told, so tests can
@@ -25,15 +25,24 @@ class Net:
         self.interface = interface
         self.wireguard_go: asyncio.subprocess.Process | None = None
 
-    async def run(self, *argv: str) -> str:
+    async def run(self, *argv: str, stdin: bytes | None = None) -> str:
         """Run a command; a failure is ``unavailable`` with its stderr."""
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await proc.communicate()
+            *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else
+            asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate(stdin)
         if proc.returncode != 0:
             raise FaasError(Code.UNAVAILABLE, f"{' '.join(argv)} failed: "
                             f"{err.decode(errors='replace').strip()}")
         return out.decode()
+
+    async def check(self, *argv: str) -> bool:
+        """Run a command that answers by its exit status."""
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL)
+        return await proc.wait() == 0
 
     async def link_exists(self) -> bool:
         # Asked over netlink: /sys shows the namespace that mounted it, not ours.
@@ -84,3 +93,73 @@ class Net:
 
     async def del_address(self, iface: ipaddress.IPv6Interface) -> None:
         await self.run("ip", "-6", "addr", "del", str(iface), "dev", self.interface)
+
+    async def delete_link(self) -> None:
+        """Remove the interface (wireguard-go ends when its tun device goes)."""
+        if await self.link_exists():
+            await self.run("ip", "link", "del", "dev", self.interface)
+        if self.wireguard_go is not None and self.wireguard_go.returncode is None:
+            self.wireguard_go.terminate()
+            await self.wireguard_go.wait()
+
+    async def route(self, prefix: ipaddress.IPv6Network) -> None:
+        await self.run("ip", "-6", "route", "replace", str(prefix), "dev", self.interface)
+
+    # --- WireGuard ----------------------------------------------------------------------
+
+    async def ensure_key(self, path: str) -> None:
+        """The server's private key: generated once into ``path`` (0600, its directory
+        0700), read from ``wg genkey``'s stdout, never on a command line."""
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        os.chmod(os.path.dirname(path), 0o700)
+        if os.path.exists(path):
+            os.chmod(path, 0o600)
+            return
+        key = (await self.run("wg", "genkey")).strip().encode()
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, key + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+
+    async def configure(self, key_path: str, port: int) -> None:
+        """Private key (by path) and listen port."""
+        await self.run("wg", "set", self.interface, "listen-port", str(port),
+                       "private-key", key_path)
+
+    async def public_key(self) -> str:
+        return (await self.run("wg", "show", self.interface, "public-key")).strip()
+
+    async def listen_port(self) -> int:
+        return int((await self.run("wg", "show", self.interface, "listen-port")).strip() or 0)
+
+    async def peers(self) -> dict[str, dict[str, Any]]:
+        """Every peer by public key: allowed ips, endpoint, last handshake, bytes."""
+        out = await self.run("wg", "show", self.interface, "dump")
+        peers = {}
+        for line in out.splitlines()[1:]:  # the first line is the interface itself
+            f = line.split("\t")
+            if len(f) < 8:
+                continue
+            peers[f[0]] = {
+                "allowed_ips": sorted(a for a in f[3].split(",") if a and a != "(none)"),
+                "endpoint": None if f[2] == "(none)" else f[2],
+                "latest_handshake": int(f[4]), "rx_bytes": int(f[5]), "tx_bytes": int(f[6]),
+            }
+        return peers
+
+    async def set_peer(self, public_key: str, allowed: ipaddress.IPv6Network,
+                       endpoint: str | None = None, keepalive: int = 0) -> None:
+        """A peer with exactly ``allowed``; with a remembered ``endpoint`` and a
+        keepalive, the server sends first, so the tunnel comes back without waiting
+        for the client to notice it is gone."""
+        extra = ["endpoint", endpoint, "persistent-keepalive", str(keepalive)] \
+            if endpoint else []
+        await self.run("wg", "set", self.interface, "peer", public_key,
+                       "allowed-ips", str(allowed), *extra)
+
+    async def remove_peer(self, public_key: str) -> None:
+        await self.run("wg", "set", self.interface, "peer", public_key, "remove")

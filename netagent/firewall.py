@@ -1,0 +1,96 @@
+"""netagent's ip6tables chains: VPN peers reach function port 80 and DNS, nothing else.
+
+Two chains of its own per WireGuard interface, ``FAAS-<if>-IN`` (jumped to from INPUT
+for packets arriving on the interface) and ``FAAS-<if>-FWD`` (from FORWARD). Function
+addresses are local to this host, so a peer's request is INPUT traffic; nothing arriving
+on the tunnel is ever forwarded anywhere (IPv6 forwarding stays as the host has it).
+
+The chains are written whole with one ``ip6tables-restore --noflush`` (declaring a chain
+flushes it, so the new rules replace the old in one atomic batch); the jumps are added
+once, checked with ``-C`` first; removal takes the jumps out and then flushes and
+deletes both chains in one batch. ``-w`` always: another tool may hold the xtables lock.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Awaitable, Callable
+
+Run = Callable[..., Awaitable[str]]
+Check = Callable[..., Awaitable[bool]]
+
+# ICMPv6 a peer needs for the tunnel's traffic to work (PMTU discovery above all), plus
+# echo to the server's VPN address, so `ping` says whether the tunnel is up.
+ICMP_ERRORS = ("destination-unreachable", "packet-too-big", "time-exceeded",
+               "parameter-problem")
+
+
+def chain_names(interface: str) -> tuple[str, str]:
+    """(input chain, forward chain) of one interface; at most 28 characters each."""
+    return f"FAAS-{interface}-IN", f"FAAS-{interface}-FWD"
+
+
+def render(interface: str, function_prefix: ipaddress.IPv6Network,
+           server: ipaddress.IPv6Address) -> str:
+    """The ip6tables-restore batch that (re)fills both chains."""
+    chain_in, chain_fwd = chain_names(interface)
+    rules = [
+        f"-A {chain_in} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+        *(f"-A {chain_in} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j ACCEPT"
+          for t in ICMP_ERRORS),
+        f"-A {chain_in} -d {server}/128 -p ipv6-icmp -m icmp6 --icmpv6-type echo-request "
+        "-j ACCEPT",
+        f"-A {chain_in} -d {function_prefix} -p tcp -m tcp --dport 80 -j ACCEPT",
+        f"-A {chain_in} -d {server}/128 -p udp -m udp --dport 53 -j ACCEPT",
+        f"-A {chain_in} -d {server}/128 -p tcp -m tcp --dport 53 -j ACCEPT",
+        f"-A {chain_in} -j DROP",
+        f"-A {chain_fwd} -j DROP",
+    ]
+    return "\n".join(["*filter", f":{chain_in} - [0:0]", f":{chain_fwd} - [0:0]", *rules,
+                      "COMMIT", ""])
+
+
+def jumps(interface: str) -> list[tuple[str, ...]]:
+    """The rule specs (without -A/-I/-C/-D) that send the interface's traffic to us."""
+    chain_in, chain_fwd = chain_names(interface)
+    return [("INPUT", "-i", interface, "-j", chain_in),
+            ("FORWARD", "-i", interface, "-j", chain_fwd)]
+
+
+class Firewall:
+    """The chains of one interface, through the caller's command runners."""
+
+    def __init__(self, interface: str, run: Run, check: Check):
+        self.interface = interface
+        self.run = run  # run(*argv, stdin=bytes|None) -> stdout; raises on failure
+        self.check = check  # check(*argv) -> True when the command exits 0
+
+    async def apply(self, function_prefix: ipaddress.IPv6Network,
+                    server: ipaddress.IPv6Address) -> None:
+        """Fill both chains, then make sure the jumps to them exist (first in their
+        built-in chains, so no earlier ACCEPT lets a peer past them)."""
+        batch = render(self.interface, function_prefix, server)
+        await self.run("ip6tables-restore", "-w", "--noflush", stdin=batch.encode())
+        for chain, *spec in jumps(self.interface):
+            if not await self.check("ip6tables", "-w", "-C", chain, *spec):
+                await self.run("ip6tables", "-w", "-I", chain, "1", *spec)
+
+    async def installed(self) -> bool:
+        """Both jumps are in place (the chains exist then, too)."""
+        for chain, *spec in jumps(self.interface):
+            if not await self.check("ip6tables", "-w", "-C", chain, *spec):
+                return False
+        return True
+
+    async def remove(self) -> None:
+        """Take the jumps out (every copy), then flush and delete both chains."""
+        for chain, *spec in jumps(self.interface):
+            while await self.check("ip6tables", "-w", "-C", chain, *spec):
+                await self.run("ip6tables", "-w", "-D", chain, *spec)
+        names = [c for c in chain_names(self.interface)
+                 if await self.check("ip6tables", "-w", "-S", c)]
+        if names:
+            batch = ["*filter", *(f"-F {c}" for c in names), *(f"-X {c}" for c in names),
+                     "COMMIT", ""]
+            await self.run("ip6tables-restore", "-w", "--noflush",
+                           stdin="\n".join(batch).encode())

@@ -1,0 +1,161 @@
+"""netagent's logic with a fake OS seam: checks before anything runs, converge that
+compares before it acts, and firewall batches."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import ipaddress
+from typing import Any
+
+import pytest
+
+from common.errors import Code, FaasError
+from common.log import EventLog
+from common.settings import load
+from netagent import firewall
+from netagent.main import NetAgent, server_address
+
+KEY_A, KEY_B = "A" * 43 + "=", "B" * 43 + "="
+
+
+class FakeNet:
+    """Records what netagent asks of the OS; holds an interface's state in memory."""
+
+    def __init__(self):
+        self.interface = "wg0"
+        self.calls: list[tuple[Any, ...]] = []
+        self.link = False
+        self.addrs: set[ipaddress.IPv6Interface] = {ipaddress.IPv6Interface("fd00:99::1/64")}
+        self.wg_peers: dict[str, dict[str, Any]] = {}
+        self.port = 0
+
+    async def link_exists(self): return self.link
+    async def create_link(self): self.link = True; self.calls.append(("create",)); return "fake"
+    async def ensure_key(self, path): self.calls.append(("key", path))
+    async def listen_port(self): return self.port
+    async def public_key(self): return KEY_A if self.port else ""
+    async def configure(self, path, port): self.port = port; self.calls.append(("configure",))
+    async def set_up(self): pass
+    async def addresses(self): return sorted(self.addrs)
+    async def add_address(self, a): self.addrs.add(a); self.calls.append(("add", str(a)))
+    async def del_address(self, a): self.addrs.discard(a); self.calls.append(("del", str(a)))
+    async def route(self, prefix): pass
+    async def peers(self): return self.wg_peers
+
+    async def set_peer(self, key, net, endpoint=None, keepalive=0):
+        self.wg_peers[key] = {"allowed_ips": [str(net)], "endpoint": endpoint}
+        self.calls.append(("peer", key))
+
+    async def remove_peer(self, key):
+        del self.wg_peers[key]
+        self.calls.append(("unpeer", key))
+
+
+class FakeFirewall:
+    def __init__(self): self.applied = 0
+    async def apply(self, prefix, server): self.applied += 1
+
+
+@pytest.fixture
+def agent(tmp_path):
+    settings = load({"FAAS_ROOT": str(tmp_path), "FAAS_RUN": str(tmp_path / "run"),
+                     "FAAS_CONFIG": "/dev/null"})
+    a = NetAgent(settings, EventLog("netagent", stream=io.StringIO()))
+    a.net = FakeNet()
+    a.firewall = FakeFirewall()
+    return a
+
+
+def converge(agent, addresses=(), peers=()):
+    asyncio.run(agent.converge({"addresses": list(addresses), "peers": list(peers)}))
+
+
+def test_converge_builds_everything_then_changes_nothing(agent):
+    peer = {"public_key": KEY_A, "address": "fd00:faa5:0:100::2"}
+    converge(agent, ["fd00:faa5:1::a"], [peer])
+    assert agent.net.addrs == {ipaddress.IPv6Interface(a) for a in (
+        "fd00:99::1/64", "fd00:faa5:1::a/128", "fd00:faa5:0:100::1/64")}  # others untouched
+    assert agent.net.wg_peers == {KEY_A: {"allowed_ips": ["fd00:faa5:0:100::2/128"],
+                                          "endpoint": None}}
+    agent.net.calls.clear()
+    converge(agent, ["fd00:faa5:1::a"], [peer])
+    assert [c for c in agent.net.calls if c[0] != "key"] == []  # a resync acts on nothing
+
+
+def test_converge_removes_what_should_not_be_there(agent):
+    converge(agent, ["fd00:faa5:1::a", "fd00:faa5:1::b"],
+             [{"public_key": KEY_A, "address": "fd00:faa5:0:100::2"},
+              {"public_key": KEY_B, "address": "fd00:faa5:0:100::3"}])
+    converge(agent, ["fd00:faa5:1::b"], [{"public_key": KEY_B, "address": "fd00:faa5:0:100::3"}])
+    assert ("del", "fd00:faa5:1::a/128") in agent.net.calls
+    assert set(agent.net.wg_peers) == {KEY_B}
+
+
+@pytest.mark.parametrize("peers", [
+    [{"public_key": KEY_A, "address": "fd00:faa5:0:100::1"}],  # the server's own
+    [{"public_key": KEY_A, "address": "fd00:faa5:0:100::"}],  # the subnet anycast
+    [{"public_key": KEY_A, "address": "fd00:faa5:1::a"}],  # outside the VPN prefix
+    [{"public_key": KEY_A, "address": "fd00:faa5:0:100::2"},
+     {"public_key": KEY_A, "address": "fd00:faa5:0:100::3"}],  # one key twice
+    [{"public_key": KEY_A, "address": "fd00:faa5:0:100::2"},
+     {"public_key": KEY_B, "address": "fd00:faa5:0:100::2"}],  # one address twice
+])
+def test_bad_peers_refuse_the_whole_sync_before_anything_runs(agent, peers):
+    with pytest.raises(FaasError) as info:
+        converge(agent, ["fd00:faa5:1::a"], peers)
+    assert info.value.code is Code.BAD_REQUEST
+    assert agent.net.calls == [] and agent.firewall.applied == 0
+
+
+def test_server_address_is_one_of_the_vpn_prefix():
+    assert str(server_address(ipaddress.IPv6Network("fd00:faa5:0:100::/64"))) == \
+        "fd00:faa5:0:100::1/64"
+
+
+def test_firewall_batch_allows_port_80_and_dns_then_drops():
+    batch = firewall.render("wg0", ipaddress.IPv6Network("fd00:faa5:1::/64"),
+                            ipaddress.IPv6Address("fd00:faa5:0:100::1"))
+    lines = batch.splitlines()
+    assert lines[:3] == ["*filter", ":FAAS-wg0-IN - [0:0]", ":FAAS-wg0-FWD - [0:0]"]
+    assert "-A FAAS-wg0-IN -d fd00:faa5:1::/64 -p tcp -m tcp --dport 80 -j ACCEPT" in lines
+    assert "-A FAAS-wg0-IN -d fd00:faa5:0:100::1/128 -p udp -m udp --dport 53 -j ACCEPT" in lines
+    ins = [line for line in lines if line.startswith("-A FAAS-wg0-IN")]
+    assert ins[-1] == "-A FAAS-wg0-IN -j DROP"
+    assert lines[-2:] == ["-A FAAS-wg0-FWD -j DROP", "COMMIT"]
+
+
+def test_chain_names_fit_iptables_for_the_longest_interface_name():
+    assert all(len(c) <= 28 for c in firewall.chain_names("x" * 15))
+
+
+def test_firewall_apply_adds_jumps_once_and_remove_takes_all_away():
+    rules: set[tuple[str, ...]] = set()
+    ran: list[tuple[str, ...]] = []
+
+    async def run_(*argv, stdin=None):
+        ran.append(argv)
+        if argv[2] == "-I":
+            rules.add((argv[3], *argv[5:]))
+        if argv[2] == "-D":
+            rules.discard((argv[3], *argv[4:]))
+        return ""
+
+    async def check(*argv):
+        return argv[2] == "-S" or (argv[3], *argv[4:]) in rules
+
+    fw = firewall.Firewall("wg0", run_, check)
+    prefix, server = ipaddress.IPv6Network("fd00:faa5:1::/64"), ipaddress.IPv6Address("fd00::1")
+    asyncio.run(fw.apply(prefix, server))
+    asyncio.run(fw.apply(prefix, server))
+    assert len(rules) == 2 and sum(1 for a in ran if a[2] == "-I") == 2
+    assert asyncio.run(fw.installed())
+    asyncio.run(fw.remove())
+    assert rules == set() and not asyncio.run(fw.installed())
+    assert ran[-1][0] == "ip6tables-restore"
+
+
+def test_a_recreated_peer_is_greeted_at_its_remembered_endpoint(agent):
+    agent.endpoints = {KEY_A: "[fdff:1::2]:40000"}
+    converge(agent, [], [{"public_key": KEY_A, "address": "fd00:faa5:0:100::2"}])
+    assert agent.net.wg_peers[KEY_A]["endpoint"] == "[fdff:1::2]:40000"
