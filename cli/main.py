@@ -53,9 +53,28 @@ def build_parser() -> argparse.ArgumentParser:
                       help="only lines from the last SECONDS")
     logs.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                       help="print JSON lines")
+    vpn = sub.add_parser("vpn", help="WireGuard peers: add, list, rm, disable, enable on the "
+                         "server; connect, disconnect, pubkey on a client",
+                         description="VPN peers reach functions by name: "
+                         "curl http://NAME.faas/ once connected.")
+    groups = {"vpn": vpn.add_subparsers(dest="group_command", required=True,
+                                        metavar="COMMAND")}
     for op in protocol.OPS["controller"].values():
         if op.cli:
-            _add_op(sub, op)
+            _add_op(groups[op.group] if op.group else sub, op)
+    groups["vpn"].choices["add"].add_argument(
+        "--qr", action="store_true", help="also print the config as a QR code (phones)")
+    client_help = {
+        "connect": "On a client: bring up the tunnel from CONFIG (a `vpn add` output) "
+                   "and send .faas names to the server's DNS",
+        "disconnect": "On a client: take the tunnel and its DNS setting down",
+        "pubkey": "On a client: print the public key of the key kept here (made if "
+                  "missing), for `faasctl vpn add NAME --public-key KEY` on the server",
+    }
+    for name, text in client_help.items():
+        cmd = groups["vpn"].add_parser(name, help=text, description=text)
+        cmd.add_argument("rest", nargs=argparse.REMAINDER,
+                         help="arguments for the client (see faasctl vpn %s -- --help)" % name)
     return parser
 
 
@@ -80,7 +99,7 @@ async def _logs(client: Client, ns: argparse.Namespace) -> None:
 
 
 def _add_op(sub: Any, op: protocol.Op) -> None:
-    cmd = sub.add_parser(op.name, help=op.doc, description=op.doc)
+    cmd = sub.add_parser(op.command, help=op.doc, description=op.doc)
     cmd.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                      help="print the raw result as JSON")
     for name, field in op.args.fields.items():
@@ -124,9 +143,18 @@ async def _run(ns: argparse.Namespace) -> Any:
         client.close()
 
 
+CLIENT_COMMANDS = ("connect", "disconnect", "pubkey")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console script faasctl."""
-    ns = build_parser().parse_args(argv)
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["vpn"] and args[1:2] and args[1] in CLIENT_COMMANDS:
+        from cli import vpnclient  # the client side: no controller, its own options
+        sys.exit(vpnclient.main(args[1:]))
+    ns = build_parser().parse_args(args)
+    if ns.command == "vpn":
+        ns.command = f"vpn_{ns.group_command}"
     try:
         result = asyncio.run(_run(ns))
     except SettingsError as exc:
@@ -145,4 +173,12 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
         RENDERERS.get(ns.command, render_generic)(result, sys.stdout)
+        if getattr(ns, "qr", False):
+            print_qr(result["config"], sys.stdout)
     sys.exit(verdict(ns.command, result))
+
+
+def print_qr(text: str, out: Any) -> None:
+    """A QR code of ``text`` in the terminal, for the WireGuard phone apps to scan."""
+    import segno
+    segno.make(text, error="l").terminal(out=out, compact=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any, Callable, TextIO
 
@@ -110,9 +111,30 @@ def render_new(result: dict[str, Any], out: TextIO) -> None:
               f"{result['seconds']:.1f}s)\n")
 
 
+def render_vpn_add(result: dict[str, Any], out: TextIO) -> None:
+    """faasctl vpn add: the client config, ready for `faasctl vpn connect` or wg-quick."""
+    out.write(result["config"])
+    if result["private_key_included"]:
+        sys.stderr.write("faasctl: this config holds the peer's private key; the server "
+                         "did not keep it: store the config now, it cannot be shown again\n")
+
+
+def render_vpn_list(result: dict[str, Any], out: TextIO) -> None:
+    """faasctl vpn list."""
+    rows = [["NAME", "ADDRESS", "STATE", "HANDSHAKE", "RECEIVED", "SENT", "EXPIRES"]]
+    for p in result["peers"]:
+        expires = "-" if p["expires"] is None else time.strftime(
+            "%Y-%m-%d %H:%M", time.localtime(p["expires"]))
+        rows.append([p["name"], p["address"], p["state"],
+                     _age(p["latest_handshake"] or None), _mib(p["rx_bytes"]),
+                     _mib(p["tx_bytes"]), expires])
+    table(rows, out)
+
+
 RENDERERS: dict[str, Callable[[Any, TextIO], None]] = {
     "status": render_status, "list": render_list, "info": render_info,
     "versions": render_versions, "new": render_new,
+    "vpn_add": render_vpn_add, "vpn_list": render_vpn_list,
     "ip": lambda r, out: out.write(r["address"] + "\n"),
     "rollback": lambda r, out: out.write(f"{r['name']} now serves version {r['version']}\n"),
     "rm": lambda r, out: out.write(f"removed {r['name']} ({r['address']})\n"),

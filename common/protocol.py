@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 
 from common.errors import Code, FaasError
-from common.schema import Bool, Bytes, Field, Float, Int, IPv6, List, MapOf, Record, Str
+from common.schema import Bool, Bytes, Field, Float, Int, IPv6, List, MapOf, Record, Str, WgKey
 
 VERSION = 1
 
@@ -46,6 +46,12 @@ class Op:
     timeout: float = 5.0
     cli: bool = False  # exposed as a faasctl command (controller ops only)
     positional: tuple[str, ...] = ()  # args faasctl takes as positional arguments
+    group: str = ""  # faasctl GROUP COMMAND: op "vpn_add" is `faasctl vpn add`
+
+    @property
+    def command(self) -> str:
+        """The faasctl (sub)command name."""
+        return self.name.removeprefix(f"{self.group}_") if self.group else self.name
 
 
 # Function names are DNS labels under faas.; a few are kept for the zone itself.
@@ -169,6 +175,38 @@ LOGS = Op(
     timeout=5.0,
 )
 
+# --- the VPN -------------------------------------------------------------------------
+
+PEER_NAME = Str(max_len=63, pattern=NAME_PATTERN,
+                help="peer name: a DNS label (a-z, 0-9, inner '-'), at most 63 characters")
+PEER_ARGS = Record(fields={"name": PEER_NAME})
+VPN_ADD = Op(
+    "vpn_add",
+    "Add a VPN peer NAME: allocate its address and print a complete wg-quick client "
+    "config. With --public-key the server never sees a private key; without, one is "
+    "made, printed once and not kept.",
+    Record(fields={
+        "name": PEER_NAME,
+        "public_key": WgKey(required=False),
+        "expires": Str(required=False, max_len=16, pattern=r"[1-9][0-9]{0,6}[smhdw]",
+                       help="disable the peer after this long: 30m, 12h, 7d, 4w"),
+    }),
+    idempotent=False, cli=True, positional=("name",), group="vpn", timeout=10.0,
+)
+VPN_LIST = Op("vpn_list", "List VPN peers: name, address, state, last handshake, bytes "
+              "in and out.", cli=True, group="vpn")
+VPN_REMOVE = Op("vpn_rm", "Remove VPN peer NAME; its tunnel stops at once.", PEER_ARGS,
+                idempotent=False, cli=True, positional=("name",), group="vpn")
+VPN_DISABLE = Op("vpn_disable", "Disable VPN peer NAME (kept, but its tunnel stops).",
+                 PEER_ARGS, cli=True, positional=("name",), group="vpn")
+VPN_ENABLE = Op("vpn_enable", "Enable VPN peer NAME again (an expiry is cleared).",
+                PEER_ARGS, cli=True, positional=("name",), group="vpn")
+
+WG_INFO = Op("wg_info", "The WireGuard interface's name, public key, listen port and "
+             "server address.", timeout=5.0)
+PEERS = Op("peers", "Every peer on the interface: key, allowed ips, endpoint, last "
+           "handshake, bytes in and out.", timeout=5.0)
+
 IMAGE_CONFIG = Record(fields={
     "entrypoint": List(item=Str(max_len=4096), max_items=256),
     "cmd": List(item=Str(max_len=4096), max_items=256),
@@ -217,9 +255,12 @@ def _sync(doc: str, state: dict[str, Field]) -> Op:
 
 # The desired state each agent converges to. Empty records for now: later capabilities
 # add fields here, and both sides see them at once.
+PEER = Record(fields={"public_key": WgKey(), "address": IPv6()})
 NETAGENT_STATE: dict[str, Field] = {
     "addresses": List(item=IPv6(), max_items=65536, required=False, default=[],
                       help="function addresses (/128) to hold on the WireGuard interface"),
+    "peers": List(item=PEER, max_items=65536, required=False, default=[],
+                  help="VPN peers: each key may send from exactly its own /128"),
 }
 DNS_RECORD = Record(fields={"name": FunctionName(), "address": IPv6()})
 DNSAGENT_STATE: dict[str, Field] = {
@@ -236,8 +277,9 @@ RUNNER_STATE: dict[str, Field] = {
 OPS: dict[str, dict[str, Op]] = {
     "controller": {op.name: op for op in (
         PING, STATUS, UPLOAD_BEGIN, UPLOAD_CHUNK, UPLOAD_ABORT, DEPLOY, DEPLOY_PROGRESS,
-        LIST, INFO, IP, VERSIONS, ROLLBACK, REMOVE, SET, LOGS)},
-    "netagent": {op.name: op for op in (PING, _sync(
+        LIST, INFO, IP, VERSIONS, ROLLBACK, REMOVE, SET, LOGS,
+        VPN_ADD, VPN_LIST, VPN_REMOVE, VPN_DISABLE, VPN_ENABLE)},
+    "netagent": {op.name: op for op in (PING, WG_INFO, PEERS, _sync(
         "Converge the interface, addresses, peers and firewall to this state.",
         NETAGENT_STATE))},
     "dnsagent": {op.name: op for op in (PING, _sync(

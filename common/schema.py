@@ -8,6 +8,7 @@ are modelled; anything the schema does not name is refused, never ignored.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -129,6 +130,24 @@ class IPv6(Str):
             return str(ipaddress.IPv6Address(value))
         except ValueError:
             raise _bad(path, "is not an IPv6 address") from None
+
+
+@dataclass(frozen=True)
+class WgKey(Str):
+    """A WireGuard key: exactly 32 bytes, in canonical base64 (44 characters)."""
+
+    max_len: int = 44
+    help: str = "WireGuard public key: 32 bytes of base64 (wg pubkey prints one)"
+
+    def check(self, value: Any, path: str) -> str:
+        value = super().check(value, path)
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except ValueError:
+            raw = b""
+        if len(raw) != 32 or base64.b64encode(raw).decode() != value:
+            raise _bad(path, "is not a WireGuard key (32 bytes of base64, 44 characters)")
+        return value
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from common import protocol
 from common.daemon import VERSION, Daemon, run_main
 from common.errors import FaasError
 from common.rpc import Client, Handler
+from controller import vpn
 from controller.health import Monitor
 from controller.http import HttpApi
 from controller.state import State
@@ -36,7 +37,8 @@ class Controller(Daemon):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         root = self.settings.root
-        self.state = State(os.path.join(root, "state", "state.db"), self.settings.function_prefix)
+        self.state = State(os.path.join(root, "state", "state.db"), self.settings.function_prefix,
+                           self.settings.vpn_prefix)
         self.uploads = Uploads(os.path.join(root, "spool"), self.settings.upload_max_bytes,
                                self.settings.upload_idle_seconds)
         self.clients = {name: Client(name, self.settings.run) for name in protocol.AGENTS}
@@ -52,7 +54,9 @@ class Controller(Daemon):
             "deploy_progress": self.op_deploy_progress, "list": self.op_list,
             "info": self.op_info, "ip": self.op_ip, "versions": self.op_versions,
             "rollback": self.op_rollback, "rm": self.op_rm, "set": self.op_set,
-            "logs": self.op_logs,
+            "logs": self.op_logs, "vpn_add": self.op_vpn_add, "vpn_list": self.op_vpn_list,
+            "vpn_rm": self.op_vpn_rm, "vpn_disable": self.op_vpn_disable,
+            "vpn_enable": self.op_vpn_enable,
         }
 
     async def op_ping(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -65,7 +69,7 @@ class Controller(Daemon):
         if agent == "runner":
             return {"images": sorted(self.state.digests()), "functions": self.state.specs()}
         if agent == "netagent":
-            return {"addresses": self.state.addresses()}
+            return {"addresses": self.state.addresses(), "peers": self.state.active_peers()}
         if agent == "dnsagent":
             return {"records": [{"name": s["name"], "address": s["address"]}
                                 for s in self.state.specs()]}
@@ -83,6 +87,10 @@ class Controller(Daemon):
                 await asyncio.sleep(1)
                 for uid in self.uploads.expire():
                     self.log.info("upload_expired", upload=uid)
+                expired = self.state.expire_peers(time.time())
+                if expired:
+                    self.log.info("peers_expired", names=expired)
+                    await self.monitor.push()
         janitor = asyncio.ensure_future(expire())
         try:
             await self.monitor.run(self.stop)
@@ -220,6 +228,60 @@ class Controller(Daemon):
         await self.monitor.push()
         self.log.info("removed", name=args["name"])
         return removed
+
+
+    # --- VPN peers ----------------------------------------------------------------------
+
+    async def op_vpn_add(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A new peer and its client config; a server-made private key is returned once."""
+        endpoint = vpn.check_endpoint(self.settings.vpn_endpoint)
+        server = await self.clients["netagent"].call("wg_info", {})
+        private = None
+        public = args["public_key"]
+        if public is None:
+            private, public = await vpn.key_pair()
+        peer = self.state.add_peer(args["name"], public, vpn.expiry(args["expires"]))
+        await self.monitor.push()
+        self.log.info("peer_added", name=peer["name"], address=peer["address"],
+                      server_made_key=private is not None)
+        config = vpn.client_config(
+            name=peer["name"], address=peer["address"], server_key=server["public_key"],
+            endpoint=endpoint, dns=vpn.server_ip(self.settings.vpn_prefix),
+            allowed=self.settings.client_prefix, private_key=private)
+        return {**peer, "config": config, "private_key_included": private is not None}
+
+    async def op_vpn_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Peers from the state, with what the interface says of each."""
+        try:
+            seen = {p["public_key"]: p for p in
+                    (await self.clients["netagent"].call("peers", {}))["peers"]}
+        except FaasError:
+            seen = {}  # netagent down: the list still shows what the state holds
+        rows = []
+        for peer in self.state.peers():
+            live = seen.get(peer["public_key"], {})
+            rows.append({**peer, "latest_handshake": live.get("latest_handshake", 0),
+                         "endpoint": live.get("endpoint"), "rx_bytes": live.get("rx_bytes", 0),
+                         "tx_bytes": live.get("tx_bytes", 0), "on_interface": bool(live)})
+        return {"peers": rows}
+
+    async def op_vpn_rm(self, args: dict[str, Any]) -> dict[str, Any]:
+        peer = self.state.remove_peer(args["name"])
+        await self.monitor.push()
+        self.log.info("peer_removed", name=args["name"])
+        return peer
+
+    async def op_vpn_disable(self, args: dict[str, Any]) -> dict[str, Any]:
+        peer = self.state.set_peer_state(args["name"], "disabled")
+        await self.monitor.push()
+        self.log.info("peer_disabled", name=args["name"])
+        return peer
+
+    async def op_vpn_enable(self, args: dict[str, Any]) -> dict[str, Any]:
+        peer = self.state.set_peer_state(args["name"], "enabled")
+        await self.monitor.push()
+        self.log.info("peer_enabled", name=args["name"])
+        return peer
 
 
 def main() -> None:

@@ -43,6 +43,16 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE functions ADD COLUMN settings TEXT NOT NULL DEFAULT '{}';
     """,
+    """
+    CREATE TABLE peers (
+        name        TEXT PRIMARY KEY,
+        public_key  TEXT NOT NULL UNIQUE,
+        address     TEXT NOT NULL UNIQUE,
+        state       TEXT NOT NULL CHECK (state IN ('enabled', 'disabled', 'expired')),
+        created     REAL NOT NULL,
+        expires     REAL                    -- unix time; NULL: never
+    );
+    """,
 )
 
 FIRST_HOST = 0xA  # functions take addresses from ::a upward
@@ -72,8 +82,9 @@ def command_of(config: dict[str, Any]) -> list[str]:
 class State:
     """The controller's database."""
 
-    def __init__(self, path: str, function_prefix: str):
+    def __init__(self, path: str, function_prefix: str, vpn_prefix: str = "fd00:faa5:0:100::/64"):
         self.prefix = ipaddress.IPv6Network(function_prefix)
+        self.vpn_prefix = ipaddress.IPv6Network(vpn_prefix)
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
@@ -223,3 +234,75 @@ class State:
             db.execute("DELETE FROM functions WHERE name=?", (name,))
             self._bump(db)
         return f
+
+    # --- VPN peers ---------------------------------------------------------------------
+
+    def peers(self) -> list[dict[str, Any]]:
+        """Every peer, by name."""
+        return [dict(r) for r in self.db.execute("SELECT * FROM peers ORDER BY name")]
+
+    def peer(self, name: str) -> dict[str, Any]:
+        row = self.db.execute("SELECT * FROM peers WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise FaasError(Code.NOT_FOUND, f"no VPN peer named {name!r}; "
+                            "see faasctl vpn list", {"name": name})
+        return dict(row)
+
+    def active_peers(self) -> list[dict[str, str]]:
+        """What netagent must let in: enabled peers, key and address."""
+        return [{"public_key": r["public_key"], "address": r["address"]} for r in
+                self.db.execute("SELECT public_key, address FROM peers WHERE state='enabled'"
+                                " ORDER BY address")]
+
+    def add_peer(self, name: str, public_key: str, expires: float | None) -> dict[str, Any]:
+        """A new peer with the next free address of the VPN prefix (from ::2)."""
+        with self.tx() as db:
+            if db.execute("SELECT 1 FROM peers WHERE name=?", (name,)).fetchone():
+                raise FaasError(Code.CONFLICT, f"a VPN peer named {name!r} exists; remove it "
+                                "first (faasctl vpn rm) or pick another name", {"name": name})
+            if db.execute("SELECT 1 FROM peers WHERE public_key=?", (public_key,)).fetchone():
+                raise FaasError(Code.CONFLICT, "another peer already has this public key",
+                                {"public_key": public_key})
+            used = {int(ipaddress.IPv6Address(r[0]))
+                    for r in db.execute("SELECT address FROM peers")}
+            base = int(self.vpn_prefix.network_address)
+            for offset in range(2, min(self.vpn_prefix.num_addresses, 1 << 20)):
+                if base + offset not in used:
+                    break
+            else:
+                raise FaasError(Code.CONFLICT, f"VPN prefix {self.vpn_prefix} is full")
+            address = str(ipaddress.IPv6Address(base + offset))
+            db.execute("INSERT INTO peers VALUES (?, ?, ?, 'enabled', ?, ?)",
+                       (name, public_key, address, time.time(), expires))
+            self._bump(db)
+        return self.peer(name)
+
+    def set_peer_state(self, name: str, state: str) -> dict[str, Any]:
+        """enabled, disabled or expired; enabling clears an expiry."""
+        self.peer(name)
+        with self.tx() as db:
+            if state == "enabled":
+                db.execute("UPDATE peers SET state=?, expires=NULL WHERE name=?", (state, name))
+            else:
+                db.execute("UPDATE peers SET state=? WHERE name=?", (state, name))
+            self._bump(db)
+        return self.peer(name)
+
+    def remove_peer(self, name: str) -> dict[str, Any]:
+        peer = self.peer(name)
+        with self.tx() as db:
+            db.execute("DELETE FROM peers WHERE name=?", (name,))
+            self._bump(db)
+        return peer
+
+    def expire_peers(self, now: float) -> list[str]:
+        """Mark enabled peers past their expiry as expired; their names."""
+        names = [r[0] for r in self.db.execute(
+            "SELECT name FROM peers WHERE state='enabled' AND expires IS NOT NULL "
+            "AND expires <= ?", (now,))]
+        if names:
+            with self.tx() as db:
+                db.executemany("UPDATE peers SET state='expired' WHERE name=?",
+                               [(n,) for n in names])
+                self._bump(db)
+        return names

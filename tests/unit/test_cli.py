@@ -15,12 +15,20 @@ from common.errors import EXIT_STATUS, Code
 BIN = Path(sys.executable).parent
 
 
+def _help(*path: str) -> str:
+    parser = build_parser()
+    for name in path:
+        sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+        parser = sub.choices[name]
+    return " ".join(parser.format_help().split())
+
+
 def test_every_cli_op_is_a_command_with_its_doc_as_help():
-    help_text = build_parser().format_help()
     for op in protocol.OPS["controller"].values():
         if op.cli:
-            assert op.name in help_text
-            assert op.doc[:40] in help_text
+            help_text = _help(*([op.group] if op.group else []))
+            assert op.command in help_text
+            assert " ".join(op.doc.split())[:40] in help_text
 
 
 def test_status_help_comes_from_the_table():
@@ -96,3 +104,16 @@ def test_new_refuses_a_terminal_as_image(monkeypatch):
         assert exc.code is Code.BAD_REQUEST and "docker save" in exc.message
     else:
         raise AssertionError("a terminal was accepted as an image")
+
+
+def test_vpn_client_commands_go_to_the_client_without_a_controller(monkeypatch):
+    from cli import main as cli_main
+    from cli import vpnclient
+    seen = []
+    monkeypatch.setattr(vpnclient, "main", lambda argv: seen.append(argv) or 0)
+    try:
+        cli_main.main(["vpn", "connect", "laptop.conf", "--interface", "wgx"])
+    except SystemExit as exc:
+        assert exc.code == 0
+    assert seen == [["connect", "laptop.conf", "--interface", "wgx"]]
+

@@ -15,7 +15,16 @@ SAMPLE_ARGS = {
     ("controller", "ping"): {},
     ("controller", "status"): {},
     ("netagent", "ping"): {},
-    ("netagent", "sync"): {"generation": 3, "state": {"addresses": ["fd00:faa5:1::a"]}},
+    ("netagent", "sync"): {"generation": 3, "state": {
+        "addresses": ["fd00:faa5:1::a"],
+        "peers": [{"public_key": "A" * 43 + "=", "address": "fd00:faa5:0:100::2"}]}},
+    ("netagent", "wg_info"): {},
+    ("netagent", "peers"): {},
+    ("controller", "vpn_add"): {"name": "laptop", "public_key": None, "expires": "7d"},
+    ("controller", "vpn_list"): {},
+    ("controller", "vpn_rm"): {"name": "laptop"},
+    ("controller", "vpn_disable"): {"name": "laptop"},
+    ("controller", "vpn_enable"): {"name": "laptop"},
     ("dnsagent", "ping"): {},
     ("dnsagent", "sync"): {"generation": 0, "state": {"records": [
         {"name": "fib", "address": "fd00:faa5:1::a"}]}},
@@ -118,7 +127,18 @@ MALFORMED = {
     "negative int": (msgpack.packb(envelope(op="sync", args={"generation": -1, "state": {}})),
                      Code.BAD_REQUEST),
     "extra nested field": (msgpack.packb(envelope(op="sync", args={
-        "generation": 1, "state": {"peers": []}})), Code.BAD_REQUEST),
+        "generation": 1, "state": {"routes": []}})), Code.BAD_REQUEST),
+    "peer key not 32 bytes": (msgpack.packb(envelope(op="sync", args={
+        "generation": 1, "state": {"peers": [{"public_key": "A" * 42 + "==",
+                                              "address": "fd00:faa5:0:100::2"}]}})),
+        Code.BAD_REQUEST),
+    "peer key not canonical": (msgpack.packb(envelope(op="sync", args={
+        "generation": 1, "state": {"peers": [{"public_key": "A" * 42 + "B=",
+                                              "address": "fd00:faa5:0:100::2"}]}})),
+        Code.BAD_REQUEST),
+    "address with a scope": (msgpack.packb(envelope(op="sync", args={
+        "generation": 1, "state": {"addresses": ["fd00:faa5:1::a%wg0\n"]}})),
+        Code.BAD_REQUEST),
     "chunk over the cap": (msgpack.packb(envelope(op="upload_chunk", args={
         "upload": "f" * 32, "offset": 0, "data": b"x" * (protocol.CHUNK_SIZE + 1)})),
         Code.BAD_REQUEST),

@@ -21,15 +21,15 @@ from common.rpc import Access, AlreadyRunning, Client, Server, socket_path
 
 
 class Agent:
-    """A netagent-shaped server whose ping and sync can be made to misbehave."""
+    """A dnsagent-shaped server whose ping and sync can be made to misbehave."""
 
     def __init__(self, run_dir: str, log: EventLog | None = None):
         self.run_dir = run_dir
         self.hang = asyncio.Event()  # set: sync never answers
         self.hang_next = 0  # ping: hang this many times, then answer
         self.calls: list[tuple[str, str | None]] = []
-        self.log = log or EventLog("netagent", stream=io.StringIO())
-        self.server = Server("netagent", {"ping": self.ping, "sync": self.sync}, run_dir,
+        self.log = log or EventLog("dnsagent", stream=io.StringIO())
+        self.server = Server("dnsagent", {"ping": self.ping, "sync": self.sync}, run_dir,
                              self.log, Access(0o600))
         self.stop = asyncio.Event()
 
@@ -67,7 +67,7 @@ def run(coro):
 def test_call_and_reply(tmp_path):
     async def main():
         async with Agent(str(tmp_path)):
-            client = Client("netagent", str(tmp_path))
+            client = Client("dnsagent", str(tmp_path))
             assert await client.call("ping") == {"pong": True}
             assert await client.call("sync", {"generation": 4, "state": {}}) == {"generation": 4}
             client.close()
@@ -77,28 +77,28 @@ def test_call_and_reply(tmp_path):
 def test_socket_mode_and_lock(tmp_path):
     async def main():
         async with Agent(str(tmp_path)):
-            st = os.stat(socket_path(str(tmp_path), "netagent"))
+            st = os.stat(socket_path(str(tmp_path), "dnsagent"))
             assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
-            second = Server("netagent", {"ping": None, "sync": None}, str(tmp_path),
+            second = Server("dnsagent", {"ping": None, "sync": None}, str(tmp_path),
                             EventLog("x", stream=io.StringIO()))
             with pytest.raises(AlreadyRunning, match="another instance"):
                 second.bind()
             # the first one still answers
-            client = Client("netagent", str(tmp_path))
+            client = Client("dnsagent", str(tmp_path))
             assert await client.call("ping") == {"pong": True}
             client.close()
-        assert not os.path.exists(socket_path(str(tmp_path), "netagent"))
+        assert not os.path.exists(socket_path(str(tmp_path), "dnsagent"))
     run(main())
 
 
 def test_handler_table_must_match_protocol(tmp_path):
     with pytest.raises(ValueError, match="differ"):
-        Server("netagent", {"ping": None}, str(tmp_path), EventLog("x"))
+        Server("dnsagent", {"ping": None}, str(tmp_path), EventLog("x"))
 
 
 def test_timeout_when_nobody_listens(tmp_path):
     async def main():
-        client = Client("netagent", str(tmp_path))
+        client = Client("dnsagent", str(tmp_path))
         started = time.monotonic()
         with pytest.raises(FaasError) as info:
             await client.call("ping", timeout=0.2, retries=0)
@@ -111,8 +111,8 @@ def test_timeout_when_nobody_listens(tmp_path):
 def test_handler_bug_is_internal_and_server_survives(tmp_path):
     async def main():
         out = io.StringIO()
-        async with Agent(str(tmp_path), EventLog("netagent", stream=out)):
-            client = Client("netagent", str(tmp_path))
+        async with Agent(str(tmp_path), EventLog("dnsagent", stream=out)):
+            client = Client("dnsagent", str(tmp_path))
             with pytest.raises(FaasError) as info:
                 await client.call("sync", {"generation": 13, "state": {}})
             assert info.value.code is Code.INTERNAL
@@ -126,7 +126,7 @@ def test_handler_bug_is_internal_and_server_survives(tmp_path):
 def test_peer_restarting_mid_call(tmp_path):
     """A call lost with a dying server times out cleanly; the next call works."""
     async def main():
-        client = Client("netagent", str(tmp_path))
+        client = Client("dnsagent", str(tmp_path))
         async with Agent(str(tmp_path)) as agent:
             agent.hang.set()
             call = asyncio.ensure_future(client.call("sync", {"generation": 1, "state": {}},
@@ -146,7 +146,7 @@ def test_idempotent_ops_are_retried(tmp_path):
     async def main():
         async with Agent(str(tmp_path)) as agent:
             agent.hang_next = 1
-            client = Client("netagent", str(tmp_path), retries=2)
+            client = Client("dnsagent", str(tmp_path), retries=2)
             assert await client.call("ping", timeout=0.3) == {"pong": True}
             assert [c[0] for c in agent.calls] == ["ping", "ping"]
             agent.hang_next = 1
@@ -159,7 +159,7 @@ def test_idempotent_ops_are_retried(tmp_path):
 def test_request_id_carries_into_outgoing_calls(tmp_path):
     async def main():
         async with Agent(str(tmp_path)) as agent:
-            client = Client("netagent", str(tmp_path))
+            client = Client("dnsagent", str(tmp_path))
             token = request_id.set("feedbeef0001")
             try:
                 await client.call("ping")
@@ -197,7 +197,7 @@ def raw_call(path: str, frames: list[bytes]) -> protocol.Reply:
 def test_server_refuses_malformed_frames_and_stays_up(tmp_path, frames, code):
     async def main():
         async with Agent(str(tmp_path)) as agent:
-            path = socket_path(str(tmp_path), "netagent")
+            path = socket_path(str(tmp_path), "dnsagent")
             reply = await asyncio.to_thread(raw_call, path, frames)
             assert not reply.ok and reply.error.code is code
             assert agent.calls == []  # no handler ran

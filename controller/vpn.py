@@ -1,0 +1,85 @@
+"""VPN peers from the controller's side: keys, expiry, and the client's wg-quick config.
+
+The controller (unprivileged) keeps the peer list in state.db; netagent (root) puts it
+on the interface from ``sync``. A key pair the server makes for a peer comes from ``wg
+genkey``/``wg pubkey`` over pipes (never argv), is printed once and is not stored: only
+the public half is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+
+from common.errors import Code, FaasError
+
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+KEEPALIVE = 25  # seconds: keeps a NAT mapping on the client's side open
+
+
+def expiry(text: str | None, now: float | None = None) -> float | None:
+    """Unix time ``text`` (``30m``, ``12h``, ``7d``, ``4w``) from now, or None."""
+    if text is None:
+        return None
+    return (now if now is not None else time.time()) + int(text[:-1]) * UNITS[text[-1]]
+
+
+async def _wg(*args: str, stdin: bytes | None = None) -> str:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "wg", *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+    except FileNotFoundError:
+        raise FaasError(Code.UNAVAILABLE, "wg is not installed: apt-get install "
+                        "wireguard-tools") from None
+    out, err = await proc.communicate(stdin)
+    if proc.returncode != 0:
+        raise FaasError(Code.INTERNAL, f"wg {args[0]} failed: {err.decode().strip()}")
+    return out.decode().strip()
+
+
+async def key_pair() -> tuple[str, str]:
+    """(private, public), made by wg and passed through pipes only."""
+    private = await _wg("genkey")
+    return private, await _wg("pubkey", stdin=private.encode() + b"\n")
+
+
+def client_config(*, address: str, server_key: str, endpoint: str, dns: str,
+                  allowed: str, private_key: str | None, name: str) -> str:
+    """A complete wg-quick config for a peer. Without a private key it has a comment
+    in its place: ``faasctl vpn connect`` fills in the key the client keeps locally."""
+    if private_key is not None:
+        key_line = f"PrivateKey = {private_key}"
+    else:
+        key_line = ("# PrivateKey: yours, never sent to the server; `faasctl vpn connect` "
+                    "uses the one it keeps")
+    return "\n".join([
+        f"# faasd VPN peer {name}",
+        "[Interface]",
+        key_line,
+        f"Address = {address}/128",
+        f"DNS = {dns}, faas",
+        "",
+        "[Peer]",
+        f"PublicKey = {server_key}",
+        f"Endpoint = {endpoint}",
+        f"AllowedIPs = {allowed}",
+        f"PersistentKeepalive = {KEEPALIVE}",
+        "",
+    ])
+
+
+def check_endpoint(endpoint: str) -> str:
+    """The ``vpn_endpoint`` setting, required for a client config."""
+    if not endpoint:
+        raise FaasError(Code.CONFLICT, "vpn_endpoint is not set, so a client would not know "
+                        "where to connect: set vpn_endpoint = \"HOST:PORT\" (this host's "
+                        "public name or address and wg_port) in /etc/faasd/faasd.toml and "
+                        "restart the controller (faasd ctl restart controller)")
+    return endpoint
+
+
+def server_ip(vpn_prefix: str) -> str:
+    """The server's address inside the tunnel, where DNS answers."""
+    return str(ipaddress.IPv6Network(vpn_prefix).network_address + 1)
