@@ -25,7 +25,8 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 # where present, wireguard-go otherwise), iproute2 and ip6tables, BIND 9 and its tools,
 # curl, zstd for image layers, a C compiler for the test handlers.
 packages=(python3 python3-venv runc crun wireguard-tools wireguard-go iproute2 iptables
-          bind9 bind9-utils bind9-dnsutils curl zstd gcc libc6-dev util-linux procps)
+          bind9 bind9-utils bind9-dnsutils curl zstd gcc libc6-dev util-linux procps
+          iputils-ping)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -92,3 +93,27 @@ for _ in $(seq 150); do
   sleep 0.2
 done
 faasctl status
+
+# The example function, so there is something to call at once (only the first time:
+# every `new` would be a new version).
+if ! faasctl info fibonacci >/dev/null 2>&1; then
+  say "deploying the example function fibonacci"
+  example=$(mktemp -d)
+  trap 'rm -rf "$example"' EXIT
+  /usr/bin/python3 "$here/examples/build.py" fibonacci "$example/fibonacci.tar"
+  faasctl new fibonacci -f "$example/fibonacci.tar"
+fi
+address=$(faasctl ip fibonacci)
+for _ in $(seq 100); do
+  curl -sf -m 5 "http://[$address]/?n=10" >/dev/null && break
+  sleep 0.1
+done
+say "fibonacci.faas answers at [$address]:80:"
+curl -sS -m 10 "http://[$address]/?n=10"
+cat <<'EOF'
+
+Next, to reach it by name from a laptop: set vpn_endpoint = "HOST:51820" (this host's
+public name and wg_port) in /etc/faasd/faasd.toml, `faasd ctl restart controller`, then
+`faasctl vpn add laptop > laptop.conf`; on the laptop `faasctl vpn connect laptop.conf`
+(or wg-quick) and `curl 'http://fibonacci.faas/?n=10'`.
+EOF

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
-from harness import BIN, Netns, Platform
+from harness import BIN, Netns, Platform, run
 
-TOOLS = ("ip", "setpriv", "nsenter", "runc", "gcc", "curl", "wireguard-go")
+from tests.imagebuild import Dir, File, build_image
+
+HERE = Path(__file__).parent
+
+TOOLS = ("ip", "setpriv", "nsenter", "runc", "crun", "gcc", "curl", "wireguard-go", "wg",
+         "ip6tables", "ip6tables-restore", "named", "dig", "timeout")
 
 
 def pytest_collection_modifyitems(items):
@@ -51,3 +57,20 @@ def platform(netns, platform_config):
     finally:
         p.stop()
         p.remove()
+
+
+@pytest.fixture(scope="session")
+def handler_binary(tmp_path_factory) -> bytes:
+    """The static C test handler (handlers/testhandler.c): one binary, any mode."""
+    out = tmp_path_factory.mktemp("handler") / "handler"
+    run("gcc", "-static", "-O2", "-o", out, HERE / "handlers" / "testhandler.c")
+    return out.read_bytes()
+
+
+@pytest.fixture(scope="session")
+def image_tar(tmp_path_factory, handler_binary) -> Path:
+    """A docker-save archive whose only command is the test handler."""
+    path = tmp_path_factory.mktemp("image") / "handler.tar"
+    build_image(path, [[Dir("tmp", mode=0o1777), File("handler", handler_binary, mode=0o755)]],
+                {"config": {"Cmd": ["/handler"]}})
+    return path

@@ -12,9 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import BIN, poll, run
-
-from tests.imagebuild import Dir, File, build_image
+from harness import poll, run
 
 HERE = Path(__file__).parent
 
@@ -28,21 +26,6 @@ def runtime(request) -> str:
 @pytest.fixture(scope="module")
 def platform_config(runtime) -> str:
     return f'runtime = "{runtime}"\n'
-
-
-@pytest.fixture(scope="module")
-def handler_binary(tmp_path_factory) -> bytes:
-    out = tmp_path_factory.mktemp("handler") / "handler"
-    run("gcc", "-static", "-O2", "-o", out, HERE / "handlers" / "testhandler.c")
-    return out.read_bytes()
-
-
-@pytest.fixture(scope="module")
-def image_tar(tmp_path_factory, handler_binary) -> Path:
-    path = tmp_path_factory.mktemp("image") / "handler.tar"
-    build_image(path, [[Dir("tmp", mode=0o1777), File("handler", handler_binary, mode=0o755)]],
-                {"config": {"Cmd": ["/handler"]}})
-    return path
 
 
 def deploy(platform, image_tar, name: str, *settings: str) -> str:
