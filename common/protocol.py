@@ -202,6 +202,11 @@ VPN_DISABLE = Op("vpn_disable", "Disable VPN peer NAME (kept, but its tunnel sto
 VPN_ENABLE = Op("vpn_enable", "Enable VPN peer NAME again (an expiry is cleared).",
                 PEER_ARGS, cli=True, positional=("name",), group="vpn")
 
+RUNNER_STATS = Op("stats", "Every served function's pool (idle, busy, starting, waiting) "
+                   "and counters (hand-overs, outcomes, latency histogram).", timeout=3.0)
+STATS = Op("stats", "Live figures: every function's pool and counters from the runner, "
+           "every agent's health.", timeout=5.0)
+
 WG_INFO = Op("wg_info", "The WireGuard interface's name, public key, listen port and "
              "server address.", timeout=5.0)
 PEERS = Op("peers", "Every peer on the interface: key, allowed ips, endpoint, last "
@@ -278,13 +283,13 @@ OPS: dict[str, dict[str, Op]] = {
     "controller": {op.name: op for op in (
         PING, STATUS, UPLOAD_BEGIN, UPLOAD_CHUNK, UPLOAD_ABORT, DEPLOY, DEPLOY_PROGRESS,
         LIST, INFO, IP, VERSIONS, ROLLBACK, REMOVE, SET, LOGS,
-        VPN_ADD, VPN_LIST, VPN_REMOVE, VPN_DISABLE, VPN_ENABLE)},
+        VPN_ADD, VPN_LIST, VPN_REMOVE, VPN_DISABLE, VPN_ENABLE, STATS)},
     "netagent": {op.name: op for op in (PING, WG_INFO, PEERS, _sync(
         "Converge the interface, addresses, peers and firewall to this state.",
         NETAGENT_STATE))},
     "dnsagent": {op.name: op for op in (PING, _sync(
         "Converge the faas. zone to this state.", DNSAGENT_STATE))},
-    "runner": {op.name: op for op in (PING, IMAGE_ADD, IMAGE_PROGRESS, _sync(
+    "runner": {op.name: op for op in (PING, IMAGE_ADD, IMAGE_PROGRESS, RUNNER_STATS, _sync(
         "Converge listeners, pools and images to this state.", RUNNER_STATE))},
 }
 

@@ -21,6 +21,7 @@ from common.rpc import Client, Handler
 from controller import vpn
 from controller.health import Monitor
 from controller.http import HttpApi
+from controller.metrics import Metrics
 from controller.state import State
 from controller.uploads import Uploads
 
@@ -45,6 +46,7 @@ class Controller(Daemon):
         self.monitor = Monitor(self.clients, self.desired_state, lambda: self.state.generation,
                                self.settings.ping_interval, self.log)
         self.http = HttpApi(self, self.settings.http_listen, self.log)
+        self.metrics = Metrics()
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -56,7 +58,7 @@ class Controller(Daemon):
             "rollback": self.op_rollback, "rm": self.op_rm, "set": self.op_set,
             "logs": self.op_logs, "vpn_add": self.op_vpn_add, "vpn_list": self.op_vpn_list,
             "vpn_rm": self.op_vpn_rm, "vpn_disable": self.op_vpn_disable,
-            "vpn_enable": self.op_vpn_enable,
+            "vpn_enable": self.op_vpn_enable, "stats": self.op_stats,
         }
 
     async def op_ping(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -101,15 +103,45 @@ class Controller(Daemon):
     # --- status ----------------------------------------------------------------------
 
     async def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Every faasd process as the controller sees it, itself first."""
+        """Every faasd process as the controller sees it, itself first, with flags for
+        what needs looking at; every function the runner does not serve as the state says."""
         me = await self.op_ping({})
+        generation = self.state.generation
         rows = [{
             "name": "controller", "state": "up", "pid": os.getpid(), "boot_id": self.boot_id,
             "version": VERSION, "uptime": me["uptime"], "rss": me["rss"],
             "last_seen": time.time(), "synced": True, "restarts": 0, "error": None,
+            "flags": [],
         }]
-        rows += [agent.row() for agent in self.monitor.agents.values()]
-        return {"processes": rows, "generation": self.state.generation}
+        rows += [agent.row(generation) for agent in self.monitor.agents.values()]
+        return {"processes": rows, "generation": generation,
+                "functions": await self.function_problems()}
+
+    async def function_problems(self) -> list[dict[str, Any]]:
+        """Functions whose listener or warm pool is not what the state says."""
+        runner = self.monitor.agents["runner"]
+        if runner.state != "up" or not runner.synced:
+            return []  # the process table says so already
+        try:
+            served = {f["name"]: f for f in
+                      (await self.clients["runner"].call("stats", {}, retries=0,
+                                                         timeout=2.0))["functions"]}
+        except FaasError:
+            return []
+        problems = []
+        for fn in self.state.functions():
+            got = served.pop(fn["name"], None)
+            want = fn["settings"]["min_warm"]
+            if got is None:
+                problems.append({"name": fn["name"], "problem": "no listener: the runner "
+                                 "does not serve it", "serious": True})
+            elif got["idle"] + got["starting"] + got["busy"] < want:
+                problems.append({"name": fn["name"], "serious": False, "problem":
+                                 f"warm pool {got['idle']}+{got['starting']} starting of "
+                                 f"min_warm {want}"})
+        problems += [{"name": name, "problem": "served, but not in the state", "serious": True}
+                     for name in served]
+        return problems
 
     # --- deploy ----------------------------------------------------------------------
 
@@ -139,12 +171,16 @@ class Controller(Daemon):
         try:
             image = await self.clients["runner"].call(
                 "image_add", {"upload": up.id, "tag": up.tag})
+        except BaseException:
+            self.metrics.deploy_failed()
+            raise
         finally:
             self.uploads.drop(upload_id)
         result = self.state.add_version(up.name, image["digest"], image["config"], up.received)
         await self.monitor.push()
-        result.update(reused=image["reused"], size=up.received,
-                      seconds=round(time.monotonic() - started, 3))
+        seconds = time.monotonic() - started
+        self.metrics.deployed(seconds, up.received)
+        result.update(reused=image["reused"], size=up.received, seconds=round(seconds, 3))
         self.log.info("deployed", **result)
         return result
 
@@ -229,6 +265,22 @@ class Controller(Daemon):
         self.log.info("removed", name=args["name"])
         return removed
 
+
+    # --- figures ------------------------------------------------------------------------
+
+    async def op_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The runner's per-function figures (None when it does not answer) and every
+        agent's health."""
+        try:
+            runner = await self.clients["runner"].call("stats", {}, retries=0, timeout=2.0)
+        except FaasError:
+            runner = None
+        return {"runner": runner, "agents": [a.row() for a in self.monitor.agents.values()]}
+
+    async def metrics_text(self) -> str:
+        """Prometheus exposition text for GET /metrics."""
+        stats = await self.op_stats({})
+        return self.metrics.render(stats["runner"], stats["agents"])
 
     # --- VPN peers ----------------------------------------------------------------------
 

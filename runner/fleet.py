@@ -97,9 +97,9 @@ class Fleet:
 
         return lambda: Container(name, self.bundles, self.ctl, self.runtime, make_config, sink)
 
-    def snapshot(self) -> dict[str, Any]:
-        """Per-function pool and counters."""
-        return {name: fn.snapshot() for name, fn in self.functions.items()}
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Per-function pool and counters, by name."""
+        return [self.functions[name].snapshot() for name in sorted(self.functions)]
 
     async def close(self) -> None:
         """Graceful stop: every function finishes what is in flight."""

@@ -16,6 +16,7 @@ from common.daemon import AgentDaemon, owner_ids, run_main
 from common.settings import SettingsError
 from common.rpc import Handler
 from runner.fleet import Fleet
+from runner.serve import LATENCY_BUCKETS
 from runner.fnlogs import FunctionLogs
 from runner.runtime import Runtime, RuntimeUnavailable
 from runner.store import ImageStore
@@ -43,7 +44,7 @@ class Runner(AgentDaemon):
 
     def handlers(self) -> dict[str, Handler]:
         return {**super().handlers(), "image_add": self.op_image_add,
-                "image_progress": self.op_image_progress}
+                "image_progress": self.op_image_progress, "stats": self.op_stats}
 
     async def setup(self) -> None:
         logs = FunctionLogs(os.path.join(self.settings.root, "logs", "functions"), self._gid)
@@ -74,6 +75,11 @@ class Runner(AgentDaemon):
     async def op_image_progress(self, args: dict[str, Any]) -> dict[str, Any]:
         """How far an extraction has come."""
         return self.store.progress_of(args["upload"])
+
+    async def op_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Every function's pool and counters since this runner started serving it."""
+        assert self.fleet is not None
+        return {"functions": self.fleet.snapshot(), "buckets": list(LATENCY_BUCKETS)}
 
     async def converge(self, state: dict[str, Any]) -> None:
         assert self.fleet is not None

@@ -11,6 +11,7 @@ connection closes with it). The pool is refilled to ``min_warm`` in the backgrou
 from __future__ import annotations
 
 import asyncio
+import bisect
 import socket
 import time
 from collections import deque
@@ -21,6 +22,8 @@ from common.log import EventLog, request_id
 from common.protocol import new_id
 from runner.container import Container, ContainerFailed
 
+# Upper bounds (seconds) of the request-latency histogram's buckets; one more for +Inf.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 IPV6_FREEBIND = 78  # linux/in6.h; bind before netagent has put the address in place
 BACKLOG = 1024
 START_TIMEOUT = 10.0
@@ -50,6 +53,14 @@ class Stats:
     failed: int = 0  # 502/504 before hand-over
     timeouts: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
+    # per bucket of LATENCY_BUCKETS (not cumulative), the last one for longer requests
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    latency_sum: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Count one request's duration (connection accepted to connection closed)."""
+        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
 
 
 def listen(address: str, port: int = 80) -> socket.socket:
@@ -152,8 +163,10 @@ class Function:
         finally:
             conn.close()
             self.stats.outcomes[outcome] = self.stats.outcomes.get(outcome, 0) + 1
+            elapsed = time.monotonic() - started
+            self.stats.observe(elapsed)
             self.log.info("request", function=self.name, outcome=outcome,
-                          ms=round((time.monotonic() - started) * 1e3, 2))
+                          ms=round(elapsed * 1e3, 2))
             request_id.reset(token)
             self.refill()
 
@@ -255,8 +268,9 @@ class Function:
 
     def snapshot(self) -> dict[str, Any]:
         """Pool and counters, for status and metrics."""
-        return {"idle": len(self.idle), "busy": len(self.busy), "starting": self.starting,
-                "waiting": self.waiting, **{k: v for k, v in vars(self.stats).items()}}
+        return {"name": self.name, "idle": len(self.idle), "busy": len(self.busy),
+                "starting": self.starting, "waiting": self.waiting,
+                **{k: v for k, v in vars(self.stats).items()}}
 
     async def close(self) -> None:
         """Stop accepting, let requests in flight finish, stop every container."""

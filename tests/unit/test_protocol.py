@@ -19,6 +19,8 @@ SAMPLE_ARGS = {
         "addresses": ["fd00:faa5:1::a"],
         "peers": [{"public_key": "A" * 43 + "=", "address": "fd00:faa5:0:100::2"}]}},
     ("netagent", "wg_info"): {},
+    ("runner", "stats"): {},
+    ("controller", "stats"): {},
     ("netagent", "peers"): {},
     ("controller", "vpn_add"): {"name": "laptop", "public_key": None, "expires": "7d"},
     ("controller", "vpn_list"): {},
