@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from cli.render import RENDERERS, render_generic, verdict
+from cli.top import top
 from cli.upload import ProgressLine, source, upload
 from common import protocol
 from common.errors import EXIT_STATUS, Code, FaasError
@@ -53,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="only lines from the last SECONDS")
     logs.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                       help="print JSON lines")
+    top_help = ("Live figures of every function (requests/s, latency, pool, queue, "
+                "hand-overs, 503s, timeouts) and agent, refreshed every second")
+    top = sub.add_parser("top", help=top_help, description=top_help)
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                     help="print the raw figures as JSON (implies --once)")
     vpn = sub.add_parser("vpn", help="WireGuard peers: add, list, rm, disable, enable on the "
                          "server; connect, disconnect, pubkey on a client",
                          description="VPN peers reach functions by name: "
@@ -129,6 +136,10 @@ async def _run(ns: argparse.Namespace) -> Any:
     try:
         if ns.command == "logs":
             return await _logs(client, ns)
+        if ns.command == "top":
+            if ns.json:
+                return await client.call("stats", {})
+            return await top(client, ns.once)
         if ns.command == "new":
             src = source(ns.file)
             progress = None if ns.json else ProgressLine(sys.stderr)
@@ -167,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_STATUS[exc.code])
     except KeyboardInterrupt:
         sys.exit(130)
-    if ns.command == "logs":
+    if ns.command == "logs" or (ns.command == "top" and not ns.json):
         sys.exit(0)
     if ns.json:
         print(json.dumps(result, indent=2, sort_keys=True))

@@ -51,8 +51,12 @@ def render_status(result: dict[str, Any], out: TextIO) -> None:
         ])
     table(rows, out)
     for p in result["processes"]:
+        for flag in p.get("flags") or []:
+            out.write(f"{p['name']}: {flag}\n")
         if p.get("error"):
             out.write(f"{p['name']}: {p['error']}\n")
+    for f in result.get("functions") or []:
+        out.write(f"function {f['name']}: {f['problem']}\n")
 
 
 def render_generic(result: Any, out: TextIO) -> None:
@@ -145,7 +149,8 @@ RENDERERS: dict[str, Callable[[Any, TextIO], None]] = {
 def verdict(op: str, result: Any) -> int:
     """Exit status for a successful call: ``status`` fails while any process is not up,
     so scripts can wait on it."""
-    if op == "status" and any(p["state"] != "up" or not p["synced"]
-                              for p in result["processes"]):
+    if op == "status" and (any(p["state"] != "up" or not p["synced"]
+                               for p in result["processes"])
+                           or any(f["serious"] for f in result.get("functions") or [])):
         return EXIT_STATUS[Code.UNAVAILABLE]
     return 0

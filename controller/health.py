@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from common import protocol
 from common.errors import FaasError
 from common.log import EventLog, request_id
 from common.rpc import Client
+
+
+FLAP_WINDOW = 300.0  # seconds
+FLAP_RESTARTS = 3  # this many restarts within the window: flapping
 
 
 @dataclass
@@ -38,15 +42,37 @@ class AgentHealth:
     last_sync: float | None = None
     generation: int = 0
     error: str | None = None
+    restart_times: list[float] = field(default_factory=list)  # monotonic, the last few
 
     @property
     def synced(self) -> bool:
         return self.boot_id is not None and self.synced_boot == self.boot_id
 
-    def row(self) -> dict[str, Any]:
+    def restarted(self) -> None:
+        self.restarts += 1
+        self.restart_times = [*self.restart_times, time.monotonic()][-FLAP_RESTARTS:]
+
+    def flags(self, generation: int, now: float | None = None) -> list[str]:
+        """What an operator should look at: down, flapping, behind on sync."""
+        now = time.monotonic() if now is None else now
+        flags = []
+        if self.state != "up":
+            flags.append(self.state)
+        recent = [t for t in self.restart_times if now - t <= FLAP_WINDOW]
+        if len(recent) >= FLAP_RESTARTS:
+            flags.append(f"flapping: {len(recent)} restarts in {FLAP_WINDOW / 60:.0f} min")
+        if self.state == "up" and not self.synced:
+            flags.append("not synced since its restart")
+        elif self.state == "up" and self.generation < generation:
+            flags.append(f"behind: has generation {self.generation} of {generation}")
+        return flags
+
+    def row(self, generation: int | None = None) -> dict[str, Any]:
         """Plain data for status replies."""
         row = asdict(self)
+        del row["restart_times"]
         row["synced"] = self.synced
+        row["flags"] = self.flags(generation if generation is not None else self.generation)
         return row
 
 
@@ -102,7 +128,7 @@ class Monitor:
             agent.state = "down"
             return
         if agent.boot_id is not None and reply["boot_id"] != agent.boot_id:
-            agent.restarts += 1
+            agent.restarted()
             self.log.info("agent_restarted", agent=name, boot_id=reply["boot_id"],
                           previous=agent.boot_id)
         if agent.state != "up":

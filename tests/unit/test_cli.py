@@ -117,3 +117,24 @@ def test_vpn_client_commands_go_to_the_client_without_a_controller(monkeypatch):
         assert exc.code == 0
     assert seen == [["connect", "laptop.conf", "--interface", "wgx"]]
 
+
+
+def test_top_frame_rates_and_percentiles():
+    import io
+
+    from cli.top import frame, quantile
+    buckets = [0.01, 0.1, 1.0]
+    assert quantile(0.5, buckets, [0, 0, 0, 0]) is None
+    assert quantile(0.5, buckets, [1, 3, 0, 0]) == 0.1
+    assert quantile(0.99, buckets, [1, 3, 0, 1]) == float("inf")
+    fn = {"name": "fib", "idle": 1, "busy": 0, "starting": 0, "waiting": 0, "served": 10,
+          "cold": 10, "warm": 0, "reused": 0, "rejected": 0, "failed": 0, "timeouts": 0,
+          "latency_counts": [0, 10, 0, 0]}
+    before = {"agents": [], "runner": {"buckets": buckets, "functions": [fn]}}
+    now = {"agents": [{"name": "runner", "state": "up", "synced": True}],
+           "runner": {"buckets": buckets, "functions": [
+               {**fn, "served": 30, "latency_counts": [20, 10, 0, 0]}]}}
+    out = io.StringIO()
+    frame(now, before, 2.0, out)
+    row = out.getvalue().splitlines()[-1].split()
+    assert row[:4] == ["fib", "10.0", "<10ms", "<10ms"]  # 20 new requests in 2 s, all fast

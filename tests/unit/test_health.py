@@ -123,3 +123,19 @@ def test_push_syncs_every_agent_that_is_up():
     GENERATION[0] = 7
     asyncio.run(mon.push())
     assert agent.syncs[-1]["generation"] == 7
+
+
+def test_flags_down_flapping_and_behind():
+    from controller.health import FLAP_WINDOW, AgentHealth
+    a = AgentHealth("runner", state="up", boot_id="b", synced_boot="b", generation=3)
+    assert a.flags(3) == []
+    assert a.flags(5) == ["behind: has generation 3 of 5"]
+    for _ in range(3):
+        a.restarted()
+    assert any(f.startswith("flapping: 3 restarts") for f in a.flags(3))
+    later = a.restart_times[-1] + FLAP_WINDOW + 1
+    assert a.flags(3, now=later) == []  # old restarts age out
+    a.state = "down"
+    assert a.flags(3, now=later) == ["down"]
+    row = a.row(3)
+    assert "restart_times" not in row and row["flags"][0] == "down"
