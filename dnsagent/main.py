@@ -31,6 +31,7 @@ from dnsagent.named import Layout, commit, find_tool, stage, write_atomic
 CHECKZONE_TIMEOUT = 10.0
 RNDC_TIMEOUT = 3.0  # rndc's own default is a minute; a sync's deadline is 10 s
 RETRY_FIRST, RETRY_MAX = 2.0, 60.0  # background reload retries, doubling
+CHECK_SECONDS = 1.0  # how often the zone file on disk is compared with the records
 
 
 def utc_today() -> date:
@@ -92,12 +93,14 @@ class DnsAgent(AgentDaemon):
         # was written while named was down, or named started before this agent).
         self.reload_pending = True
         self._lock = asyncio.Lock()  # syncs and background retries, one at a time
+        self.records: list[zone.Record] | None = None  # the last set converged to
 
     async def converge(self, state: dict[str, Any]) -> None:
         """Make faas.db hold exactly ``state["records"]``, then have named reload it."""
         records = zone.check_records(state.get("records", []), self.function_prefix)
         async with self._lock:
             serial = await self.publish(records)
+            self.records = records
             if serial is not None:
                 self.reload_pending = True
                 self.log.info("zone_written", serial=serial, records=len(records))
@@ -169,20 +172,32 @@ class DnsAgent(AgentDaemon):
         return True
 
     async def background(self) -> None:
-        """Retry a failed reload until it succeeds, backing off up to a minute."""
-        delay = RETRY_FIRST
+        """Every second, put back a zone file changed behind our back (edited or
+        corrupted by hand: it is rewritten with a new serial); retry a failed reload,
+        backing off from 2 s up to a minute."""
+        delay, next_reload = RETRY_FIRST, 0.0
         while not self.stop.is_set():
             try:
-                await asyncio.wait_for(self.stop.wait(), delay)
+                await asyncio.wait_for(self.stop.wait(), CHECK_SECONDS)
                 return
             except TimeoutError:
                 pass
-            if not (self.reload_pending and self.synced):
-                delay = RETRY_FIRST
+            if not self.synced or self.records is None:
                 continue
             async with self._lock:
-                ok = not self.reload_pending or await self.reload()
-            delay = RETRY_FIRST if ok else min(delay * 2, RETRY_MAX)
+                try:
+                    serial = await self.publish(self.records)
+                except (FaasError, OSError) as exc:
+                    self.log.warning("zone_check_failed", error=str(exc))
+                    continue
+                if serial is not None:
+                    self.log.warning("zone_repaired", serial=serial)
+                    self.reload_pending, next_reload = True, 0.0
+                now = time.monotonic()
+                if self.reload_pending and now >= next_reload:
+                    ok = await self.reload()
+                    delay = RETRY_FIRST if ok else min(delay * 2, RETRY_MAX)
+                    next_reload = now + delay
 
 
 def main() -> None:

@@ -75,10 +75,20 @@ class Firewall:
             if not await self.check("ip6tables", "-w", "-C", chain, *spec):
                 await self.run("ip6tables", "-w", "-I", chain, "1", *spec)
 
-    async def installed(self) -> bool:
-        """Both jumps are in place (the chains exist then, too)."""
+    async def installed(self, function_prefix: ipaddress.IPv6Network | None = None,
+                        server: ipaddress.IPv6Address | None = None) -> bool:
+        """Both jumps are in place and, given the prefix and server, both chains hold as
+        many rules as :func:`render` writes (a chain flushed by hand is caught)."""
         for chain, *spec in jumps(self.interface):
             if not await self.check("ip6tables", "-w", "-C", chain, *spec):
+                return False
+        if function_prefix is None or server is None:
+            return True
+        want = render(self.interface, function_prefix, server).splitlines()
+        for chain in chain_names(self.interface):
+            listed = await self.run("ip6tables", "-w", "-S", chain)
+            have = sum(1 for line in listed.splitlines() if line.startswith("-A "))
+            if have != sum(1 for line in want if line.startswith(f"-A {chain} ")):
                 return False
         return True
 

@@ -37,7 +37,8 @@ from netagent.firewall import Firewall
 from netagent.net import Net
 
 KEEPALIVE = 25  # seconds, for a peer the server greets first (see set_peer)
-ENDPOINT_SAVE_SECONDS = 2.0
+HEAL_SECONDS = 1.0  # how often the interface is compared with the desired state
+ENDPOINT_SAVE_TICKS = 2  # peer endpoints are saved every this many checks
 
 
 def server_address(vpn_prefix: ipaddress.IPv6Network) -> ipaddress.IPv6Interface:
@@ -61,6 +62,10 @@ class NetAgent(AgentDaemon):
         self.key_path = os.path.join(self.settings.root, "wireguard", "private.key")
         self.endpoints_path = os.path.join(self.settings.root, "wireguard", "endpoints.json")
         self.endpoints = self.load_endpoints()
+        self._lock = asyncio.Lock()
+        # the last state converged to: the drift check holds the interface to it
+        self.desired: tuple[set[ipaddress.IPv6Interface],
+                            dict[str, ipaddress.IPv6Network]] | None = None
 
     def handlers(self) -> dict[str, Handler]:
         return {**super().handlers(), "wg_info": self.op_wg_info, "peers": self.op_peers}
@@ -101,6 +106,12 @@ class NetAgent(AgentDaemon):
     async def converge(self, state: dict[str, Any]) -> None:
         addresses = self.check_addresses(state["addresses"]) | {self.server}
         peers = self.check_peers(state["peers"])
+        async with self._lock:  # a sync and the drift check, one at a time
+            await self._converge(addresses, peers)
+            self.desired = (addresses, peers)
+
+    async def _converge(self, addresses: set[ipaddress.IPv6Interface],
+                        peers: dict[str, ipaddress.IPv6Network]) -> None:
         if not await self.net.link_exists():
             kind = await self.net.create_link()
             self.log.info("interface_created", interface=self.net.interface, kind=kind)
@@ -149,29 +160,59 @@ class NetAgent(AgentDaemon):
             if isinstance(data, dict) else {}
 
     async def background(self) -> None:
-        """Every few seconds, remember where each peer was last seen (root-only file):
-        after a restart that lost the interface, the server greets them first."""
+        """Every second, put back what someone changed behind our back (an address
+        deleted, the interface or the firewall gone, a peer removed); every few
+        seconds, remember where each peer was last seen (root-only file), so after a
+        restart that lost the interface the server greets them first."""
+        tick = 0
         while not self.stop.is_set():
             try:
-                await asyncio.wait_for(self.stop.wait(), ENDPOINT_SAVE_SECONDS)
+                await asyncio.wait_for(self.stop.wait(), HEAL_SECONDS)
                 return
             except TimeoutError:
                 pass
-            if not self.synced or not await self.net.link_exists():
+            tick += 1
+            if not self.synced or self.desired is None:
                 continue
             try:
-                current = await self.net.peers()
-            except FaasError:
-                continue
-            merged = {k: p["endpoint"] or self.endpoints[k] for k, p in current.items()
-                      if p["endpoint"] or k in self.endpoints}
-            if merged != self.endpoints:
-                self.endpoints = merged
-                tmp = f"{self.endpoints_path}.tmp"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-                with open(fd, "w", encoding="utf-8") as f:
-                    json.dump(merged, f)
-                os.rename(tmp, self.endpoints_path)
+                async with self._lock:
+                    drift = await self.drift(*self.desired)
+                    if drift:
+                        self.log.warning("drift_repaired", what=drift)
+                        await self._converge(*self.desired)
+                if tick % ENDPOINT_SAVE_TICKS == 0:
+                    await self.save_endpoints()
+            except FaasError as exc:  # the next tick tries again
+                self.log.warning("drift_check_failed", error=exc.message)
+
+    async def drift(self, addresses: set[ipaddress.IPv6Interface],
+                    peers: dict[str, ipaddress.IPv6Network]) -> str | None:
+        """What differs from the desired state, cheaply, or None."""
+        if not await self.net.link_exists():
+            return "interface missing"
+        have = {a for a in await self.net.addresses()
+                if a.ip in self.function_prefix or a.ip in self.vpn_prefix}
+        if have != addresses:
+            return "addresses"
+        if not await self.firewall.installed(self.function_prefix, self.server.ip):
+            return "firewall"
+        current = await self.net.peers()
+        if {k: p["allowed_ips"] for k, p in current.items()} != \
+                {k: [str(n)] for k, n in peers.items()}:
+            return "peers"
+        return None
+
+    async def save_endpoints(self) -> None:
+        current = await self.net.peers()
+        merged = {k: p["endpoint"] or self.endpoints[k] for k, p in current.items()
+                  if p["endpoint"] or k in self.endpoints}
+        if merged != self.endpoints:
+            self.endpoints = merged
+            tmp = f"{self.endpoints_path}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with open(fd, "w", encoding="utf-8") as f:
+                json.dump(merged, f)
+            os.rename(tmp, self.endpoints_path)
 
     # --- read-only verbs ---------------------------------------------------------------
 

@@ -55,6 +55,7 @@ class FakeNet:
 class FakeFirewall:
     def __init__(self): self.applied = 0
     async def apply(self, prefix, server): self.applied += 1
+    async def installed(self, prefix=None, server=None): return self.applied > 0
 
 
 @pytest.fixture
@@ -159,3 +160,14 @@ def test_a_recreated_peer_is_greeted_at_its_remembered_endpoint(agent):
     agent.endpoints = {KEY_A: "[fdff:1::2]:40000"}
     converge(agent, [], [{"public_key": KEY_A, "address": "fd00:faa5:0:100::2"}])
     assert agent.net.wg_peers[KEY_A]["endpoint"] == "[fdff:1::2]:40000"
+
+
+def test_drift_is_found_and_repaired(agent):
+    converge(agent, ["fd00:faa5:1::a"], [{"public_key": KEY_A, "address": "fd00:faa5:0:100::2"}])
+    assert asyncio.run(agent.drift(*agent.desired)) is None
+    agent.net.addrs.discard(ipaddress.IPv6Interface("fd00:faa5:1::a/128"))  # behind our back
+    assert asyncio.run(agent.drift(*agent.desired)) == "addresses"
+    agent.net.wg_peers.clear()
+    asyncio.run(agent._converge(*agent.desired))
+    assert asyncio.run(agent.drift(*agent.desired)) is None
+    assert ipaddress.IPv6Interface("fd00:faa5:1::a/128") in agent.net.addrs
