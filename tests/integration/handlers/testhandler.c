@@ -1,6 +1,7 @@
 /* A handler for the end-to-end tests, written from docs/handler-protocol.md alone.
  *
  * Paths:  /        "ok <n> pid <pid>"         /sleep  never answers (timeout)
+ *         /slow    "slow done" after 2 s
  *         /exit    exits without answering     /fds    the fds it holds
  *         /id      uid gid                      /write  tries to write the rootfs
  * TEST_MODE (env): noconnect, noread, crash, forkbomb misbehave on purpose.
@@ -70,12 +71,14 @@ int main(void) {
         char body[4096];
         if (!strncmp(req, "GET /sleep", 10)) { for (;;) pause(); }
         if (!strncmp(req, "GET /exit", 9)) return 3;
+        if (!strncmp(req, "GET /slow", 9)) sleep(2);
         if (!strncmp(req, "GET /fds", 8)) fds(body, sizeof body);
         else if (!strncmp(req, "GET /id", 7)) snprintf(body, sizeof body, "%d %d", getuid(), getgid());
         else if (!strncmp(req, "GET /write", 10)) {
             int w = open("/written", O_WRONLY | O_CREAT, 0644);
             snprintf(body, sizeof body, "%s", w < 0 ? strerror(errno) : "written");
-        } else snprintf(body, sizeof body, "ok %d pid %d", served, getpid());
+        } else if (!strncmp(req, "GET /slow", 9)) snprintf(body, sizeof body, "slow done");
+        else snprintf(body, sizeof body, "ok %d pid %d", served, getpid());
         reply(conn, body);
         close(conn);
         if (!reuse) return 0;
