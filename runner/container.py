@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable
 
 from common.proc import die_with_parent
-from runner.bundle import write_bundle
+from runner.bundle import BundleError, write_bundle
 from runner.runtime import Runtime
 
 CONTROL_PACKET = 4096
@@ -67,7 +67,10 @@ class Container:
         listener.listen(1)
         listener.setblocking(False)
         self.listener = listener
-        write_bundle(self.bundle, self.make_config(self.id, self.ctl_path))
+        try:
+            write_bundle(self.bundle, self.make_config(self.id, self.ctl_path))
+        except BundleError as exc:  # the image or settings cannot make a container
+            raise ContainerFailed(exc.message) from None
         self.proc = await asyncio.create_subprocess_exec(
             *self.runtime.command("run", "--bundle", self.bundle, self.id),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,

@@ -13,7 +13,7 @@ import shutil
 from typing import Any, Callable
 
 from common.log import EventLog
-from runner.bundle import FunctionSettings, build_config
+from runner.bundle import BundleError, FunctionSettings, build_config
 from runner.container import Container
 from runner.fnlogs import FunctionLogs
 from runner.runtime import Runtime
@@ -89,6 +89,10 @@ class Fleet:
         name = spec["name"]
 
         def make_config(container_id: str, control_socket: str) -> dict[str, Any]:
+            if not os.path.isdir(rootfs):  # restored from a backup, image not yet uploaded
+                raise BundleError(f"the image of {name} ({spec['digest'][:19]}) is not on "
+                                  f"this host: deploy it again (faasctl new {name} -f "
+                                  "IMAGE.tar)")
             return build_config(rootfs, spec["config"], container_id=container_id,
                                 hostname=name, control_socket=control_socket, settings=limits)
 
