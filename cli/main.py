@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = groups["vpn"].add_parser(name, help=text, description=text)
         cmd.add_argument("rest", nargs=argparse.REMAINDER,
                          help="arguments for the client (see faasctl vpn %s -- --help)" % name)
+    from cli import backup  # run by main() before this parser; listed here for --help
+    backup.add_commands(sub)
     return parser
 
 
@@ -163,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     if args[:1] == ["vpn"] and args[1:2] and args[1] in CLIENT_COMMANDS:
         from cli import vpnclient  # the client side: no controller, its own options
         sys.exit(vpnclient.main(args[1:]))
+    if args[:1] in (["backup"], ["restore"]):
+        from cli import backup  # root on the server, without the controller
+        sys.exit(backup.main(args))
     ns = build_parser().parse_args(args)
     if ns.command == "vpn":
         ns.command = f"vpn_{ns.group_command}"
