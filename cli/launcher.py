@@ -17,6 +17,7 @@ import sys
 import time
 
 from common.daemon import owner_ids
+from common.paths import root_dir
 from common.settings import EX_CONFIG, Settings, SettingsError, load
 
 DEFAULT_CONF = "/etc/faasd/supervisord.conf"
@@ -47,6 +48,10 @@ def prepare(settings: Settings) -> None:
         if (st.st_uid, st.st_gid) != (owner, group):
             os.chown(path, owner, group)
         os.chmod(path, mode)
+    # Under $FAAS_RUN, which the faas group may write: the runner's control sockets and
+    # the OCI runtimes' state, made by root before any unprivileged daemon runs.
+    for name in ("ctl", "runc", "crun"):
+        root_dir(os.path.join(settings.run, name), 0o700)
 
 
 def _env(settings: Settings, args: argparse.Namespace) -> dict[str, str]:
@@ -82,8 +87,10 @@ def down(settings: Settings, conf: str, env: dict[str, str], timeout: float = 60
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         if _alive(pid):
-            print(f"faasd: supervisord (pid {pid}) did not stop within {timeout:.0f}s; "
-                  "the interface is left in place", file=sys.stderr)
+            print(f"faasd: supervisord (pid {pid}, from {pidfile}) did not stop within "
+                  f"{timeout:.0f}s, so the interface is left in place: check `faasd ctl "
+                  f"status` and `ps -p {pid}` (a stale pidfile: remove it), then run "
+                  "`faasd down` again", file=sys.stderr)
             return 1
     return subprocess.run([os.path.join(env["FAAS_BIN"], "faas-netagent"), "--remove"],
                           env=env, check=False).returncode

@@ -26,6 +26,9 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
+from common.paths import root_dir
+from common.settings import SettingsError
+
 CGROUP_ROOT = "/sys/fs/cgroup"
 UNIFIED = "/sys/fs/cgroup/unified"
 
@@ -156,8 +159,10 @@ class Runtime:
         if cgroup_mode() == "none":
             raise RuntimeUnavailable(f"no cgroup filesystem at {CGROUP_ROOT}: "
                                      f"{self.name} cannot limit containers")
-        os.makedirs(self.root, mode=0o700, exist_ok=True)
-        os.chmod(self.root, 0o700)  # container state: root's business only
+        try:  # container state: root's business only, never a planted directory
+            root_dir(self.root, 0o700)
+        except SettingsError as exc:
+            raise RuntimeUnavailable(str(exc)) from None
         try:
             self.list()
         except subprocess.SubprocessError as exc:  # preexec_fn failed: no namespace
