@@ -25,6 +25,7 @@ from runner.bundle import BundleError, write_bundle
 from runner.runtime import Runtime
 
 CONTROL_PACKET = 4096
+PUMP_GRACE = 2.0  # seconds to read a stopped container's last output
 
 
 class ContainerFailed(Exception):
@@ -85,7 +86,14 @@ class Container:
 
     async def _pump(self, name: str, stream: asyncio.StreamReader | None) -> None:
         assert stream is not None
-        while line := await stream.readline():
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # over the stream's 64 KiB limit: asyncio drops it
+                self.sink(self.id, name, self.request, "[faasd: a line over 64 KiB dropped]")
+                continue
+            if not line:
+                return
             self.sink(self.id, name, self.request, line.decode(errors="replace").rstrip("\n"))
 
     async def ready(self, timeout: float) -> None:
@@ -175,8 +183,13 @@ class Container:
                 await asyncio.wait_for(self.proc.wait(), grace)
             except TimeoutError:
                 await self.kill()
-        await asyncio.gather(*self._pumps, return_exceptions=True)
         await self.remove()
+        # The pipes close when the container's last process has gone; a process the
+        # runtime could not kill must not hold the runner up.
+        if self._pumps:
+            await asyncio.wait(self._pumps, timeout=PUMP_GRACE)
+        for pump in self._pumps:
+            pump.cancel()
 
     async def kill(self) -> None:
         """SIGKILL the container (through the runtime, so every process in it dies)."""

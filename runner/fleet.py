@@ -13,6 +13,7 @@ import shutil
 from typing import Any, Callable
 
 from common.log import EventLog
+from common.paths import root_dir
 from runner.bundle import BundleError, FunctionSettings, build_config
 from runner.container import Container
 from runner.fnlogs import FunctionLogs
@@ -33,13 +34,15 @@ class Fleet:
         self.log = log
         self.functions: dict[str, Function] = {}
         self.specs: dict[str, dict[str, Any]] = {}
+        self.closing: set[asyncio.Future[None]] = set()  # dropped functions finishing
+        self._lock = asyncio.Lock()  # one converge at a time, in the order they came
 
     def recover(self) -> dict[str, int]:
         """At start: remove bundles and control sockets a previous run left behind (the
         containers themselves are removed through the runtime by the caller)."""
         counts = {}
-        for path, mode in ((self.bundles, 0o700), (self.ctl, 0o700)):
-            os.makedirs(path, mode=mode, exist_ok=True)
+        for path in (self.bundles, self.ctl):
+            root_dir(path, 0o700)  # never a directory someone else planted
             entries = list(os.scandir(path))
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):
@@ -51,6 +54,10 @@ class Fleet:
 
     async def converge(self, specs: list[dict[str, Any]]) -> None:
         """Serve exactly these functions."""
+        async with self._lock:
+            await self._converge(specs)
+
+    async def _converge(self, specs: list[dict[str, Any]]) -> None:
         wanted = {s["name"]: s for s in specs}
         for name in sorted(set(self.functions) - set(wanted)):
             await self._drop(name)
@@ -73,11 +80,20 @@ class Fleet:
             self.specs[name] = spec
 
     async def _drop(self, name: str) -> None:
+        """Stop accepting at once; requests in flight finish in the background, so a
+        sync never waits out a function's timeout."""
         fn = self.functions.pop(name)
         self.specs.pop(name, None)
-        await fn.close()
-        self.logs.forget(name)
+        fn.stop_accepting()
         self.log.info("stopped_serving", function=name)
+        task = asyncio.ensure_future(self._finish(name, fn))
+        self.closing.add(task)
+        task.add_done_callback(self.closing.discard)
+
+    async def _finish(self, name: str, fn: Function) -> None:
+        await fn.close()
+        if name not in self.functions:
+            self.logs.forget(name)
 
     def _factory(self, spec: dict[str, Any]) -> Callable[[], Container]:
         rootfs = os.path.join(self.images, spec["digest"].removeprefix("sha256:"), "rootfs")
@@ -107,5 +123,7 @@ class Fleet:
 
     async def close(self) -> None:
         """Graceful stop: every function finishes what is in flight."""
-        await asyncio.gather(*(self._drop(n) for n in list(self.functions)),
-                             return_exceptions=True)
+        for name in list(self.functions):
+            await self._drop(name)
+        if self.closing:
+            await asyncio.gather(*self.closing, return_exceptions=True)

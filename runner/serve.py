@@ -160,6 +160,10 @@ class Function:
                 outcome = await self._serve(conn, remote)
             finally:
                 slots.release()
+        except Exception as exc:  # a bug: into the log, and the client gets its answer
+            self.log.error("request_failed", function=self.name, error=repr(exc))
+            await self._reply(conn, http_error(500, "Internal Server Error",
+                                               f"{self.name}: faasd failed; see its log"))
         finally:
             conn.close()
             self.stats.outcomes[outcome] = self.stats.outcomes.get(outcome, 0) + 1
@@ -217,7 +221,10 @@ class Function:
         container = self.new_container()
         self.starting += 1
         try:
-            await container.start()
+            try:
+                await container.start()
+            except OSError as exc:  # no fds, no space, no runtime binary...
+                raise ContainerFailed(f"cannot start a container: {exc}") from None
             await container.ready(min(START_TIMEOUT, self.settings.timeout))
             return container
         except BaseException:
@@ -232,11 +239,16 @@ class Function:
             self._spawn(self._warm_one())
 
     async def _warm_one(self) -> None:
+        factory = self.new_container
         try:
             container = await self._start()
         except ContainerFailed as exc:
             self.log.warning("warm_start_failed", function=self.name, error=str(exc))
             await asyncio.sleep(1)  # a broken image must not spin
+            return
+        if factory is not self.new_container:  # a new version came while it started
+            self._spawn(container.stop(0))
+            self.refill()
             return
         self.idle.append(container)
 
@@ -245,13 +257,16 @@ class Function:
         while True:
             await asyncio.sleep(1)
             now = time.monotonic()
-            keep = self.settings.min_warm
+            for container in [c for c in self.idle if not c.alive]:  # died while idle
+                self.idle.remove(container)
+                self._spawn(container.stop(0))
             for container in list(self.idle):
-                if len(self.idle) <= keep:
+                if len(self.idle) <= self.settings.min_warm:
                     break
-                if now - container.idle_since > self.settings.idle_timeout or not container.alive:
+                if now - container.idle_since > self.settings.idle_timeout:
                     self.idle.remove(container)
                     self._spawn(container.stop())
+            self.refill()  # a pool that lost containers, or whose start failed, fills up
 
     async def _reply(self, conn: socket.socket, data: bytes) -> None:
         """Answer the client ourselves. Its request is read away first: closing a socket
@@ -272,11 +287,15 @@ class Function:
                 "starting": self.starting, "waiting": self.waiting,
                 **{k: v for k, v in vars(self.stats).items()}}
 
-    async def close(self) -> None:
-        """Stop accepting, let requests in flight finish, stop every container."""
+    def stop_accepting(self) -> None:
+        """Close the listener now (its address may be served again at once)."""
         self.accepting.cancel()
         self.janitor.cancel()
         self.sock.close()
+
+    async def close(self) -> None:
+        """Stop accepting, let requests in flight finish, stop every container."""
+        self.stop_accepting()
         deadline = time.monotonic() + self.settings.timeout + 5
         while self.tasks and time.monotonic() < deadline:  # finishing ones spawn stops
             await asyncio.wait(set(self.tasks), timeout=deadline - time.monotonic())
