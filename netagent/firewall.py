@@ -1,14 +1,16 @@
 """netagent's ip6tables chains: VPN peers reach function port 80 and DNS, nothing else.
 
-Two chains of its own per WireGuard interface, ``FAAS-<if>-IN`` (jumped to from INPUT
-for packets arriving on the interface) and ``FAAS-<if>-FWD`` (from FORWARD). Function
+Three chains of its own per WireGuard interface, ``FAAS-<if>-IN`` (jumped to from INPUT
+for packets arriving on the interface), ``FAAS-<if>-FWD`` (from FORWARD) and
+``FAAS-<if>-EXT`` (from INPUT for packets arriving anywhere else: only loopback may
+reach function addresses and the DNS server without the tunnel). Function
 addresses are local to this host, so a peer's request is INPUT traffic; nothing arriving
 on the tunnel is ever forwarded anywhere (IPv6 forwarding stays as the host has it).
 
 The chains are written whole with one ``ip6tables-restore --noflush`` (declaring a chain
 flushes it, so the new rules replace the old in one atomic batch); the jumps are added
 once, checked with ``-C`` first; removal takes the jumps out and then flushes and
-deletes both chains in one batch. ``-w`` always: another tool may hold the xtables lock.
+deletes the chains in one batch. ``-w`` always: another tool may hold the xtables lock.
 """
 
 from __future__ import annotations
@@ -25,15 +27,15 @@ ICMP_ERRORS = ("destination-unreachable", "packet-too-big", "time-exceeded",
                "parameter-problem")
 
 
-def chain_names(interface: str) -> tuple[str, str]:
-    """(input chain, forward chain) of one interface; at most 28 characters each."""
-    return f"FAAS-{interface}-IN", f"FAAS-{interface}-FWD"
+def chain_names(interface: str) -> tuple[str, str, str]:
+    """(input, forward, elsewhere) chains of one interface; at most 28 characters each."""
+    return f"FAAS-{interface}-IN", f"FAAS-{interface}-FWD", f"FAAS-{interface}-EXT"
 
 
 def render(interface: str, function_prefix: ipaddress.IPv6Network,
            server: ipaddress.IPv6Address) -> str:
     """The ip6tables-restore batch that (re)fills both chains."""
-    chain_in, chain_fwd = chain_names(interface)
+    chain_in, chain_fwd, chain_ext = chain_names(interface)
     rules = [
         f"-A {chain_in} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
         *(f"-A {chain_in} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j ACCEPT"
@@ -45,16 +47,23 @@ def render(interface: str, function_prefix: ipaddress.IPv6Network,
         f"-A {chain_in} -d {server}/128 -p tcp -m tcp --dport 53 -j ACCEPT",
         f"-A {chain_in} -j DROP",
         f"-A {chain_fwd} -j DROP",
+        # Linux answers for a local address on any interface: a neighbour on the LAN
+        # that routes the prefix here must not reach functions or DNS without the VPN.
+        # The host itself (loopback) may.
+        f"-A {chain_ext} -i lo -j RETURN",
+        f"-A {chain_ext} -d {function_prefix} -j DROP",
+        f"-A {chain_ext} -d {server}/128 -j DROP",
     ]
-    return "\n".join(["*filter", f":{chain_in} - [0:0]", f":{chain_fwd} - [0:0]", *rules,
-                      "COMMIT", ""])
+    return "\n".join(["*filter", *(f":{c} - [0:0]" for c in chain_names(interface)),
+                      *rules, "COMMIT", ""])
 
 
 def jumps(interface: str) -> list[tuple[str, ...]]:
     """The rule specs (without -A/-I/-C/-D) that send the interface's traffic to us."""
-    chain_in, chain_fwd = chain_names(interface)
+    chain_in, chain_fwd, chain_ext = chain_names(interface)
     return [("INPUT", "-i", interface, "-j", chain_in),
-            ("FORWARD", "-i", interface, "-j", chain_fwd)]
+            ("FORWARD", "-i", interface, "-j", chain_fwd),
+            ("INPUT", "!", "-i", interface, "-j", chain_ext)]
 
 
 class Firewall:
@@ -70,37 +79,37 @@ class Firewall:
         """Fill both chains, then make sure the jumps to them exist (first in their
         built-in chains, so no earlier ACCEPT lets a peer past them)."""
         batch = render(self.interface, function_prefix, server)
-        await self.run("ip6tables-restore", "-w", "--noflush", stdin=batch.encode())
+        await self.run("ip6tables-restore", "-w", "5", "--noflush", stdin=batch.encode())
         for chain, *spec in jumps(self.interface):
-            if not await self.check("ip6tables", "-w", "-C", chain, *spec):
-                await self.run("ip6tables", "-w", "-I", chain, "1", *spec)
+            if not await self.check("ip6tables", "-w", "5", "-C", chain, *spec):
+                await self.run("ip6tables", "-w", "5", "-I", chain, "1", *spec)
 
     async def installed(self, function_prefix: ipaddress.IPv6Network | None = None,
                         server: ipaddress.IPv6Address | None = None) -> bool:
-        """Both jumps are in place and, given the prefix and server, both chains hold as
+        """Every jump is in place and, given the prefix and server, every chain holds as
         many rules as :func:`render` writes (a chain flushed by hand is caught)."""
         for chain, *spec in jumps(self.interface):
-            if not await self.check("ip6tables", "-w", "-C", chain, *spec):
+            if not await self.check("ip6tables", "-w", "5", "-C", chain, *spec):
                 return False
         if function_prefix is None or server is None:
             return True
         want = render(self.interface, function_prefix, server).splitlines()
         for chain in chain_names(self.interface):
-            listed = await self.run("ip6tables", "-w", "-S", chain)
+            listed = await self.run("ip6tables", "-w", "5", "-S", chain)
             have = sum(1 for line in listed.splitlines() if line.startswith("-A "))
             if have != sum(1 for line in want if line.startswith(f"-A {chain} ")):
                 return False
         return True
 
     async def remove(self) -> None:
-        """Take the jumps out (every copy), then flush and delete both chains."""
+        """Take the jumps out (every copy), then flush and delete the chains."""
         for chain, *spec in jumps(self.interface):
-            while await self.check("ip6tables", "-w", "-C", chain, *spec):
-                await self.run("ip6tables", "-w", "-D", chain, *spec)
+            while await self.check("ip6tables", "-w", "5", "-C", chain, *spec):
+                await self.run("ip6tables", "-w", "5", "-D", chain, *spec)
         names = [c for c in chain_names(self.interface)
-                 if await self.check("ip6tables", "-w", "-S", c)]
+                 if await self.check("ip6tables", "-w", "5", "-S", c)]
         if names:
             batch = ["*filter", *(f"-F {c}" for c in names), *(f"-X {c}" for c in names),
                      "COMMIT", ""]
-            await self.run("ip6tables-restore", "-w", "--noflush",
+            await self.run("ip6tables-restore", "-w", "5", "--noflush",
                            stdin="\n".join(batch).encode())

@@ -93,7 +93,9 @@ class NetAgent(AgentDaemon):
             if ip not in self.vpn_prefix or ip == self.server.ip \
                     or ip == self.vpn_prefix.network_address:
                 raise FaasError(Code.BAD_REQUEST, f"peer address {ip} is not a peer address "
-                                f"of the VPN prefix {self.vpn_prefix}", {"address": str(ip)})
+                                f"of the VPN prefix {self.vpn_prefix} (if vpn_prefix was "
+                                "changed, remove the peers of the old one with faasctl vpn "
+                                "rm, or set it back)", {"address": str(ip)})
             if key in wanted or ip in seen:
                 raise FaasError(Code.BAD_REQUEST, f"peer {key} or address {ip} appears twice",
                                 {"public_key": key, "address": str(ip)})
@@ -184,6 +186,8 @@ class NetAgent(AgentDaemon):
                     await self.save_endpoints()
             except FaasError as exc:  # the next tick tries again
                 self.log.warning("drift_check_failed", error=exc.message)
+            except Exception as exc:  # never let the repair loop die quietly
+                self.log.error("drift_check_failed", error=repr(exc))
 
     async def drift(self, addresses: set[ipaddress.IPv6Interface],
                     peers: dict[str, ipaddress.IPv6Network]) -> str | None:

@@ -18,6 +18,11 @@ from common.errors import Code, FaasError
 from common.proc import die_with_parent
 
 
+COMMAND_TIMEOUT = 15.0  # seconds; ip6tables waits at most 5 s for the xtables lock
+PACKAGES = {"ip": "iproute2", "wg": "wireguard-tools", "ip6tables": "iptables",
+            "ip6tables-restore": "iptables", "wireguard-go": "wireguard-go"}
+
+
 class Net:
     """Runs ip and wireguard-go for one interface."""
 
@@ -27,11 +32,21 @@ class Net:
 
     async def run(self, *argv: str, stdin: bytes | None = None) -> str:
         """Run a command; a failure is ``unavailable`` with its stderr."""
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else
-            asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
-        out, err = await proc.communicate(stdin)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else
+                asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE)
+        except FileNotFoundError:
+            raise FaasError(Code.UNAVAILABLE, f"{argv[0]} is not installed: apt-get install "
+                            f"{PACKAGES.get(argv[0], argv[0])}") from None
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(stdin), COMMAND_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise FaasError(Code.UNAVAILABLE, f"{' '.join(argv)} gave no answer within "
+                            f"{COMMAND_TIMEOUT:.0f}s") from None
         if proc.returncode != 0:
             raise FaasError(Code.UNAVAILABLE, f"{' '.join(argv)} failed: "
                             f"{err.decode(errors='replace').strip()}")
@@ -39,10 +54,20 @@ class Net:
 
     async def check(self, *argv: str) -> bool:
         """Run a command that answers by its exit status."""
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL)
-        return await proc.wait() == 0
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL)
+        except FileNotFoundError:
+            raise FaasError(Code.UNAVAILABLE, f"{argv[0]} is not installed: apt-get install "
+                            f"{PACKAGES.get(argv[0], argv[0])}") from None
+        try:
+            return await asyncio.wait_for(proc.wait(), COMMAND_TIMEOUT) == 0
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise FaasError(Code.UNAVAILABLE, f"{' '.join(argv)} gave no answer within "
+                            f"{COMMAND_TIMEOUT:.0f}s") from None
 
     async def link_exists(self) -> bool:
         # Asked over netlink: /sys shows the namespace that mounted it, not ours.

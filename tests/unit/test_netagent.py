@@ -118,12 +118,17 @@ def test_firewall_batch_allows_port_80_and_dns_then_drops():
     batch = firewall.render("wg0", ipaddress.IPv6Network("fd00:faa5:1::/64"),
                             ipaddress.IPv6Address("fd00:faa5:0:100::1"))
     lines = batch.splitlines()
-    assert lines[:3] == ["*filter", ":FAAS-wg0-IN - [0:0]", ":FAAS-wg0-FWD - [0:0]"]
+    assert lines[:4] == ["*filter", ":FAAS-wg0-IN - [0:0]", ":FAAS-wg0-FWD - [0:0]",
+                         ":FAAS-wg0-EXT - [0:0]"]
     assert "-A FAAS-wg0-IN -d fd00:faa5:1::/64 -p tcp -m tcp --dport 80 -j ACCEPT" in lines
     assert "-A FAAS-wg0-IN -d fd00:faa5:0:100::1/128 -p udp -m udp --dport 53 -j ACCEPT" in lines
     ins = [line for line in lines if line.startswith("-A FAAS-wg0-IN")]
     assert ins[-1] == "-A FAAS-wg0-IN -j DROP"
-    assert lines[-2:] == ["-A FAAS-wg0-FWD -j DROP", "COMMIT"]
+    assert "-A FAAS-wg0-FWD -j DROP" in lines and lines[-1] == "COMMIT"
+    ext = [line for line in lines if line.startswith("-A FAAS-wg0-EXT")]
+    assert ext == ["-A FAAS-wg0-EXT -i lo -j RETURN",
+                   "-A FAAS-wg0-EXT -d fd00:faa5:1::/64 -j DROP",
+                   "-A FAAS-wg0-EXT -d fd00:faa5:0:100::1/128 -j DROP"]
 
 
 def test_chain_names_fit_iptables_for_the_longest_interface_name():
@@ -136,20 +141,20 @@ def test_firewall_apply_adds_jumps_once_and_remove_takes_all_away():
 
     async def run_(*argv, stdin=None):
         ran.append(argv)
-        if argv[2] == "-I":
-            rules.add((argv[3], *argv[5:]))
-        if argv[2] == "-D":
-            rules.discard((argv[3], *argv[4:]))
+        if argv[3] == "-I":
+            rules.add((argv[4], *argv[6:]))
+        if argv[3] == "-D":
+            rules.discard((argv[4], *argv[5:]))
         return ""
 
     async def check(*argv):
-        return argv[2] == "-S" or (argv[3], *argv[4:]) in rules
+        return argv[3] == "-S" or (argv[4], *argv[5:]) in rules
 
     fw = firewall.Firewall("wg0", run_, check)
     prefix, server = ipaddress.IPv6Network("fd00:faa5:1::/64"), ipaddress.IPv6Address("fd00::1")
     asyncio.run(fw.apply(prefix, server))
     asyncio.run(fw.apply(prefix, server))
-    assert len(rules) == 2 and sum(1 for a in ran if a[2] == "-I") == 2
+    assert len(rules) == 3 and sum(1 for a in ran if a[3] == "-I") == 3
     assert asyncio.run(fw.installed())
     asyncio.run(fw.remove())
     assert rules == set() and not asyncio.run(fw.installed())
