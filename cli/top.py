@@ -55,6 +55,9 @@ def frame(now: dict[str, Any], before: dict[str, Any] | None, elapsed: float,
              "COLD", "WARM", "REUSED", "503", "FAILED", "TIMEOUT"]]
     for f in runner["functions"]:
         prev = old.get(f["name"])
+        if prev is not None and any(a < b for a, b in zip(f["latency_counts"],
+                                                          prev["latency_counts"])):
+            prev = None  # the runner restarted between the readings: its counters too
         # p50/p99 over the interval when there is one, else since the runner started
         counts = f["latency_counts"] if prev is None else [
             a - b for a, b in zip(f["latency_counts"], prev["latency_counts"])]

@@ -16,7 +16,7 @@ from typing import Any
 
 from common import protocol
 from common.daemon import VERSION, Daemon, run_main
-from common.errors import FaasError
+from common.errors import Code, FaasError
 from common.rpc import Client, Handler
 from controller import vpn
 from controller.health import Monitor
@@ -87,12 +87,15 @@ class Controller(Daemon):
         async def expire() -> None:
             while True:
                 await asyncio.sleep(1)
-                for uid in self.uploads.expire():
-                    self.log.info("upload_expired", upload=uid)
-                expired = self.state.expire_peers(time.time())
-                if expired:
-                    self.log.info("peers_expired", names=expired)
-                    await self.monitor.push()
+                try:
+                    for uid in self.uploads.expire():
+                        self.log.info("upload_expired", upload=uid)
+                    expired = self.state.expire_peers(time.time())
+                    if expired:
+                        self.log.info("peers_expired", names=expired)
+                        await self.monitor.push()
+                except Exception as exc:  # an expired peer must never keep its access
+                    self.log.error("janitor_failed", error=repr(exc))
         janitor = asyncio.ensure_future(expire())
         try:
             await self.monitor.run(self.stop)
@@ -292,6 +295,9 @@ class Controller(Daemon):
         public = args["public_key"]
         if public is None:
             private, public = await vpn.key_pair()
+        if public == server["public_key"]:
+            raise FaasError(Code.BAD_REQUEST, "that is the server's own public key: give the "
+                            "peer's (faasctl vpn pubkey on the peer prints it)")
         peer = self.state.add_peer(args["name"], public, vpn.expiry(args["expires"]))
         await self.monitor.push()
         self.log.info("peer_added", name=peer["name"], address=peer["address"],
