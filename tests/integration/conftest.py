@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,15 @@ def image_tar(tmp_path_factory, handler_binary) -> Path:
     build_image(path, [[Dir("tmp", mode=0o1777), File("handler", handler_binary, mode=0o755)]],
                 {"config": {"Cmd": ["/handler"]}})
     return path
+
+
+@pytest.fixture(scope="session")
+def examples(tmp_path_factory) -> dict[str, Path]:
+    """The example images (Python and C handlers), built as install.sh builds them."""
+    out = tmp_path_factory.mktemp("examples")
+    built = {}
+    for name in ("fibonacci", "echo", "c-hello"):
+        built[name] = out / f"{name}.tar"
+        run(sys.executable, HERE.parents[1] / "examples" / "build.py", name, built[name],
+            timeout=120)
+    return built

@@ -83,6 +83,25 @@ def test_container_confinement(platform, image_tar):
     assert get(platform, address, "/write")[1] == "Read-only file system"
     # stdin, stdout, stderr, the control socket and the connection: nothing else
     assert get(platform, address, "/fds")[1].split() == ["0", "1", "2", "3", "4"]
+    assert get(platform, address, "/net")[1] == "lo"  # an empty network namespace
+    assert get(platform, address, "/caps")[1] == "0000000000000000"  # no capability
+    # its own pid namespace: the handler is pid 1 and sees no host process
+    assert get(platform, address, "/")[1].endswith("pid 1")
+
+
+def test_python_and_c_example_handlers(platform, examples):
+    fib = json.loads(platform.faasctl("--json", "new", "fibonacci", "-f",
+                                      examples["fibonacci"]).stdout)["address"]
+    poll("fibonacci answering", lambda: get(platform, fib, "/?n=10", timeout=10)[0] == 200, 20)
+    assert get(platform, fib, "/?n=10")[1].strip() == "0, 1, 1, 2, 3, 5, 8, 13, 21, 34"
+    assert get(platform, fib, "/?n=x")[0] == 400
+    echo = json.loads(platform.faasctl("--json", "new", "echo", "-f",
+                                       examples["echo"]).stdout)["address"]
+    poll("echo answering", lambda: get(platform, echo, "/a?b=1", timeout=10)[0] == 200, 20)
+    assert get(platform, echo, "/a?b=1")[1].startswith("GET /a?b=1 HTTP/1.1")
+    hello = json.loads(platform.faasctl("--json", "new", "c-hello", "-f",
+                                        examples["c-hello"]).stdout)["address"]
+    poll("c-hello answering", lambda: get(platform, hello, "/", timeout=10)[0] == 200, 20)
 
 
 def test_fifty_concurrent_clients_are_all_answered(platform, image_tar):

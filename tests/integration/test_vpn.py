@@ -115,6 +115,28 @@ def test_curl_by_name_through_the_tunnel(platform, client, connected):
     assert laptop["latest_handshake"] > 0 and laptop["rx_bytes"] > 0 and laptop["tx_bytes"] > 0
 
 
+def test_fibonacci_by_name_and_a_new_function_resolves_within_2s(platform, client, connected,
+                                                                examples):
+    platform.faasctl("new", "fib", "-f", examples["fibonacci"])
+    t0 = time.monotonic()
+    address = json.loads(platform.faasctl("--json", "ip", "fib").stdout)["address"]
+    poll("fib.faas resolving", lambda: client.dig("AAAA", "fib.faas") == address, 2,
+         interval=0.05)
+    print(f"fib.faas resolved {time.monotonic() - t0:.2f}s after faasctl new returned")
+    poll("fib answering", lambda: client.curl("http://fib.faas/?n=10", 10)[0] == 200, 20)
+    status, body = client.curl("http://fib.faas/?n=10")
+    assert status == 200 and body.strip() == "0, 1, 1, 2, 3, 5, 8, 13, 21, 34"
+
+
+@pytest.mark.parametrize("program", ["netagent", "dnsagent", "dns"])
+def test_restarting_a_part_keeps_the_client_served(platform, client, connected, program):
+    platform.ctl("restart", program)  # returns once supervisord has it running again
+    t0 = time.monotonic()
+    poll(f"served by name after restarting {program}",
+         lambda: client.curl("http://hello.faas/", 1)[0] == 200, 3, interval=0.05)
+    print(f"restart {program}: the client is served {time.monotonic() - t0:.2f}s later")
+
+
 def test_only_port_80_and_dns_are_reachable(platform, netns, client, connected):
     # A listener on every address of the server, on a port nobody allowed.
     listener = subprocess.Popen(netns.argv("python3", "-c", (
@@ -135,6 +157,17 @@ def test_only_port_80_and_dns_are_reachable(platform, netns, client, connected):
     # DNS answers faas. only: no recursion for anyone without upstreams
     out = run(*client.argv("dig", "+time=2", "+tries=1", "example.com", "A"), check=False)
     assert "status: REFUSED" in out.stdout
+
+
+def test_functions_are_not_reachable_around_the_tunnel(platform, client, connected):
+    # A LAN neighbour routing the function's address to the server, not through WireGuard
+    route = ("ip", "-6", "route", "add", f"{connected}/128", "via", SERVER_LINK)
+    run(*client.ns.argv(*route))
+    try:
+        assert not client.tcp_open(connected, 80)
+    finally:
+        run(*client.ns.argv("ip", "-6", "route", "del", f"{connected}/128"))
+    assert client.tcp_open(connected, 80)  # through the tunnel, as before
 
 
 def test_disable_enable_and_expiry(platform, client, connected):
@@ -178,6 +211,14 @@ def test_bad_peer_requests_change_nothing(platform):
     assert run(*platform.netns.argv("wg", "show", platform.interface, "dump")).stdout == before
 
 
+def test_vpn_rm_cuts_the_client_off(platform, client, connected):
+    platform.faasctl("vpn", "rm", "laptop")
+    poll("the client cut off", lambda: client.curl("http://hello.faas/", 1)[0] == 0, 10)
+    key = client.faasctl("vpn", "pubkey", "--key-file", client.key_file).stdout.split()[-1]
+    assert key not in run(*platform.netns.argv("wg", "show", platform.interface,
+                                               "peers")).stdout
+
+
 def test_disconnect_undoes_everything(platform, client, connected):
     client.faasctl("vpn", "disconnect", "--interface", client.interface)
     links = run(*client.ns.argv("ip", "-j", "link", "show")).stdout
@@ -191,10 +232,11 @@ def test_netagent_refuses_bad_peers_and_changes_nothing(platform):
     from common import protocol
     from common.errors import Code
     before = run(*platform.netns.argv("wg", "show", platform.interface, "dump")).stdout
-    key = json.loads(platform.faasctl("--json", "vpn", "list").stdout)["peers"][0]["public_key"]
+    key = "B" * 43 + "="  # a well-formed key: only the address is wrong below
     bad = [
         {"public_key": key, "address": "fd00:faa5:1::a"},  # a function address
         {"public_key": key, "address": DNS},  # the server's own
+        {"public_key": key, "address": "::"},  # allowed-ips would be ::/0 in effect
         {"public_key": "A" * 42 + "==", "address": "fd00:faa5:0:100::9"},  # 31 bytes
     ]
     for peer in bad:
@@ -202,6 +244,10 @@ def test_netagent_refuses_bad_peers_and_changes_nothing(platform):
             "sync", {"generation": 99, "state": {"addresses": [], "peers": [peer]}}, "t1")])
         assert not reply.ok and reply.error.code is Code.BAD_REQUEST, peer
     assert run(*platform.netns.argv("wg", "show", platform.interface, "dump")).stdout == before
+    # the interface name comes from the settings, checked at start: "-x" never reaches ip
+    out = run(*platform.netns.argv(BIN / "faas-netagent"),
+              env={**platform.env, "FAAS_WG_INTERFACE": "-x"}, check=False)
+    assert out.returncode == 78 and "wg_interface" in out.stderr
 
 
 def test_faasd_down_removes_the_interface_and_chains(platform):

@@ -2,6 +2,7 @@
  *
  * Paths:  /        "ok <n> pid <pid>"         /sleep  never answers (timeout)
  *         /slow    "slow done" after 2 s
+ *         /net     its network interfaces      /caps   its effective capabilities
  *         /exit    exits without answering     /fds    the fds it holds
  *         /id      uid gid                      /write  tries to write the rootfs
  * TEST_MODE (env): noconnect, noread, crash, forkbomb misbehave on purpose.
@@ -35,6 +36,25 @@ static void fds(char *out, size_t cap) {
         strncat(out, " ", cap - strlen(out) - 1);
     }
     if (d) closedir(d);
+}
+
+/* The names before ':' in /proc/net/dev, or the value after "CapEff:" in status. */
+static void proc_field(char *out, size_t len, const char *path, const char *key) {
+    FILE *f = fopen(path, "r");
+    out[0] = 0;
+    if (!f) { snprintf(out, len, "%s", strerror(errno)); return; }
+    char line[512];
+    size_t used = 0;
+    while (fgets(line, sizeof line, f)) {
+        char *at = strstr(line, key);
+        if (!at) continue;
+        char item[256] = "";
+        if (!strcmp(key, ":")) { *at = 0; sscanf(line, " %255s", item); }
+        else sscanf(at + strlen(key), " %255s", item);
+        used += snprintf(out + used, len - used, "%s%s", used ? " " : "", item);
+        if (used >= len) break;
+    }
+    fclose(f);
 }
 
 int main(void) {
@@ -78,6 +98,8 @@ int main(void) {
             int w = open("/written", O_WRONLY | O_CREAT, 0644);
             snprintf(body, sizeof body, "%s", w < 0 ? strerror(errno) : "written");
         } else if (!strncmp(req, "GET /slow", 9)) snprintf(body, sizeof body, "slow done");
+        else if (!strncmp(req, "GET /net", 8)) proc_field(body, sizeof body, "/proc/net/dev", ":");
+        else if (!strncmp(req, "GET /caps", 9)) proc_field(body, sizeof body, "/proc/self/status", "CapEff:");
         else snprintf(body, sizeof body, "ok %d pid %d", served, getpid());
         reply(conn, body);
         close(conn);
