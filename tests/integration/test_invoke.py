@@ -197,3 +197,16 @@ def test_a_thousand_requests_leave_nothing_behind(platform, image_tar):
     assert result["statuses"] == {"200": 1000}
     after = poll("back to the baseline", lambda: settled(platform, baseline), 20)
     print(f"before {baseline} after {after}")
+
+
+def test_settings_change_keeps_connections_in_flight(platform, image_tar):
+    address = deploy(platform, image_tar, "inflight")
+    slow = subprocess.Popen(platform.netns.argv("curl", "-s", "-g", "-m", "20",
+                                                f"http://[{address}]/slow"),
+                            stdout=subprocess.PIPE, text=True)
+    poll("the slow request in its container", lambda: any(
+        f["busy"] for f in json.loads(platform.faasctl("--json", "top").stdout)
+        ["runner"]["functions"] if f["name"] == "inflight"), 10)
+    platform.faasctl("set", "inflight", "memory=256M", "concurrency=4", "env.NEW=1")
+    assert slow.communicate(timeout=30)[0] == "slow done"
+    assert get(platform, address, "/")[0] == 200

@@ -138,3 +138,13 @@ def test_top_frame_rates_and_percentiles():
     frame(now, before, 2.0, out)
     row = out.getvalue().splitlines()[-1].split()
     assert row[:4] == ["fib", "10.0", "<10ms", "<10ms"]  # 20 new requests in 2 s, all fast
+
+
+def test_qr_code_of_a_config_prints_on_a_terminal():
+    import io
+
+    from cli.main import print_qr
+    out = io.StringIO()
+    print_qr("[Interface]\nAddress = fd00:faa5:0:100::2/128\n", out)
+    lines = out.getvalue().splitlines()
+    assert len(lines) > 10 and len({len(line) for line in lines if line.strip()}) == 1
