@@ -61,7 +61,9 @@ def _env(settings: Settings, args: argparse.Namespace) -> dict[str, str]:
         FAAS_RUN=settings.run,
         FAAS_USER=settings.user,
         FAAS_GROUP=settings.group,
-        FAAS_BIN=os.path.dirname(os.path.abspath(sys.argv[0])) if args.bin is None else args.bin,
+        # realpath: install.sh links /usr/local/bin/faasd to the venv, where the rest is
+        FAAS_BIN=(os.path.dirname(os.path.realpath(sys.argv[0])) if args.bin is None
+                  else args.bin),
     )
     return env
 
