@@ -103,3 +103,17 @@ def test_simulated_reboot(platform, deployed):
     assert functions(platform) == before
     zone = (platform.root / "dns" / "faas.db").read_text()
     assert all(f"{n} IN AAAA {a}" in zone for n, a in deployed.items())
+
+
+def test_status_flags_a_warm_pool_that_cannot_fill(platform, image_tar):
+    platform.faasctl("new", "broken", "-f", image_tar)
+    platform.faasctl("set", "broken", "env.TEST_MODE=crash", "min_warm=1")
+
+    def flagged():
+        out = json.loads(platform.faasctl("--json", "status", check=False).stdout)
+        return [f for f in out["functions"] if f["name"] == "broken"
+                and "warm pool" in f["problem"]]
+    poll("the pool flagged", flagged, 15, interval=0.2)
+    text = platform.faasctl("status", check=False)
+    assert "function broken: warm pool" in text.stdout
+    platform.faasctl("rm", "broken")
