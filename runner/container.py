@@ -56,6 +56,7 @@ class Container:
         self.served = 0
         self.idle_since = time.monotonic()
         self._pumps: list[asyncio.Task[None]] = []
+        self.exited: asyncio.Future[int] | None = None
 
     # --- life ------------------------------------------------------------------------
 
@@ -78,6 +79,8 @@ class Container:
             stderr=asyncio.subprocess.PIPE, preexec_fn=self._preexec)
         for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr)):
             self._pumps.append(asyncio.ensure_future(self._pump(name, stream)))
+        # One future for the container's whole life: ready() and every finish() wait on it
+        self.exited = asyncio.ensure_future(self.proc.wait())
 
     def _preexec(self) -> None:
         die_with_parent()
@@ -99,11 +102,11 @@ class Container:
     async def ready(self, timeout: float) -> None:
         """Wait for the handler to connect to its control socket."""
         assert self.listener is not None and self.proc is not None
+        assert self.exited is not None
         accept = asyncio.ensure_future(asyncio.get_running_loop().sock_accept(self.listener))
-        exited = asyncio.ensure_future(self.proc.wait())
+        exited = self.exited
         done, _ = await asyncio.wait({accept, exited}, timeout=timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
-        exited.cancel()
         if accept in done:
             self.conn, _ = accept.result()
             self.conn.setblocking(False)
@@ -138,32 +141,29 @@ class Container:
     async def finish(self, timeout: float) -> str:
         """Wait for ``done`` (returns "done"), the container's exit ("exited"), or the
         deadline ("timeout")."""
-        assert self.conn is not None and self.proc is not None
+        assert self.conn is not None and self.exited is not None
         loop = asyncio.get_running_loop()
-        exited = asyncio.ensure_future(self.proc.wait())
+        exited = self.exited
         deadline = time.monotonic() + timeout
-        try:
-            while True:
-                recv = asyncio.ensure_future(loop.sock_recv(self.conn, CONTROL_PACKET))
-                done, _ = await asyncio.wait({recv, exited}, timeout=deadline - time.monotonic(),
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if recv not in done:
-                    recv.cancel()
-                    return "exited" if exited in done else "timeout"
-                try:
-                    packet = recv.result()
-                except OSError:
-                    packet = b""
-                if not packet:  # the handler closed its end: it is leaving
-                    await asyncio.wait({exited}, timeout=max(0.0, deadline - time.monotonic()))
-                    return "exited" if exited.done() else "timeout"
-                if _is_done(packet, self.request):
-                    self.request = None
-                    self.idle_since = time.monotonic()
-                    return "done"
-                # anything else is a type we do not know: ignored, as the protocol says
-        finally:
-            exited.cancel()
+        while True:
+            recv = asyncio.ensure_future(loop.sock_recv(self.conn, CONTROL_PACKET))
+            done, _ = await asyncio.wait({recv, exited}, timeout=deadline - time.monotonic(),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if recv not in done:
+                recv.cancel()
+                return "exited" if exited in done else "timeout"
+            try:
+                packet = recv.result()
+            except OSError:
+                packet = b""
+            if not packet:  # the handler closed its end: it is leaving
+                await asyncio.wait({exited}, timeout=max(0.0, deadline - time.monotonic()))
+                return "exited" if exited.done() else "timeout"
+            if _is_done(packet, self.request):
+                self.request = None
+                self.idle_since = time.monotonic()
+                return "done"
+            # anything else is a type we do not know: ignored, as the protocol says
 
     @property
     def alive(self) -> bool:

@@ -145,17 +145,20 @@ class Function:
                                                    f"{self.name} is at capacity", 1))
                 return
             slots = self.slots
-            self.waiting += 1
-            try:
-                await asyncio.wait_for(slots.acquire(), self.settings.timeout)
-            except TimeoutError:
-                outcome = "rejected"
-                self.stats.rejected += 1
-                await self._reply(conn, http_error(503, "Service Unavailable",
-                                                   f"{self.name} is at capacity", 1))
-                return
-            finally:
-                self.waiting -= 1
+            if slots.locked():  # wait for a slot, at most the timeout (wait_for costs a task)
+                self.waiting += 1
+                try:
+                    await asyncio.wait_for(slots.acquire(), self.settings.timeout)
+                except TimeoutError:
+                    outcome = "rejected"
+                    self.stats.rejected += 1
+                    await self._reply(conn, http_error(503, "Service Unavailable",
+                                                       f"{self.name} is at capacity", 1))
+                    return
+                finally:
+                    self.waiting -= 1
+            else:
+                await slots.acquire()  # free: returns at once
             try:
                 outcome = await self._serve(conn, remote)
             finally:
