@@ -548,20 +548,28 @@ class Bench:
         for kind, (concurrency, gap, count) in runs.items():
             if kind == "conc" and fast:  # a reused pool grows to the load first
                 self.measure(host, port, concurrency, 2 * concurrency, 0)
-            mark = len(self.platform.log_lines("runner")) if function else 0
+            mark = self.counters(function) if function else {}
             result[kind] = self.measure(host, port, concurrency, count, gap,
                                         self.runner if function else 0)
             if function:
                 result[kind]["outcomes"] = self.served(function, mark, count)
         return result
 
-    def served(self, function: str, mark: int, count: int) -> dict[str, int]:
-        """How the runner served the requests it logged after line ``mark``: cold, warm,
-        reused. It logs a request when its container is gone, a moment after the answer."""
+    def counters(self, function: str) -> dict[str, int]:
+        """The runner's hand-over counters of the function (faasctl --json top)."""
+        stats = json.loads(self.platform.faasctl("--json", "top").stdout)["runner"]
+        f = next(f for f in stats["functions"] if f["name"] == function)
+        return {"cold": f["cold"], "warm": f["warm"], "reused": f["reused"],
+                "refused": f["rejected"] + f["failed"]}
+
+    def served(self, function: str, mark: dict[str, int], count: int) -> dict[str, int]:
+        """How the runner served the requests since ``mark``: cold, warm, reused (its
+        counters move at the hand-over, so they are there when the answers are)."""
         def counts() -> dict[str, int] | None:
-            c = outcomes(self.platform.log_lines("runner")[mark:], function)
+            now = self.counters(function)
+            c = {k: now[k] - mark[k] for k in now if now[k] > mark[k]}
             return c if sum(c.values()) >= count else None
-        return poll("the runner's request log", counts, 10)
+        return poll("the runner's counters", counts, 10)
 
     def helper(self, *argv: Any) -> subprocess.Popen[str]:
         proc = subprocess.Popen(self.ns.argv(sys.executable, SELF, *argv),
@@ -603,16 +611,6 @@ class Bench:
         result = self.target(address, 80, name in FAST, name)
         self.platform.faasctl("rm", name)
         return result
-
-
-def outcomes(lines: list[dict[str, Any]], name: str) -> dict[str, int]:
-    """How the runner served the function's requests: cold, warm, reused."""
-    counts: dict[str, int] = {}
-    for line in lines:
-        if line.get("function") == name and line.get("event") == "request":
-            how = str(line.get("outcome", "?")).split(":")[0]
-            counts[how] = counts.get(how, 0) + 1
-    return counts
 
 
 def prepare(work: Path) -> dict[str, Any]:
