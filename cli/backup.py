@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from common.daemon import VERSION, owner_ids
+from common.proc import alive
 from common.errors import EXIT_STATUS, Code, FaasError
 from common.protocol import SERVICES
 from common.schema import WgKey
@@ -572,7 +573,7 @@ def check_stopped(settings: Settings) -> None:
     its lock, no WireGuard interface left with the old key (`faasd down` removes it)."""
     pidfile = os.path.join(settings.run, "supervisord.pid")
     pid = _pid_in(pidfile)
-    if pid and _alive(pid):
+    if pid and alive(pid):
         raise FaasError(Code.CONFLICT, f"faasd is running (supervisord pid {pid} in {pidfile}): "
                         "stop it first with `faasd down`")
     for service in SERVICES:
@@ -593,15 +594,6 @@ def _pid_in(path: str) -> int:
     data = read_small(path, 64) if os.path.lexists(path) else None
     text = (data or b"").decode("ascii", "replace").strip()
     return int(text) if text.isdigit() else 0
-
-
-def _alive(pid: int) -> bool:
-    """The process runs (a zombie waiting for its parent to reap it has stopped)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 def _lock_holder(path: str) -> str | None:

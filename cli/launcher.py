@@ -18,6 +18,7 @@ import time
 
 from common.daemon import owner_ids
 from common.paths import root_dir
+from common.proc import alive
 from common.settings import EX_CONFIG, Settings, SettingsError, load
 
 DEFAULT_CONF = "/etc/faasd/supervisord.conf"
@@ -86,9 +87,9 @@ def down(settings: Settings, conf: str, env: dict[str, str], timeout: float = 60
         subprocess.run([_supervisor_bin("supervisorctl", env), "-c", conf, "shutdown"],
                        env=env, check=False)
         deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _alive(pid):
+        if alive(pid):
             print(f"faasd: supervisord (pid {pid}, from {pidfile}) did not stop within "
                   f"{timeout:.0f}s, so the interface is left in place: check `faasd ctl "
                   f"status` and `ps -p {pid}` (a stale pidfile: remove it), then run "
@@ -96,15 +97,6 @@ def down(settings: Settings, conf: str, env: dict[str, str], timeout: float = 60
             return 1
     return subprocess.run([os.path.join(env["FAAS_BIN"], "faas-netagent"), "--remove"],
                           env=env, check=False).returncode
-
-
-def _alive(pid: int) -> bool:
-    """The process runs (a zombie waiting for its parent to reap it has stopped)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 def main(argv: list[str] | None = None) -> None:

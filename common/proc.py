@@ -1,4 +1,4 @@
-"""Child processes that must not outlive the daemon that started them."""
+"""Processes: children that must not outlive their daemon, and whether one still runs."""
 
 from __future__ import annotations
 
@@ -13,3 +13,12 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
     """For ``preexec_fn``: the kernel sends ``sig`` to the child when its parent dies,
     even by SIGKILL, so a killed daemon leaves no orphan behind."""
     _libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+
+def alive(pid: int) -> bool:
+    """The process runs (a zombie waiting for its parent to reap it has stopped)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False

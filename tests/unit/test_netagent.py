@@ -140,11 +140,14 @@ def test_firewall_apply_adds_jumps_once_and_remove_takes_all_away():
     ran: list[tuple[str, ...]] = []
 
     async def run_(*argv, stdin=None):
-        ran.append(argv)
+        if argv[3:] != ("-S",):  # record what changes the table, not the listings
+            ran.append(argv)
         if argv[3] == "-I":
             rules.add((argv[4], *argv[6:]))
         if argv[3] == "-D":
             rules.discard((argv[4], *argv[5:]))
+        if argv[3:] == ("-S",):  # the whole table, as ip6tables lists it
+            return "\n".join("-A " + " ".join(rule) for rule in sorted(rules))
         return ""
 
     async def check(*argv):
