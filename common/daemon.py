@@ -84,6 +84,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
+        loop.set_exception_handler(self._unhandled)
         uid, gid = self.socket_owner()
         access = Access(self.socket_mode, uid, gid)
         server = Server(self.service, self.handlers(), self.settings.run, self.log, access)
@@ -99,6 +100,12 @@ class Daemon:
         finally:
             server.close()
             self.log.info("stopped")
+
+
+    def _unhandled(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """A bug in a callback or a task nobody awaited: into the log, as JSON."""
+        self.log.error("unhandled", message=context.get("message"),
+                       error=repr(context.get("exception")))
 
 
 class AgentDaemon(Daemon):
