@@ -112,8 +112,8 @@ class Fleet:
             return build_config(rootfs, spec["config"], container_id=container_id,
                                 hostname=name, control_socket=control_socket, settings=limits)
 
-        def sink(container: str, stream: str, request: str | None, line: str) -> None:
-            self.logs.write(name, container, stream, request, line)
+        def sink(container: str, stream: str, request: str | None, lines: list[str]) -> None:
+            self.logs.write(name, container, stream, request, lines)
 
         return lambda: Container(name, self.bundles, self.ctl, self.runtime, make_config, sink)
 
@@ -127,3 +127,4 @@ class Fleet:
             await self._drop(name)
         if self.closing:
             await asyncio.gather(*self.closing, return_exceptions=True)
+        self.logs.flush()

@@ -7,6 +7,7 @@ can read them for ``faasctl logs``; nobody but the runner writes them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -14,7 +15,9 @@ from typing import IO
 
 MAX_BYTES = 10 << 20
 KEEP = 3
+_quote = json.JSONEncoder(separators=(",", ":")).encode
 MAX_LINE = 16 << 10  # a runaway line is cut, not buffered without end
+FLUSH_SECONDS = 0.05  # lines reach the file at most this late, in one write per file
 
 
 class FunctionLogs:
@@ -24,6 +27,8 @@ class FunctionLogs:
         self.directory = directory
         self.gid = gid
         self.files: dict[str, IO[str]] = {}
+        self.sizes: dict[str, int] = {}  # (asking a text file its position flushes it)
+        self._flush_at: asyncio.TimerHandle | None = None
         os.makedirs(directory, mode=0o750, exist_ok=True)
         os.chown(directory, 0, gid)
 
@@ -36,22 +41,44 @@ class FunctionLogs:
             fd = os.open(self.path(function), os.O_WRONLY | os.O_APPEND | os.O_CREAT |
                          os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
             os.fchown(fd, 0, self.gid)
-            f = self.files[function] = os.fdopen(fd, "a", buffering=1)
+            self.sizes[function] = os.fstat(fd).st_size
+            f = self.files[function] = os.fdopen(fd, "a")
         return f
 
     def write(self, function: str, container: str, stream: str, request: str | None,
-              line: str) -> None:
-        """Append one line; rotate first if the file is full."""
+              lines: list[str]) -> None:
+        """Append lines that one stream of one container wrote, in one write; rotate
+        first if the file is full."""
         f = self._open(function)
-        if f.tell() > MAX_BYTES:
+        if self.sizes[function] > MAX_BYTES:
             self._rotate(function)
             f = self._open(function)
-        f.write(json.dumps({"ts": round(time.time(), 6), "container": container,
-                            "stream": stream, "rid": request, "line": line[:MAX_LINE]},
-                           separators=(",", ":")) + "\n")
+        # json.dumps of {"ts", "container", "stream", "rid", "line"}, the same for every
+        # line but the last field
+        head = (f'{{"ts":{round(time.time(), 6)!r},"container":{_quote(container)},'
+                f'"stream":{_quote(stream)},"rid":{_quote(request)},"line":')
+        text = "".join(f"{head}{_quote(line[:MAX_LINE])}}}\n" for line in lines)
+        f.write(text)
+        self.sizes[function] += len(text)  # characters: ASCII, json.dumps escapes the rest
+        if self._flush_at is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no event loop (a script, a test): now
+                return f.flush()
+            self._flush_at = loop.call_later(FLUSH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        """Write what the files buffer (a handler that logs per request would otherwise
+        cost a write per request)."""
+        self._flush_at = None
+        for f in self.files.values():
+            try:
+                f.flush()
+            except OSError:
+                pass  # a full disk must not take the runner down; the lines are lost
 
     def _rotate(self, function: str) -> None:
-        self.files.pop(function).close()
+        self.files.pop(function).close()  # (flushes it)
         base = self.path(function)
         for i in range(KEEP - 1, 0, -1):
             if os.path.exists(f"{base}.{i}"):
@@ -62,5 +89,6 @@ class FunctionLogs:
         """Close a removed function's file (its logs stay until the next deploy of the
         same name appends to them)."""
         f = self.files.pop(function, None)
+        self.sizes.pop(function, None)
         if f is not None:
             f.close()

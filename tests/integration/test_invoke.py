@@ -161,22 +161,27 @@ def test_reuse_serves_the_next_connection_in_the_same_container(platform, image_
 
 def test_min_warm_hands_over_without_a_start(platform, image_tar):
     deploy(platform, image_tar, "warm", "min_warm=2")
-    poll("two warm containers", lambda: len(
-        [c for c in os.listdir(platform.run_dir / "ctl") if c.startswith("warm-")]) >= 2, 15)
+    poll("two warm containers ready", lambda: [
+        f["idle"] for f in json.loads(platform.faasctl("--json", "top").stdout)
+        ["runner"]["functions"] if f["name"] == "warm"] == [2], 15)
     address = json.loads(platform.faasctl("--json", "ip", "warm").stdout)["address"]
     assert get(platform, address, "/")[0] == 200
-    outcomes = [line.get("outcome") for line in platform.log_lines("runner")
-                if line.get("function") == "warm" and line["event"] == "request"]
-    assert outcomes and outcomes[-1].startswith("warm:")
+    outcomes = poll("the request in the runner's log", lambda: [
+        line.get("outcome") for line in platform.log_lines("runner")
+        if line.get("function") == "warm" and line["event"] == "request"], 5)
+    assert outcomes[-1].startswith("warm:"), outcomes
 
 
 def test_logs_carry_the_request_id(platform, image_tar):
     address = deploy(platform, image_tar, "chatty")
     get(platform, address, "/")
-    out = platform.faasctl("--json", "logs", "chatty")
-    lines = [json.loads(line) for line in out.stdout.splitlines()]
-    mine = [line for line in lines if line["line"].startswith("request ")]
-    assert mine and mine[-1]["rid"] == mine[-1]["line"].split()[1]
+
+    def mine() -> list[dict]:
+        out = platform.faasctl("--json", "logs", "chatty")
+        lines = [json.loads(line) for line in out.stdout.splitlines()]
+        return [line for line in lines if line["line"].startswith("request ")]
+    lines = poll("the handler's line in the function's log", mine, 5)
+    assert lines[-1]["rid"] == lines[-1]["line"].split()[1]
 
 
 def test_runner_restart_brings_listeners_back_and_cleans_up(platform, image_tar):

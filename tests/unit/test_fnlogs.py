@@ -13,7 +13,7 @@ def test_lines_carry_the_request_and_rotation_caps_the_size(tmp_path, monkeypatc
     monkeypatch.setattr(fnlogs, "MAX_BYTES", 2000)
     logs = FunctionLogs(str(tmp_path / "functions"), os.getgid())
     for i in range(200):
-        logs.write("fib", "fib-abc", "stderr", f"r{i}", f"line {i}")
+        logs.write("fib", "fib-abc", "stderr", f"r{i}", [f"line {i}"])
     names = sorted(os.listdir(tmp_path / "functions"))
     assert names[0] == "fib.log" and len(names) == fnlogs.KEEP + 1  # fib.log, .1 .. .KEEP
     sizes = [os.path.getsize(tmp_path / "functions" / n) for n in names]
@@ -24,6 +24,6 @@ def test_lines_carry_the_request_and_rotation_caps_the_size(tmp_path, monkeypatc
 
 def test_a_runaway_line_is_cut(tmp_path):
     logs = FunctionLogs(str(tmp_path / "functions"), os.getgid())
-    logs.write("fib", "c", "stdout", None, "x" * (fnlogs.MAX_LINE * 3))
+    logs.write("fib", "c", "stdout", None, ["x" * (fnlogs.MAX_LINE * 3)])
     entry = json.loads((tmp_path / "functions" / "fib.log").read_text())
     assert len(entry["line"]) == fnlogs.MAX_LINE and entry["rid"] is None

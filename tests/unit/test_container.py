@@ -1,0 +1,177 @@
+"""runner/container.py with a plain process in place of the runtime: the control socket,
+the hand-over, the request's end ("done", "exited", "timeout"), the output pumps and
+their request ids, the clean-up. The same code under runc and crun: tests/integration."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runner import container as container_mod
+from runner.container import Container, LinePump
+
+HANDLER = r"""
+import json, os, socket, sys, time
+ctl = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+ctl.connect(sys.argv[1])
+print("started", flush=True)
+while True:
+    msg, fds, _, _ = socket.recv_fds(ctl, 4096, 1)
+    if not msg:
+        sys.exit(0)
+    req = json.loads(msg)
+    conn = socket.socket(fileno=fds[0])
+    path = conn.recv(4096).split()[1].decode()
+    print(f"request {req['id']}", file=sys.stderr, flush=True)
+    if path == "/exit":
+        sys.exit(3)
+    if path == "/hang":
+        time.sleep(60)
+    if path == "/long":
+        sys.stderr.write("x" * 40000 + "\nafter\ntail-without-newline")
+        sys.stderr.flush()
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    conn.close()
+    ctl.send(json.dumps({"type": "done", "id": req["id"]}).encode())
+"""
+
+
+class PlainRuntime:
+    """The runtime's commands, with the handler as a plain child process."""
+
+    preexec_fn = None
+
+    def __init__(self, ctl_dir: Path):
+        self.ctl_dir = ctl_dir
+
+    def command(self, verb: str, *args: str) -> list[str]:
+        if verb == "run":
+            return [sys.executable, "-c", HANDLER, str(self.ctl_dir / f"{args[-1]}.sock")]
+        return ["true"]  # kill, delete: the process goes with its control socket
+
+
+class Lines:
+    def __init__(self) -> None:
+        self.got: list[tuple[str, str | None, str]] = []
+
+    def __call__(self, cid: str, stream: str, rid: str | None, lines: list[str]) -> None:
+        self.got.extend((stream, rid, line) for line in lines)
+
+
+def make(tmp_path: Path, sink: Lines) -> Container:
+    (tmp_path / "bundles").mkdir(exist_ok=True)
+    (tmp_path / "ctl").mkdir(exist_ok=True)
+    return Container("fn", str(tmp_path / "bundles"), str(tmp_path / "ctl"),
+                     PlainRuntime(tmp_path / "ctl"),  # type: ignore[arg-type]
+                     lambda cid, ctl: {"ociVersion": "1.0.2"}, sink)
+
+
+async def request(c: Container, path: str, rid: str) -> tuple[asyncio.Future[str], socket.socket]:
+    """Hand over one end of a socket pair carrying ``GET path``; the request's end as a
+    future, and our end."""
+    ours, theirs = socket.socketpair()
+    ours.sendall(f"GET {path} HTTP/1.1\r\n\r\n".encode())
+    ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    c.hand_over(theirs, rid, "fd00::1", 0.0)
+    theirs.close()
+    c.await_result(ended.set_result)
+    return ended, ours
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_reused_requests_end_with_done_and_their_output_carries_their_id(tmp_path):
+    async def main() -> None:
+        sink = Lines()
+        c = make(tmp_path, sink)
+        await c.start()
+        await c.ready(10)
+        for rid in ("aaaa", "bbbb"):
+            ended, ours = await request(c, "/", rid)
+            assert await ended == "done"
+            assert ours.recv(4096).endswith(b"ok")
+            # drained when `done` came, so tagged with the request, not the next one
+            assert ("stderr", rid, f"request {rid}") in sink.got
+        assert c.served == 2 and c.alive
+        await c.stop()
+        assert not os.path.exists(c.bundle) and not os.path.exists(c.ctl_path)
+        assert all(p.closed.done() for p in c._pumps)
+        assert ("stdout", None, "started") in sink.got
+    run(main())
+
+
+def test_a_handler_that_exits_ends_the_request_as_exited(tmp_path):
+    async def main() -> None:
+        c = make(tmp_path, Lines())
+        await c.start()
+        await c.ready(10)
+        ended, _ = await request(c, "/exit", "cccc")
+        assert await ended == "exited"
+        assert not c.alive and c.proc is not None and c.proc.returncode == 3
+        await c.stop()
+    run(main())
+
+
+def test_expire_ends_the_request_once_and_stop_kills(tmp_path, monkeypatch):
+    async def kill(self: Container) -> None:  # the runtime's kill, for a plain process
+        assert self.proc is not None
+        self.proc.kill()
+        await self.proc.wait()
+    monkeypatch.setattr(Container, "kill", kill)
+
+    async def main() -> None:
+        c = make(tmp_path, Lines())
+        await c.start()
+        await c.ready(10)
+        results: list[str] = []
+        _, ours = await request(c, "/hang", "dddd")
+        c._result = results.append  # count every call of the callback
+        c.expire()
+        c.expire()
+        assert results == ["timeout"] and not c.waiting
+        await c.stop(0.2)  # the handler sleeps: killed
+        assert not c.alive and c.proc is not None and c.proc.returncode == -9
+    run(main())
+
+
+def test_a_runaway_line_is_cut_and_the_last_line_kept(tmp_path):
+    async def main() -> None:
+        sink = Lines()
+        c = make(tmp_path, sink)
+        await c.start()
+        await c.ready(10)
+        ended, _ = await request(c, "/long", "eeee")
+        assert await ended == "done"
+        await c.stop()
+        lines = [line for stream, rid, line in sink.got if stream == "stderr"]
+        assert lines[-3:] == ["x" * container_mod.MAX_LINE, "after", "tail-without-newline"]
+    run(main())
+
+
+@pytest.mark.parametrize("chunks, expect", [
+    ([b"a\nb", b"c\n"], ["a", "bc"]),
+    ([b"x" * 20, b"y" * 10 + b"\nz\n"], ["x" * 16, "z"]),  # MAX_LINE 16 here
+    ([b"\xff\n"], ["\ufffd"]),
+])
+def test_line_pump_splits_cuts_and_decodes(monkeypatch, chunks, expect):
+    monkeypatch.setattr(container_mod, "MAX_LINE", 16)
+
+    async def main() -> list[str]:
+        got: list[str] = []
+        r, w = os.pipe()
+        pump = LinePump(r, got.extend)
+        for chunk in chunks:
+            os.write(w, chunk)
+            pump.drain()
+        os.close(w)
+        await asyncio.wait_for(pump.closed, 5)
+        return got
+    assert run(main()) == expect

@@ -1,0 +1,334 @@
+"""The runner's serving logic (runner/serve.py) with fake containers: slots, the queue,
+503s, deadlines, reuse, failures, a graceful close. Real sockets on ::1, no runtime;
+the test plays the handler. The end-to-end tests run the same paths with runc and crun."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import socket
+import time
+from typing import Any, Callable
+
+import pytest
+
+from common.log import EventLog
+from runner.container import ContainerFailed
+from runner.serve import Function, ServeSettings
+
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+
+
+class FakeContainer:
+    """What Function uses of a Container; the test answers for the handler."""
+
+    def __init__(self, n: int, fail_start: ContainerFailed | None = None,
+                 refuse: bool = False, start_seconds: float = 0.0):
+        self.id = f"fake-{n}"
+        self.served = 0
+        self.idle_since = time.monotonic()
+        self.deadline = 0.0
+        self.alive = True
+        self.stopped = False
+        self.fail_start = fail_start
+        self.refuse = refuse
+        self.start_seconds = start_seconds
+        self.conns: list[socket.socket] = []  # what was handed over, as the handler has it
+        self.ids: list[str] = []
+        self._result: Callable[[str], None] | None = None
+
+    async def start(self) -> None:
+        await asyncio.sleep(self.start_seconds)
+        if self.fail_start is not None:
+            raise self.fail_start
+
+    async def ready(self, timeout: float) -> None:
+        pass
+
+    def hand_over(self, client: socket.socket, request_id: str, remote: str,
+                  deadline: float) -> None:
+        if self.refuse:
+            raise ContainerFailed("handler did not take the connection: Resource "
+                                  "temporarily unavailable")
+        assert client.getblocking(), "a handler gets a blocking socket"
+        self.conns.append(socket.socket(fileno=os.dup(client.fileno())))
+        self.ids.append(request_id)
+        self.served += 1
+
+    def await_result(self, callback: Callable[[str], None]) -> None:
+        self._result = callback
+
+    @property
+    def waiting(self) -> bool:
+        return self._result is not None
+
+    def expire(self) -> None:
+        self.end("timeout")
+
+    def end(self, result: str) -> None:
+        callback, self._result = self._result, None
+        if callback is not None:
+            callback(result)
+
+    def answer(self, result: str = "done") -> None:
+        """Be the handler: answer the last connection, close it, report ``result``."""
+        conn = self.conns[-1]
+        conn.recv(4096)
+        conn.sendall(RESPONSE)
+        conn.close()
+        self.end(result)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        self.stopped = True
+        self.alive = False
+        for conn in self.conns:  # its processes die: the handler's copies close
+            conn.close()
+        self.end("exited")
+
+
+class Harness:
+    """A Function on ::1 (an ephemeral port) whose containers are fakes."""
+
+    def __init__(self, **settings: Any):
+        self.containers: list[FakeContainer] = []
+        self.make: dict[str, Any] = {}
+        self.out = io.StringIO()
+        self.log = EventLog("runner", stream=self.out)
+        self.fn = Function("fake", "::1", ServeSettings(**settings), self.new, self.log,
+                           port=0)
+        self.port = self.fn.sock.getsockname()[1]
+
+    def new(self) -> FakeContainer:
+        c = FakeContainer(len(self.containers), **self.make)
+        self.containers.append(c)
+        return c
+
+    async def send(self) -> asyncio.Task[bytes]:
+        """A client's request, answered whenever: its whole answer."""
+        async def client() -> bytes:
+            reader, writer = await asyncio.open_connection("::1", self.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: fake\r\n\r\n")
+            await writer.drain()
+            try:
+                return await reader.read()
+            except ConnectionResetError:  # closed with the request unread: no answer
+                return b""
+            finally:
+                writer.close()
+        return asyncio.ensure_future(client())
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        self.log.flush()
+        return [json.loads(line) for line in self.out.getvalue().splitlines()]
+
+
+async def until(what: str, probe: Callable[[], Any], timeout: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (result := probe()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+    return result
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_reuse_hands_the_next_connection_to_the_same_container():
+    async def main() -> None:
+        h = Harness(reuse=True)
+        first = await h.send()
+        c = await until("a cold container with the connection",
+                        lambda: h.containers and h.containers[0].waiting and h.containers[0])
+        c.answer()
+        assert (await first).endswith(b"ok")
+        second = await h.send()
+        await until("the second hand-over", lambda: c.served == 2 and c.waiting)
+        c.answer()
+        assert (await second).endswith(b"ok")
+        assert len(h.containers) == 1 and not c.stopped
+        snap = h.fn.snapshot()
+        assert (snap["cold"], snap["reused"], snap["served"], snap["idle"]) == (1, 1, 2, 1)
+        await h.fn.close()
+        assert c.stopped
+        outcomes = [line["outcome"] for line in h.log_lines() if line["event"] == "request"]
+        assert outcomes == ["cold:done", "reused:done"]
+        assert [line["rid"] for line in h.log_lines() if line["event"] == "request"] == c.ids
+    run(main())
+
+
+def test_one_shot_containers_are_stopped_after_their_request():
+    async def main() -> None:
+        h = Harness()
+        first = await h.send()
+        c = await until("a container", lambda: h.containers and h.containers[0].waiting
+                        and h.containers[0])
+        c.answer("exited")
+        assert (await first).endswith(b"ok")
+        await until("the container stopped", lambda: c.stopped)
+        assert h.fn.snapshot()["idle"] == 0
+        await h.fn.close()
+    run(main())
+
+
+def test_past_the_queue_the_runner_answers_503_and_the_queue_moves_on():
+    async def main() -> None:
+        h = Harness(reuse=True, concurrency=1, queue=1)
+        first = await h.send()
+        c = await until("the first request in its container",
+                        lambda: h.containers and h.containers[0].waiting and h.containers[0])
+        second = await h.send()
+        await until("the second request queued", lambda: h.fn.waiting == 1)
+        third = await h.send()
+        refused = await third
+        assert refused.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1\r\n" in refused
+        assert not second.done()
+        c.answer()
+        await first
+        await until("the queued request in the same container", lambda: c.served == 2)
+        c.answer()
+        assert (await second).endswith(b"ok")
+        assert h.fn.snapshot()["rejected"] == 1 and len(h.containers) == 1
+        await h.fn.close()
+    run(main())
+
+
+def test_a_request_that_waits_past_the_timeout_gets_503():
+    async def main() -> None:
+        h = Harness(concurrency=1, queue=4, timeout=0.3)
+        h.make = {"start_seconds": 1.0}  # the first request's cold start holds the slot
+        starting = await h.send()
+        await until("the first container starting", lambda: h.fn.starting == 1)
+        waiting = await h.send()
+        assert (await waiting).startswith(b"HTTP/1.1 503 ")
+        assert h.fn.snapshot()["rejected"] == 1 and not starting.done()
+        c = await until("the first request handed over", lambda: h.containers[0].waiting
+                        and h.containers[0])
+        c.answer("exited")
+        assert (await starting).endswith(b"ok")
+        await h.fn.close()
+    run(main())
+
+
+def test_the_deadline_expires_the_request_and_stops_its_container():
+    async def main() -> None:
+        h = Harness(reuse=True, timeout=0.2)
+        client = await h.send()
+        c = await until("a container", lambda: h.containers and h.containers[0].waiting
+                        and h.containers[0])
+        await until("the container stopped at the deadline", lambda: c.stopped)
+        assert await client == b""  # closed, no answer
+        snap = h.fn.snapshot()
+        assert snap["timeouts"] == 1 and snap["idle"] == 0 and snap["busy"] == 0
+        outcomes = [line["outcome"] for line in h.log_lines() if line["event"] == "request"]
+        assert outcomes == ["cold:timeout"]
+        await h.fn.close()
+    run(main())
+
+
+def test_one_timer_watches_every_request_in_flight():
+    async def main() -> None:
+        h = Harness(reuse=True, timeout=0.3)
+        clients = [await h.send() for _ in range(3)]
+        await until("three containers", lambda: sum(c.waiting for c in h.containers) == 3)
+        h.containers[1].answer()  # one ends in time, the others at their deadline
+        await until("the other two expired", lambda: h.fn.snapshot()["timeouts"] == 2)
+        answers = await asyncio.gather(*clients)
+        assert [a.endswith(b"ok") for a in answers] == [False, True, False]
+        assert h.fn._expiry_busy is None  # nothing in flight: no timer left
+        await h.fn.close()
+    run(main())
+
+
+@pytest.mark.parametrize("make, status", [
+    ({"fail_start": ContainerFailed("handler did not connect", 504)}, b"504 Gateway Timeout"),
+    ({"fail_start": ContainerFailed("container exited (1)")}, b"502 Bad Gateway"),
+    ({"refuse": True}, b"502 Bad Gateway"),
+])
+def test_a_container_that_fails_gets_the_client_an_error(make, status):
+    async def main() -> None:
+        h = Harness()
+        h.make = make
+        answer = await (await h.send())
+        assert answer.startswith(b"HTTP/1.1 " + status), answer
+        assert h.fn.snapshot()["failed"] == 1
+        await until("its slot free again", lambda: h.fn.active == 0)
+        h.make = {}
+        served = await h.send()  # the next one is served
+        c = await until("a working container", lambda: [
+            c for c in h.containers if c.waiting])
+        c[0].answer()
+        assert (await served).endswith(b"ok")
+        await h.fn.close()
+    run(main())
+
+
+def test_close_lets_requests_in_flight_and_waiting_finish():
+    async def main() -> None:
+        h = Harness(reuse=True, concurrency=1)
+        first = await h.send()
+        c = await until("a container", lambda: h.containers and h.containers[0].waiting
+                        and h.containers[0])
+        second = await h.send()
+        await until("the second queued", lambda: h.fn.waiting == 1)
+        closing = asyncio.ensure_future(h.fn.close())
+        await asyncio.sleep(0.05)
+        assert not closing.done()
+        with pytest.raises(ConnectionRefusedError):  # no longer accepting
+            await asyncio.open_connection("::1", h.port)
+        c.answer()
+        await until("the queued one handed over", lambda: c.served == 2 and c.waiting)
+        c.answer()
+        assert (await first).endswith(b"ok") and (await second).endswith(b"ok")
+        await closing
+        assert c.stopped and h.fn.snapshot()["idle"] == 0
+    run(main())
+
+
+def test_a_larger_concurrency_takes_waiting_connections_at_once():
+    async def main() -> None:
+        h = Harness(concurrency=1)
+        clients = [await h.send() for _ in range(3)]
+        await until("two waiting", lambda: h.fn.waiting == 2)
+        h.fn.update(ServeSettings(concurrency=3), h.new)
+        await until("all three in containers",
+                    lambda: sum(c.waiting for c in h.containers) == 3)
+        for c in h.containers:
+            c.answer("exited")
+        assert all(a.endswith(b"ok") for a in await asyncio.gather(*clients))
+        await h.fn.close()
+    run(main())
+
+
+def test_min_warm_fills_the_pool_and_a_dead_idle_container_is_not_used():
+    async def main() -> None:
+        h = Harness(min_warm=2, reuse=True)
+        await until("two warm", lambda: len(h.fn.idle) == 2)
+        h.fn.idle[-1].alive = False  # died while idle
+        client = await h.send()
+        c = await until("a live container serving", lambda: [
+            c for c in h.containers if c.waiting])
+        assert c[0] is h.containers[0] and c[0].served == 1
+        c[0].answer()
+        assert (await client).endswith(b"ok")
+        assert h.fn.snapshot()["warm"] == 1
+        await h.fn.close()
+    run(main())
+
+
+def test_access_lines_are_batched_and_keep_their_order():
+    async def main() -> None:
+        out = io.StringIO()
+        log = EventLog("runner", stream=out)
+        for i in range(3):
+            log.batched("info", "request", f"r{i}", n=i)
+        assert out.getvalue() == ""  # not yet
+        log.info("other")  # any other event writes the batch first
+        events = [json.loads(line) for line in out.getvalue().splitlines()]
+        assert [e.get("rid") for e in events] == ["r0", "r1", "r2", None]
+        log.batched("info", "request", "r3")
+        await until("the batch written by its timer", lambda: "r3" in out.getvalue(), 2)
+    run(main())
