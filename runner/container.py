@@ -3,9 +3,11 @@
 The runner listens on a SOCK_SEQPACKET socket per container (bind-mounted at
 /control.sock); the handler connecting to it means "ready". A connection is handed over
 as one packet of JSON with exactly one fd attached (SCM_RIGHTS); the handler answers
-``done`` (reuse) or exits (one-shot). The runtime process (``runc run``, not detached)
-is our child: its exit is the container's, and its stdout and stderr are the
-container's, which go to the function's log tagged with the request being served.
+``done`` (reuse) or exits (one-shot). The runtime starts the container detached and exits: the container's init, orphaned,
+becomes the runner's child (the runner is a child subreaper), watched through a pidfd,
+and its stdout and stderr are pipes straight to the runner (``runc run`` in the
+foreground would copy them through itself: a Go wakeup per line). They go to the
+function's log tagged with the request being served.
 
 Waiting for a request's end costs no task: the control socket has a reader callback
 for the container's life, and whichever comes first (``done``, the container's exit,
@@ -16,6 +18,7 @@ reused container takes, so it is kept short.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import functools
 import json
@@ -64,7 +67,9 @@ class Container:
         self.sink = sink  # (container id, stream, request id, lines)
         self.listener: socket.socket | None = None
         self.conn: socket.socket | None = None
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: asyncio.subprocess.Process | None = None  # the runtime's `run`
+        self.pid = 0  # of the container's init, once the runtime has started it
+        self._pidfd = -1
         self.request: str | None = None
         self.served = 0
         self.idle_since = time.monotonic()
@@ -97,9 +102,11 @@ class Container:
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(2)]  # stdout, stderr
         for r, _ in pipes:
             fcntl.fcntl(r, F_SETPIPE_SZ, PIPE_SIZE)
+        pidfile = os.path.join(self.bundle, "pid")
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                *self.runtime.command("run", "--bundle", self.bundle, self.id),
+                *self.runtime.command("run", "--detach", "--pid-file", pidfile,
+                                      "--bundle", self.bundle, self.id),
                 stdin=asyncio.subprocess.DEVNULL, stdout=pipes[0][1], stderr=pipes[1][1],
                 preexec_fn=self._preexec)
         except BaseException:
@@ -114,8 +121,40 @@ class Container:
             self._pump_of[r] = self._pumps[-1]
             self._output.register(r, select.POLLIN)
         # One future for the container's whole life: ready() and every request wait on it
-        self.exited = asyncio.ensure_future(self.proc.wait())
+        self.exited = asyncio.ensure_future(self._watch(pidfile))
         self.exited.add_done_callback(self._on_exit)
+
+    async def _watch(self, pidfile: str) -> int:
+        """The container's exit status: the runtime's, if it failed to start it; else
+        its init's, which we adopted when the runtime exited (-1 if we could not)."""
+        assert self.proc is not None
+        code = await self.proc.wait()
+        if code != 0:
+            return code
+        try:
+            with open(pidfile, encoding="ascii") as f:
+                self.pid = int(f.read())
+            self._pidfd = os.pidfd_open(self.pid)
+        except (OSError, ValueError):  # gone already and reaped, or no pid: not running
+            return -1
+        loop = asyncio.get_running_loop()
+        gone: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:  # the pidfd reads once the process has exited
+            loop.remove_reader(self._pidfd)
+            gone.set_result(None)
+        loop.add_reader(self._pidfd, readable)
+        try:
+            await gone
+        finally:
+            if not gone.done():
+                loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+        try:
+            return os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        except ChildProcessError:  # not our child (not adopted): someone else reaps it
+            return -1
 
     def _preexec(self) -> None:
         die_with_parent()
@@ -146,7 +185,7 @@ class Container:
             return
         accept.cancel()
         if exited in done:
-            raise ContainerFailed(f"container exited ({self.proc.returncode}) before its "
+            raise ContainerFailed(f"container exited ({exited.result()}) before its "
                                   "handler connected to /control.sock")
         raise ContainerFailed(f"handler did not connect to /control.sock within {timeout:.0f}s",
                               504)
@@ -162,6 +201,7 @@ class Container:
         # What json.dumps writes, without its cost; the id is hex, the address quoted.
         packet = (f'{{"type": "conn", "id": "{request_id}", "remote": {_quoted(remote)}, '
                   f'"deadline": {deadline!r}}}').encode()
+        self._drain()  # what it wrote while idle keeps the tag it had (none)
         self.request = request_id
         self._done = f'{{"type": "done", "id": "{request_id}"}}'.encode()  # as the SDK and
         self.idle_since = time.monotonic()  # most handlers write it: no JSON to parse
@@ -203,12 +243,16 @@ class Container:
                 self._stop_reading()  # its exit (or the deadline) ends a request
                 return
             if packet == self._done or _is_done(packet, self.request):
-                for fd, _ in self._output.poll(0):  # what it wrote for this request,
-                    self._pump_of[fd].drain()  # tagged with it
+                self._drain()  # what it wrote for this request, tagged with it
                 self.request = None
                 self.idle_since = time.monotonic()
                 return self._end("done")
             # anything else is a type we do not know: ignored, as the protocol says
+
+    def _drain(self) -> None:
+        """Read what the output pipes hold now, under the current request id."""
+        for fd, _ in self._output.poll(0):
+            self._pump_of[fd].drain()
 
     def _on_exit(self, _: asyncio.Future[int]) -> None:
         if self._result is not None:
@@ -226,7 +270,7 @@ class Container:
 
     @property
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None and not self.leaving
+        return self.exited is not None and not self.exited.done() and not self.leaving
 
     async def stop(self, grace: float = 1.0) -> None:
         """Close the control socket (the protocol's "stop"), then kill if need be; remove
@@ -244,9 +288,9 @@ class Container:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
-        if self.proc is not None and self.proc.returncode is None:
+        if self.exited is not None and not self.exited.done():
             try:
-                await asyncio.wait_for(self.proc.wait(), grace)
+                await asyncio.wait_for(asyncio.shield(self.exited), grace)
             except TimeoutError:
                 await self.kill()
         await self.remove()
@@ -263,12 +307,18 @@ class Container:
             *self.runtime.command("kill", self.id, "KILL"),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         await kill.wait()
-        if self.proc is not None:
-            try:
-                await asyncio.wait_for(self.proc.wait(), 5)
-            except TimeoutError:  # the runtime itself is stuck: end it
+        if self.exited is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self.exited), 5)
+            return
+        except TimeoutError:  # the runtime is stuck starting it, or could not kill it
+            if self.proc is not None and self.proc.returncode is None:
                 self.proc.send_signal(signal.SIGKILL)
-                await self.proc.wait()
+            if self._pidfd >= 0:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        with contextlib.suppress(TimeoutError):  # (a process stuck in the kernel stays)
+            await asyncio.wait_for(asyncio.shield(self.exited), 5)
 
     async def remove(self) -> None:
         """Delete the runtime's record, the bundle and the control socket."""

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from common.daemon import AgentDaemon, owner_ids, run_main
+from common.proc import adopt_orphans
 from common.settings import SettingsError
 from common.rpc import Handler
 from runner.fleet import Fleet
@@ -47,6 +48,9 @@ class Runner(AgentDaemon):
                 "image_progress": self.op_image_progress, "stats": self.op_stats}
 
     async def setup(self) -> None:
+        # Containers are started detached: their init processes become our children
+        # (runner/container.py), to be reaped here and not by pid 1.
+        adopt_orphans()
         logs = FunctionLogs(os.path.join(self.settings.root, "logs", "functions"), self._gid)
         self.fleet = Fleet(self.settings.root, self.settings.run, self.runtime, logs, self.log)
         removed = await self.remove_leftover_containers()

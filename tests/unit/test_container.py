@@ -13,14 +13,15 @@ from typing import Any
 
 import pytest
 
+from common.proc import adopt_orphans
 from runner import container as container_mod
 from runner.container import Container, LinePump
 
 HANDLER = r"""
 import json, os, socket, sys, time
+print("started", flush=True)  # before it is ready: no request's
 ctl = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 ctl.connect(sys.argv[1])
-print("started", flush=True)
 while True:
     msg, fds, _, _ = socket.recv_fds(ctl, 4096, 1)
     if not msg:
@@ -42,8 +43,16 @@ while True:
 """
 
 
+# `run --detach --pid-file F ...`: start the handler, write its pid, exit
+LAUNCH = r"""
+import subprocess, sys
+pid = subprocess.Popen([sys.executable, "-c", sys.argv[3], sys.argv[2]]).pid
+open(sys.argv[1], "w").write(str(pid))
+"""
+
+
 class PlainRuntime:
-    """The runtime's commands, with the handler as a plain child process."""
+    """The runtime's commands, with the handler as a plain process, started detached."""
 
     preexec_fn = None
 
@@ -52,8 +61,18 @@ class PlainRuntime:
 
     def command(self, verb: str, *args: str) -> list[str]:
         if verb == "run":
-            return [sys.executable, "-c", HANDLER, str(self.ctl_dir / f"{args[-1]}.sock")]
+            assert args[:2] == ("--detach", "--pid-file")
+            return [sys.executable, "-c", LAUNCH, args[2],
+                    str(self.ctl_dir / f"{args[-1]}.sock"), HANDLER]
         return ["true"]  # kill, delete: the process goes with its control socket
+
+
+@pytest.fixture(autouse=True)
+def subreaper():
+    """As the runner: the detached handlers become our children when LAUNCH exits."""
+    adopt_orphans()
+    yield
+    adopt_orphans(False)
 
 
 class Lines:
@@ -70,6 +89,14 @@ def make(tmp_path: Path, sink: Lines) -> Container:
     return Container("fn", str(tmp_path / "bundles"), str(tmp_path / "ctl"),
                      PlainRuntime(tmp_path / "ctl"),  # type: ignore[arg-type]
                      lambda cid, ctl: {"ociVersion": "1.0.2"}, sink)
+
+
+async def started(tmp_path: Path, sink: Lines) -> Container:
+    """A container whose handler has connected to its control socket."""
+    c = make(tmp_path, sink)
+    await c.start()
+    await c.ready(10)
+    return c
 
 
 async def request(c: Container, path: str, rid: str) -> tuple[asyncio.Future[str], socket.socket]:
@@ -91,9 +118,7 @@ def run(coro: Any) -> Any:
 def test_reused_requests_end_with_done_and_their_output_carries_their_id(tmp_path):
     async def main() -> None:
         sink = Lines()
-        c = make(tmp_path, sink)
-        await c.start()
-        await c.ready(10)
+        c = await started(tmp_path, sink)
         for rid in ("aaaa", "bbbb"):
             ended, ours = await request(c, "/", rid)
             assert await ended == "done"
@@ -101,8 +126,10 @@ def test_reused_requests_end_with_done_and_their_output_carries_their_id(tmp_pat
             # drained when `done` came, so tagged with the request, not the next one
             assert ("stderr", rid, f"request {rid}") in sink.got
         assert c.served == 2 and c.alive
+        pid = c.pid
         await c.stop()
         assert not os.path.exists(c.bundle) and not os.path.exists(c.ctl_path)
+        assert not os.path.exists(f"/proc/{pid}")  # adopted, and reaped: no zombie
         assert all(p.closed.done() for p in c._pumps)
         assert ("stdout", None, "started") in sink.got
     run(main())
@@ -110,27 +137,37 @@ def test_reused_requests_end_with_done_and_their_output_carries_their_id(tmp_pat
 
 def test_a_handler_that_exits_ends_the_request_as_exited(tmp_path):
     async def main() -> None:
-        c = make(tmp_path, Lines())
-        await c.start()
-        await c.ready(10)
+        c = await started(tmp_path, Lines())
         ended, _ = await request(c, "/exit", "cccc")
         assert await ended == "exited"
-        assert not c.alive and c.proc is not None and c.proc.returncode == 3
+        assert not c.alive and c.exited is not None and c.exited.result() == 3
         await c.stop()
+    run(main())
+
+
+def test_a_runtime_that_fails_to_start_it_is_the_exit(tmp_path, monkeypatch):
+    async def main() -> None:
+        sink = Lines()
+        c = make(tmp_path, sink)
+        monkeypatch.setattr(c.runtime, "command", lambda *a: [
+            "sh", "-c", "echo 'no such image' >&2; exit 7"])
+        await c.start()
+        with pytest.raises(container_mod.ContainerFailed, match=r"container exited \(7\)"):
+            await c.ready(10)
+        await c.stop()
+        assert ("stderr", None, "no such image") in sink.got
     run(main())
 
 
 def test_expire_ends_the_request_once_and_stop_kills(tmp_path, monkeypatch):
     async def kill(self: Container) -> None:  # the runtime's kill, for a plain process
-        assert self.proc is not None
-        self.proc.kill()
-        await self.proc.wait()
+        assert self.exited is not None
+        os.kill(self.pid, 9)
+        await self.exited
     monkeypatch.setattr(Container, "kill", kill)
 
     async def main() -> None:
-        c = make(tmp_path, Lines())
-        await c.start()
-        await c.ready(10)
+        c = await started(tmp_path, Lines())
         results: list[str] = []
         _, ours = await request(c, "/hang", "dddd")
         c._result = results.append  # count every call of the callback
@@ -138,16 +175,14 @@ def test_expire_ends_the_request_once_and_stop_kills(tmp_path, monkeypatch):
         c.expire()
         assert results == ["timeout"] and not c.waiting
         await c.stop(0.2)  # the handler sleeps: killed
-        assert not c.alive and c.proc is not None and c.proc.returncode == -9
+        assert not c.alive and c.exited is not None and c.exited.result() == -9
     run(main())
 
 
 def test_a_runaway_line_is_cut_and_the_last_line_kept(tmp_path):
     async def main() -> None:
         sink = Lines()
-        c = make(tmp_path, sink)
-        await c.start()
-        await c.ready(10)
+        c = await started(tmp_path, sink)
         ended, _ = await request(c, "/long", "eeee")
         assert await ended == "done"
         await c.stop()

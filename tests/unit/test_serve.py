@@ -119,6 +119,10 @@ class Harness:
                 writer.close()
         return asyncio.ensure_future(client())
 
+    async def serving(self, what: str = "a container serving") -> FakeContainer:
+        """The first container with a request in flight, once there is one."""
+        return await until(what, lambda: next((c for c in self.containers if c.waiting), None))
+
     def log_lines(self) -> list[dict[str, Any]]:
         self.log.flush()
         return [json.loads(line) for line in self.out.getvalue().splitlines()]
@@ -141,8 +145,7 @@ def test_reuse_hands_the_next_connection_to_the_same_container():
     async def main() -> None:
         h = Harness(reuse=True)
         first = await h.send()
-        c = await until("a cold container with the connection",
-                        lambda: h.containers and h.containers[0].waiting and h.containers[0])
+        c = await h.serving("a cold container with the connection")
         c.answer()
         assert (await first).endswith(b"ok")
         second = await h.send()
@@ -164,8 +167,7 @@ def test_one_shot_containers_are_stopped_after_their_request():
     async def main() -> None:
         h = Harness()
         first = await h.send()
-        c = await until("a container", lambda: h.containers and h.containers[0].waiting
-                        and h.containers[0])
+        c = await h.serving("a container")
         c.answer("exited")
         assert (await first).endswith(b"ok")
         await until("the container stopped", lambda: c.stopped)
@@ -178,8 +180,7 @@ def test_past_the_queue_the_runner_answers_503_and_the_queue_moves_on():
     async def main() -> None:
         h = Harness(reuse=True, concurrency=1, queue=1)
         first = await h.send()
-        c = await until("the first request in its container",
-                        lambda: h.containers and h.containers[0].waiting and h.containers[0])
+        c = await h.serving("the first request in its container")
         second = await h.send()
         await until("the second request queued", lambda: h.fn.waiting == 1)
         third = await h.send()
@@ -205,8 +206,7 @@ def test_a_request_that_waits_past_the_timeout_gets_503():
         waiting = await h.send()
         assert (await waiting).startswith(b"HTTP/1.1 503 ")
         assert h.fn.snapshot()["rejected"] == 1 and not starting.done()
-        c = await until("the first request handed over", lambda: h.containers[0].waiting
-                        and h.containers[0])
+        c = await h.serving("the first request handed over")
         c.answer("exited")
         assert (await starting).endswith(b"ok")
         await h.fn.close()
@@ -217,8 +217,7 @@ def test_the_deadline_expires_the_request_and_stops_its_container():
     async def main() -> None:
         h = Harness(reuse=True, timeout=0.2)
         client = await h.send()
-        c = await until("a container", lambda: h.containers and h.containers[0].waiting
-                        and h.containers[0])
+        c = await h.serving("a container")
         await until("the container stopped at the deadline", lambda: c.stopped)
         assert await client == b""  # closed, no answer
         snap = h.fn.snapshot()
@@ -258,9 +257,7 @@ def test_a_container_that_fails_gets_the_client_an_error(make, status):
         await until("its slot free again", lambda: h.fn.active == 0)
         h.make = {}
         served = await h.send()  # the next one is served
-        c = await until("a working container", lambda: [
-            c for c in h.containers if c.waiting])
-        c[0].answer()
+        (await h.serving("a working container")).answer()
         assert (await served).endswith(b"ok")
         await h.fn.close()
     run(main())
@@ -270,8 +267,7 @@ def test_close_lets_requests_in_flight_and_waiting_finish():
     async def main() -> None:
         h = Harness(reuse=True, concurrency=1)
         first = await h.send()
-        c = await until("a container", lambda: h.containers and h.containers[0].waiting
-                        and h.containers[0])
+        c = await h.serving("a container")
         second = await h.send()
         await until("the second queued", lambda: h.fn.waiting == 1)
         closing = asyncio.ensure_future(h.fn.close())
@@ -309,10 +305,9 @@ def test_min_warm_fills_the_pool_and_a_dead_idle_container_is_not_used():
         await until("two warm", lambda: len(h.fn.idle) == 2)
         h.fn.idle[-1].alive = False  # died while idle
         client = await h.send()
-        c = await until("a live container serving", lambda: [
-            c for c in h.containers if c.waiting])
-        assert c[0] is h.containers[0] and c[0].served == 1
-        c[0].answer()
+        c = await h.serving("a live container serving")
+        assert c is h.containers[0] and c.served == 1
+        c.answer()
         assert (await client).endswith(b"ok")
         assert h.fn.snapshot()["warm"] == 1
         await h.fn.close()
