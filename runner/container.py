@@ -72,6 +72,7 @@ class Container:
         self._pidfd = -1
         self.request: str | None = None
         self.served = 0
+        self.generation = 0  # of its function's settings, when it was started
         self.idle_since = time.monotonic()
         self._pumps: list[LinePump] = []
         self._output = select.poll()  # which pipes have something: one syscall for both

@@ -123,6 +123,7 @@ class Function:
         # last one is used first, so a pool larger than the load shrinks from the front
         self.busy: set[Container] = set()
         self.starting = 0
+        self.generation = 0  # of settings and version; a container keeps the one it had
         self.stats = Stats()
         self.tasks: set[asyncio.Future[Any]] = set()
         self.drained = asyncio.Event()  # no request in flight or waiting
@@ -139,9 +140,11 @@ class Function:
         return len(self.pending)
 
     def update(self, settings: ServeSettings, new_container: Callable[[], Container]) -> None:
-        """New settings or version: containers in flight finish, idle ones are replaced."""
+        """New settings or version: containers in flight finish (and are not reused),
+        idle ones are replaced."""
         self.new_container = new_container
         self.settings = settings
+        self.generation += 1
         while self.idle:
             self._spawn(self.idle.pop().stop())
         self._next()  # a larger concurrency takes waiting connections now
@@ -294,7 +297,8 @@ class Function:
             self.log.warning("timeout", function=self.name, container=container.id,
                              rid=req.id)
             self._spawn(container.stop(0))
-        elif result == "done" and self.settings.reuse and container.alive:
+        elif (result == "done" and self.settings.reuse and container.alive
+              and container.generation == self.generation):
             self.idle.append(container)
         else:
             self._spawn(container.stop())
@@ -331,6 +335,7 @@ class Function:
 
     async def _start(self) -> Container:
         container = self.new_container()
+        container.generation = self.generation
         self.starting += 1
         try:
             try:

@@ -28,6 +28,7 @@ class FakeContainer:
                  refuse: bool = False, start_seconds: float = 0.0):
         self.id = f"fake-{n}"
         self.served = 0
+        self.generation = 0
         self.idle_since = time.monotonic()
         self.deadline = 0.0
         self.alive = True
@@ -295,6 +296,24 @@ def test_a_larger_concurrency_takes_waiting_connections_at_once():
         for c in h.containers:
             c.answer("exited")
         assert all(a.endswith(b"ok") for a in await asyncio.gather(*clients))
+        await h.fn.close()
+    run(main())
+
+
+def test_a_container_of_the_old_settings_is_not_reused_after_an_update():
+    async def main() -> None:
+        h = Harness(reuse=True)
+        first = await h.send()
+        old = await h.serving("a request in flight")
+        h.fn.update(ServeSettings(reuse=True, timeout=20), h.new)
+        old.answer()  # finishes, in the container of the old settings
+        assert (await first).endswith(b"ok")
+        await until("the old container stopped", lambda: old.stopped)
+        second = await h.send()
+        new = await h.serving("the next request")
+        assert new is not old
+        new.answer()
+        assert (await second).endswith(b"ok")
         await h.fn.close()
     run(main())
 
