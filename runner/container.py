@@ -101,10 +101,11 @@ class Container:
         except BundleError as exc:  # the image or settings cannot make a container
             raise ContainerFailed(exc.message) from None
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(2)]  # stdout, stderr
-        for r, _ in pipes:
-            fcntl.fcntl(r, F_SETPIPE_SZ, PIPE_SIZE)
         pidfile = os.path.join(self.bundle, "pid")
         try:
+            for r, _ in pipes:
+                with contextlib.suppress(OSError):  # over the user's pipe quota: 64 KiB
+                    fcntl.fcntl(r, F_SETPIPE_SZ, PIPE_SIZE)
             self.proc = await asyncio.create_subprocess_exec(
                 *self.runtime.command("run", "--detach", "--pid-file", pidfile,
                                       "--bundle", self.bundle, self.id),
@@ -135,9 +136,14 @@ class Container:
         try:
             with open(pidfile, encoding="ascii") as f:
                 self.pid = int(f.read())
-            self._pidfd = os.pidfd_open(self.pid)
-        except (OSError, ValueError):  # gone already and reaped, or no pid: not running
+        except (OSError, ValueError):  # the runtime said it started it: cannot happen
             return -1
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:  # gone already and reaped: by someone else
+            return -1
+        except OSError:  # out of fds: ask the kernel now and then instead
+            return await self._poll_exit()
         loop = asyncio.get_running_loop()
         gone: asyncio.Future[None] = loop.create_future()
 
@@ -156,6 +162,17 @@ class Container:
             return os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
         except ChildProcessError:  # not our child (not adopted): someone else reaps it
             return -1
+
+    async def _poll_exit(self) -> int:
+        """The init's exit status, by waitpid every 0.1 s (no pidfd to wait on)."""
+        while True:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # not our child (not adopted): someone else reaps it
+                return -1
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            await asyncio.sleep(0.1)
 
     def _preexec(self) -> None:
         die_with_parent()

@@ -28,6 +28,7 @@ class FunctionLogs:
         self.gid = gid
         self.files: dict[str, IO[str]] = {}
         self.sizes: dict[str, int] = {}  # (asking a text file its position flushes it)
+        self.dropped = 0  # lines lost to a file that could not be written
         self._flush_at: asyncio.TimerHandle | None = None
         os.makedirs(directory, mode=0o750, exist_ok=True)
         os.chown(directory, 0, gid)
@@ -48,7 +49,15 @@ class FunctionLogs:
     def write(self, function: str, container: str, stream: str, request: str | None,
               lines: list[str]) -> None:
         """Append lines that one stream of one container wrote, in one write; rotate
-        first if the file is full."""
+        first if the file is full. A full disk or a broken file drops the lines (they are
+        counted in ``dropped``): a container's output must never hold up its requests."""
+        try:
+            self._write(function, container, stream, request, lines)
+        except OSError:
+            self.dropped += len(lines)
+
+    def _write(self, function: str, container: str, stream: str, request: str | None,
+               lines: list[str]) -> None:
         f = self._open(function)
         if self.sizes[function] > MAX_BYTES:
             self._rotate(function)

@@ -268,6 +268,13 @@ class Function:
             self._answer(req, http_error(502, "Bad Gateway", f"{self.name}: {exc}"), "failed",
                          slot=True)
             return
+        except Exception as exc:  # a bug (nothing was sent): logged, answered, slot freed
+            self.log.error("request_failed", function=self.name, error=repr(exc), rid=req.id)
+            self._spawn(container.stop(0))
+            self._answer(req, http_error(500, "Internal Server Error",
+                                         f"{self.name}: faasd failed; see its log"), "error",
+                         slot=True)
+            return
         req.conn.close()  # the container holds the connection now; ours would keep it open
         self.busy.add(container)
         setattr(self.stats, how, getattr(self.stats, how) + 1)
@@ -298,7 +305,8 @@ class Function:
                              rid=req.id)
             self._spawn(container.stop(0))
         elif (result == "done" and self.settings.reuse and container.alive
-              and container.generation == self.generation):
+              and container.generation == self.generation
+              and not (self.closed and not self.pending)):  # closing, nobody waiting
             self.idle.append(container)
         else:
             self._spawn(container.stop())

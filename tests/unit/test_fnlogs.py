@@ -27,3 +27,13 @@ def test_a_runaway_line_is_cut(tmp_path):
     logs.write("fib", "c", "stdout", None, ["x" * (fnlogs.MAX_LINE * 3)])
     entry = json.loads((tmp_path / "functions" / "fib.log").read_text())
     assert len(entry["line"]) == fnlogs.MAX_LINE and entry["rid"] is None
+
+
+def test_a_file_that_cannot_be_written_drops_the_lines_and_counts_them(tmp_path, monkeypatch):
+    logs = FunctionLogs(str(tmp_path / "functions"), os.getgid())
+
+    def full(function):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(logs, "_open", full)
+    logs.write("fib", "c", "stderr", "r1", ["a", "b"])  # does not raise
+    assert logs.dropped == 2

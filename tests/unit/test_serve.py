@@ -25,7 +25,7 @@ class FakeContainer:
     """What Function uses of a Container; the test answers for the handler."""
 
     def __init__(self, n: int, fail_start: ContainerFailed | None = None,
-                 refuse: bool = False, start_seconds: float = 0.0):
+                 refuse: bool | str = False, start_seconds: float = 0.0):
         self.id = f"fake-{n}"
         self.served = 0
         self.generation = 0
@@ -50,6 +50,8 @@ class FakeContainer:
 
     def hand_over(self, client: socket.socket, request_id: str, remote: str,
                   deadline: float) -> None:
+        if self.refuse == "bug":
+            raise RuntimeError("a bug")
         if self.refuse:
             raise ContainerFailed("handler did not take the connection: Resource "
                                   "temporarily unavailable")
@@ -247,6 +249,7 @@ def test_one_timer_watches_every_request_in_flight():
     ({"fail_start": ContainerFailed("handler did not connect", 504)}, b"504 Gateway Timeout"),
     ({"fail_start": ContainerFailed("container exited (1)")}, b"502 Bad Gateway"),
     ({"refuse": True}, b"502 Bad Gateway"),
+    ({"refuse": "bug"}, b"500 Internal Server Error"),
 ])
 def test_a_container_that_fails_gets_the_client_an_error(make, status):
     async def main() -> None:
@@ -254,7 +257,7 @@ def test_a_container_that_fails_gets_the_client_an_error(make, status):
         h.make = make
         answer = await (await h.send())
         assert answer.startswith(b"HTTP/1.1 " + status), answer
-        assert h.fn.snapshot()["failed"] == 1
+        assert h.fn.snapshot()["failed"] == (0 if make.get("refuse") == "bug" else 1)
         await until("its slot free again", lambda: h.fn.active == 0)
         h.make = {}
         served = await h.send()  # the next one is served
@@ -282,6 +285,20 @@ def test_close_lets_requests_in_flight_and_waiting_finish():
         assert (await first).endswith(b"ok") and (await second).endswith(b"ok")
         await closing
         assert c.stopped and h.fn.snapshot()["idle"] == 0
+    run(main())
+
+
+def test_a_reused_container_that_ends_after_close_is_stopped():
+    async def main() -> None:
+        h = Harness(reuse=True)
+        client = await h.send()
+        c = await h.serving()
+        h.fn.stop_accepting()  # as a sync that drops the function does first
+        c.answer()
+        assert (await client).endswith(b"ok")
+        await until("stopped, not kept idle", lambda: c.stopped)
+        assert h.fn.idle == []
+        await h.fn.close()
     run(main())
 
 
