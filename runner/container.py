@@ -3,11 +3,13 @@
 The runner listens on a SOCK_SEQPACKET socket per container (bind-mounted at
 /control.sock); the handler connecting to it means "ready". A connection is handed over
 as one packet of JSON with exactly one fd attached (SCM_RIGHTS); the handler answers
-``done`` (reuse) or exits (one-shot). The runtime starts the container detached and exits: the container's init, orphaned,
+``done`` (reuse) or exits (one-shot). runc starts the container detached and exits: the container's init, orphaned,
 becomes the runner's child (the runner is a child subreaper), watched through a pidfd,
 and its stdout and stderr are pipes straight to the runner (``runc run`` in the
-foreground would copy them through itself: a Go wakeup per line). They go to the
-function's log tagged with the request being served.
+foreground would copy them through itself: a Go wakeup per line). crun runs in the
+foreground, our child, whose exit is the container's: it passes the pipes straight
+through, and detached it would leave an intermediate process for us to reap. The
+output goes to the function's log tagged with the request being served.
 
 Waiting for a request's end costs no task: the control socket has a reader callback
 for the container's life, and whichever comes first (``done``, the container's exit,
@@ -106,9 +108,9 @@ class Container:
             for r, _ in pipes:
                 with contextlib.suppress(OSError):  # over the user's pipe quota: 64 KiB
                     fcntl.fcntl(r, F_SETPIPE_SZ, PIPE_SIZE)
+            detach = ("--detach", "--pid-file", pidfile) if self.runtime.detach else ()
             self.proc = await asyncio.create_subprocess_exec(
-                *self.runtime.command("run", "--detach", "--pid-file", pidfile,
-                                      "--bundle", self.bundle, self.id),
+                *self.runtime.command("run", *detach, "--bundle", self.bundle, self.id),
                 stdin=asyncio.subprocess.DEVNULL, stdout=pipes[0][1], stderr=pipes[1][1],
                 preexec_fn=self._preexec)
         except BaseException:
@@ -123,7 +125,8 @@ class Container:
             self._pump_of[r] = self._pumps[-1]
             self._output.register(r, select.POLLIN)
         # One future for the container's whole life: ready() and every request wait on it
-        self.exited = asyncio.ensure_future(self._watch(pidfile))
+        self.exited = asyncio.ensure_future(
+            self._watch(pidfile) if self.runtime.detach else self.proc.wait())
         self.exited.add_done_callback(self._on_exit)
 
     async def _watch(self, pidfile: str) -> int:

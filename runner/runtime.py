@@ -123,6 +123,12 @@ class Runtime:
         self.root = root or os.path.join(run_dir, self.name)
         self.timeout = timeout
         self.hide_unified = self.name == "crun" and crun_refuses_host()
+        # Whether a caller that keeps containers running should start them detached.
+        # runc in the foreground copies the container's stdout and stderr through pipes
+        # of its own (a Go wakeup per line); detached, it hands them over and exits.
+        # crun passes them straight through in the foreground, and detached it leaves
+        # an intermediate process of its own behind for whoever adopts it to reap.
+        self.detach = self.name != "crun"
 
     # --- what a caller that spawns the runtime itself needs ----------------------------
 

@@ -51,8 +51,22 @@ def load(platform, address: str, path: str, count: int, concurrency: int) -> dic
     return json.loads(out.stdout)
 
 
+def children(pid: int) -> int:
+    """How many child processes ``pid`` has, zombies included (each one it never reaped
+    counts)."""
+    count = 0
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                count += int(f.read().rpartition(")")[2].split()[1]) == pid
+        except (ValueError, OSError):  # not a process, or gone meanwhile
+            pass
+    return count
+
+
 def leaks(platform) -> dict[str, int]:
-    """What the runner holds now: containers, bundles, control sockets, mounts, fds."""
+    """What the runner holds now: containers, bundles, control sockets, mounts, fds,
+    child processes."""
     runner = platform.status()["runner"]["pid"]
     runtime = "crun" if 'runtime = "crun"' in platform.config else "runc"
     listed = run(runtime, "--root", platform.run_dir / runtime, "list", "-q", check=False)
@@ -62,6 +76,7 @@ def leaks(platform) -> dict[str, int]:
         "sockets": len(os.listdir(platform.run_dir / "ctl")),
         "mounts": sum(1 for line in open("/proc/self/mountinfo") if "faas-it-" in line),
         "fds": len(os.listdir(f"/proc/{runner}/fd")),
+        "children": children(runner),
     }
 
 
@@ -200,7 +215,10 @@ def test_a_thousand_requests_leave_nothing_behind(platform, image_tar):
     result = load(platform, address, "/", 1000, 1)
     print(f"1000 sequential: {result}")
     assert result["statuses"] == {"200": 1000}
-    after = poll("back to the baseline", lambda: settled(platform, baseline), 20)
+    try:
+        after = poll("back to the baseline", lambda: settled(platform, baseline), 20)
+    except AssertionError:
+        raise AssertionError(f"left behind: before {baseline}, now {leaks(platform)}") from None
     print(f"before {baseline} after {after}")
 
 

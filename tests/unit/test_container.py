@@ -52,18 +52,23 @@ open(sys.argv[1], "w").write(str(pid))
 
 
 class PlainRuntime:
-    """The runtime's commands, with the handler as a plain process, started detached."""
+    """The runtime's commands, with the handler as a plain process: started detached
+    (as runc is), or as the runtime's own process (as crun is)."""
 
     preexec_fn = None
 
-    def __init__(self, ctl_dir: Path):
+    def __init__(self, ctl_dir: Path, detach: bool = True):
         self.ctl_dir = ctl_dir
+        self.detach = detach
 
     def command(self, verb: str, *args: str) -> list[str]:
-        if verb == "run":
+        ctl = str(self.ctl_dir / f"{args[-1]}.sock")
+        if verb == "run" and self.detach:
             assert args[:2] == ("--detach", "--pid-file")
-            return [sys.executable, "-c", LAUNCH, args[2],
-                    str(self.ctl_dir / f"{args[-1]}.sock"), HANDLER]
+            return [sys.executable, "-c", LAUNCH, args[2], ctl, HANDLER]
+        if verb == "run":
+            assert args[0] == "--bundle"
+            return [sys.executable, "-c", HANDLER, ctl]
         return ["true"]  # kill, delete: the process goes with its control socket
 
 
@@ -83,17 +88,17 @@ class Lines:
         self.got.extend((stream, rid, line) for line in lines)
 
 
-def make(tmp_path: Path, sink: Lines) -> Container:
+def make(tmp_path: Path, sink: Lines, detach: bool = True) -> Container:
     (tmp_path / "bundles").mkdir(exist_ok=True)
     (tmp_path / "ctl").mkdir(exist_ok=True)
     return Container("fn", str(tmp_path / "bundles"), str(tmp_path / "ctl"),
-                     PlainRuntime(tmp_path / "ctl"),  # type: ignore[arg-type]
+                     PlainRuntime(tmp_path / "ctl", detach),  # type: ignore[arg-type]
                      lambda cid, ctl: {"ociVersion": "1.0.2"}, sink)
 
 
-async def started(tmp_path: Path, sink: Lines) -> Container:
+async def started(tmp_path: Path, sink: Lines, detach: bool = True) -> Container:
     """A container whose handler has connected to its control socket."""
-    c = make(tmp_path, sink)
+    c = make(tmp_path, sink, detach)
     await c.start()
     await c.ready(10)
     return c
@@ -115,10 +120,11 @@ def run(coro: Any) -> Any:
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
-def test_reused_requests_end_with_done_and_their_output_carries_their_id(tmp_path):
+@pytest.mark.parametrize("detach", [True, False], ids=["detached", "foreground"])
+def test_reused_requests_end_with_done_and_their_output_carries_their_id(tmp_path, detach):
     async def main() -> None:
         sink = Lines()
-        c = await started(tmp_path, sink)
+        c = await started(tmp_path, sink, detach)
         for rid in ("aaaa", "bbbb"):
             ended, ours = await request(c, "/", rid)
             assert await ended == "done"
@@ -126,18 +132,19 @@ def test_reused_requests_end_with_done_and_their_output_carries_their_id(tmp_pat
             # drained when `done` came, so tagged with the request, not the next one
             assert ("stderr", rid, f"request {rid}") in sink.got
         assert c.served == 2 and c.alive
-        pid = c.pid
+        pid = c.pid or c.proc.pid  # the adopted init (detached), or our child
         await c.stop()
         assert not os.path.exists(c.bundle) and not os.path.exists(c.ctl_path)
-        assert not os.path.exists(f"/proc/{pid}")  # adopted, and reaped: no zombie
+        assert not os.path.exists(f"/proc/{pid}")  # reaped: no zombie
         assert all(p.closed.done() for p in c._pumps)
         assert ("stdout", None, "started") in sink.got
     run(main())
 
 
-def test_a_handler_that_exits_ends_the_request_as_exited(tmp_path):
+@pytest.mark.parametrize("detach", [True, False], ids=["detached", "foreground"])
+def test_a_handler_that_exits_ends_the_request_as_exited(tmp_path, detach):
     async def main() -> None:
-        c = await started(tmp_path, Lines())
+        c = await started(tmp_path, Lines(), detach)
         ended, _ = await request(c, "/exit", "cccc")
         assert await ended == "exited"
         assert not c.alive and c.exited is not None and c.exited.result() == 3
