@@ -15,11 +15,11 @@ per OCI runtime (runc and crun side by side):
     reuse       faasd, reuse=true min_warm=1
 
 Prints p50/p90/p99 of time to first byte and of the whole request, sequential and with
-32 concurrent clients (requests/s, CPU per request), the ratios of each faasd mode to what it is held
-against, and the issue's four targets with PASS/MISS (the throughput one from ``--rounds``
-alternating runs of direct and reuse). ``--leak-check N`` instead sends
-N requests to a one-shot function and compares what exists before and after. What each
-target is, exactly: docs/bench-invoke.md. Run as root:
+32 concurrent clients (requests/s, CPU per request), the ratios of each faasd mode to
+what it is held against, and the issue's four targets with PASS/MISS (the throughput
+one from ``--rounds`` alternating runs of direct and reuse). ``--leak-check N`` instead
+sends N requests to a one-shot function and compares what exists before and after.
+What each target is, exactly: docs/bench-invoke.md. Run as root:
 `/opt/faasd/venv/bin/python bench/invoke.py [--requests N] [--runtime runc|crun|both]`.
 """
 

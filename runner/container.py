@@ -3,18 +3,20 @@
 The runner listens on a SOCK_SEQPACKET socket per container (bind-mounted at
 /control.sock); the handler connecting to it means "ready". A connection is handed over
 as one packet of JSON with exactly one fd attached (SCM_RIGHTS); the handler answers
-``done`` (reuse) or exits (one-shot). runc starts the container detached and exits: the container's init, orphaned,
-becomes the runner's child (the runner is a child subreaper), watched through a pidfd,
-and its stdout and stderr are pipes straight to the runner (``runc run`` in the
-foreground would copy them through itself: a Go wakeup per line). crun runs in the
-foreground, our child, whose exit is the container's: it passes the pipes straight
-through, and detached it would leave an intermediate process for us to reap. The
-output goes to the function's log tagged with the request being served.
+``done`` (reuse) or exits (one-shot).
+
+runc starts the container detached and exits: the container's init, orphaned, becomes
+the runner's child (the runner is a child subreaper), watched through a pidfd, and its
+stdout and stderr are pipes straight to the runner (``runc run`` in the foreground
+would copy them through itself: a Go wakeup per line). crun runs in the foreground, our
+child, whose exit is the container's: it passes the pipes straight through, and
+detached it would leave an intermediate process for us to reap. The output goes to the
+function's log tagged with the request being served.
 
 Waiting for a request's end costs no task: the control socket has a reader callback
 for the container's life, and whichever comes first (``done``, the container's exit,
-the deadline its function watches) calls the function's callback once. That is the path every request of a
-reused container takes, so it is kept short.
+the deadline its function watches) calls the function's callback once. That is the
+path every request of a reused container takes, so it is kept short.
 """
 
 from __future__ import annotations
