@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import random
 import socket
 import time
 from collections import deque
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from common.log import EventLog, request_id
+from common.protocol import new_id
 from runner.container import Container, ContainerFailed
 
 # Upper bounds (seconds) of the request-latency histogram's buckets; one more for +Inf.
@@ -98,7 +98,7 @@ class Request:
     def __init__(self, conn: socket.socket, remote: str, started: float):
         self.conn = conn
         self.remote = remote
-        self.id = f"{random.getrandbits(48):012x}"  # as common.protocol.new_id, no syscall
+        self.id = new_id()
         self.started = started  # loop time
         self.queued_until = 0.0
 
