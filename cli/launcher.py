@@ -25,7 +25,7 @@ DEFAULT_CONF = "/etc/faasd/supervisord.conf"
 
 
 def prepare(settings: Settings) -> None:
-    """Create the directories every daemon needs, owned and moded as DESIGN.md says.
+    """Create the directories every daemon needs, owned and moded as docs/design.md says.
 
     ``state/`` and ``spool/`` belong to the controller's user, ``images/`` to root alone.
     ``$FAAS_RUN`` is root:faas 1770: the faas group may reach the controller's endpoint,
