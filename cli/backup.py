@@ -22,7 +22,6 @@ import ipaddress
 import json
 import os
 import re
-import secrets
 import shutil
 import socket
 import sqlite3
@@ -41,6 +40,7 @@ from typing import IO, Any
 from common.daemon import VERSION, owner_ids
 from common.proc import alive
 from common.errors import EXIT_STATUS, Code, FaasError
+from common.files import atomic_file
 from common.protocol import SERVICES
 from common.schema import WgKey
 from common.settings import Settings, SettingsError, load
@@ -198,37 +198,6 @@ def read_small(path: str, cap: int) -> bytes | None:
         os.close(fd)
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_file(target: str, owner: tuple[int, int] | None, mode: int) -> Iterator[IO[bytes]]:
-    """Write ``target`` whole or not at all: a temporary file beside it (``O_EXCL``,
-    never through a symlink), owner and mode set, fsynced, renamed, directory fsynced."""
-    directory, base = os.path.split(os.path.abspath(target))
-    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        with open(fd, "wb") as f:
-            yield f
-            f.flush()
-            if owner is not None:
-                os.fchown(f.fileno(), *owner)
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.rename(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(directory)
-
-
 def sha256_of(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -307,7 +276,7 @@ def write_archive(target: str, manifest: dict[str, Any], files: dict[str, str]) 
         return ti
 
     body = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
-    with atomic_file(target, None, 0o600) as f, \
+    with atomic_file(target, 0o600) as f, \
             tarfile.open(fileobj=f, mode="w:gz", format=tarfile.PAX_FORMAT) as tf:
         tf.addfile(info(MANIFEST, len(body)), io.BytesIO(body))
         for m in MEMBERS:
@@ -686,7 +655,7 @@ def install(archive: Archive, root: str, owners: Owners) -> None:
                 for side in ("-wal", "-shm", "-journal"):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(target + side)
-            with atomic_file(target, owners.of(m.owner), m.mode) as out:
+            with atomic_file(target, m.mode, owners.of(m.owner)) as out:
                 shutil.copyfileobj(data_source, out, CHUNK)
 
 

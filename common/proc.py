@@ -26,9 +26,9 @@ def adopt_orphans(on: bool = True) -> None:
 
 
 def alive(pid: int) -> bool:
-    """The process runs (a zombie waiting for its parent to reap it has stopped)."""
+    """The process runs: not a zombie waiting for a parent to reap it (Z), nor dead (X)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
     except (FileNotFoundError, IndexError):
         return False

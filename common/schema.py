@@ -8,13 +8,13 @@ are modelled; anything the schema does not name is refused, never ignored.
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from common.errors import Code, FaasError
+from common.wgconf import check_key
 
 _MISSING = object()
 
@@ -142,12 +142,9 @@ class WgKey(Str):
     def check(self, value: Any, path: str) -> str:
         value = super().check(value, path)
         try:
-            raw = base64.b64decode(value, validate=True)
-        except ValueError:
-            raw = b""
-        if len(raw) != 32 or base64.b64encode(raw).decode() != value:
-            raise _bad(path, "is not a WireGuard key (32 bytes of base64, 44 characters)")
-        return value
+            return check_key(value)
+        except ValueError as exc:
+            raise _bad(path, f"is not a WireGuard key: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any
 
-from common import protocol
+from common import protocol, wgconf
 from common.daemon import VERSION, Daemon, run_main
 from common.errors import Code, FaasError
 from common.rpc import Client, Handler
@@ -302,7 +302,7 @@ class Controller(Daemon):
         await self.monitor.push()
         self.log.info("peer_added", name=peer["name"], address=peer["address"],
                       server_made_key=private is not None)
-        config = vpn.client_config(
+        config = wgconf.render(
             name=peer["name"], address=peer["address"], server_key=server["public_key"],
             endpoint=endpoint, dns=vpn.server_ip(self.settings.vpn_prefix),
             allowed=self.settings.client_prefix, private_key=private)

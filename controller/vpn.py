@@ -3,7 +3,7 @@
 The controller (unprivileged) keeps the peer list in state.db; netagent (root) puts it
 on the interface from ``sync``. A key pair the server makes for a peer comes from ``wg
 genkey``/``wg pubkey`` over pipes (never argv), is printed once and is not stored: only
-the public half is.
+the public half is. The peer's config file itself is :mod:`common.wgconf`'s.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import time
 from common.errors import Code, FaasError
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-KEEPALIVE = 25  # seconds: keeps a NAT mapping on the client's side open
 
 
 def expiry(text: str | None, now: float | None = None) -> float | None:
@@ -43,31 +42,6 @@ async def key_pair() -> tuple[str, str]:
     """(private, public), made by wg and passed through pipes only."""
     private = await _wg("genkey")
     return private, await _wg("pubkey", stdin=private.encode() + b"\n")
-
-
-def client_config(*, address: str, server_key: str, endpoint: str, dns: str,
-                  allowed: str, private_key: str | None, name: str) -> str:
-    """A complete wg-quick config for a peer. Without a private key it has a comment
-    in its place: ``faasctl vpn connect`` fills in the key the client keeps locally."""
-    if private_key is not None:
-        key_line = f"PrivateKey = {private_key}"
-    else:
-        key_line = ("# PrivateKey: yours, never sent to the server; `faasctl vpn connect` "
-                    "uses the one it keeps")
-    return "\n".join([
-        f"# faasd VPN peer {name}",
-        "[Interface]",
-        key_line,
-        f"Address = {address}/128",
-        f"DNS = {dns}, faas",
-        "",
-        "[Peer]",
-        f"PublicKey = {server_key}",
-        f"Endpoint = {endpoint}",
-        f"AllowedIPs = {allowed}",
-        f"PersistentKeepalive = {KEEPALIVE}",
-        "",
-    ])
 
 
 def check_endpoint(endpoint: str) -> str:

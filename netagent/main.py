@@ -31,6 +31,7 @@ from typing import Any
 
 from common.daemon import AgentDaemon, run_main
 from common.errors import Code, FaasError
+from common.files import atomic_write
 from common.rpc import Handler
 from common.settings import EX_CONFIG, SettingsError, load
 from netagent.firewall import Firewall
@@ -212,11 +213,7 @@ class NetAgent(AgentDaemon):
                   if p["endpoint"] or k in self.endpoints}
         if merged != self.endpoints:
             self.endpoints = merged
-            tmp = f"{self.endpoints_path}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            with open(fd, "w", encoding="utf-8") as f:
-                json.dump(merged, f)
-            os.rename(tmp, self.endpoints_path)
+            atomic_write(self.endpoints_path, json.dumps(merged).encode())
 
     # --- read-only verbs ---------------------------------------------------------------
 

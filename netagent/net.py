@@ -15,6 +15,7 @@ import shutil
 from typing import Any
 
 from common.errors import Code, FaasError
+from common.files import atomic_write
 from common.proc import die_with_parent
 
 
@@ -141,14 +142,7 @@ class Net:
             os.chmod(path, 0o600)
             return
         key = (await self.run("wg", "genkey")).strip().encode()
-        tmp = f"{path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, key + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
+        atomic_write(path, key + b"\n")
 
     async def configure(self, key_path: str, port: int) -> None:
         """Private key (by path) and listen port."""

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import ipaddress
+
 import pytest
 
+from common import wgconf
 from common.errors import Code, FaasError
 from controller import vpn
 from controller.state import State
@@ -61,12 +65,30 @@ def test_expiry_units():
 def test_client_config_with_and_without_a_private_key():
     common = dict(address="fd00:faa5:0:100::2", server_key=KEY_A, endpoint="vpn.example:51820",
                   dns="fd00:faa5:0:100::1", allowed="fd00:faa5::/32", name="laptop")
-    with_key = vpn.client_config(private_key=KEY_B, **common)
+    with_key = wgconf.render(private_key=KEY_B, **common)
     assert f"PrivateKey = {KEY_B}" in with_key
     assert "Address = fd00:faa5:0:100::2/128" in with_key
     assert "DNS = fd00:faa5:0:100::1, faas" in with_key
     assert "AllowedIPs = fd00:faa5::/32" in with_key
-    assert "PrivateKey =" not in vpn.client_config(private_key=None, **common)
+    assert "PrivateKey =" not in wgconf.render(private_key=None, **common)
+
+
+def test_the_config_the_server_writes_is_the_config_the_client_reads():
+    """One module writes and reads the format: whatever render() writes, parse() reads
+    back to the same values, with nothing ignored."""
+    server, client = base64.b64encode(b"s" * 32).decode(), base64.b64encode(b"c" * 32).decode()
+    common = dict(address="fd00:faa5:0:100::2", server_key=server, endpoint="[fdff:1::1]:51820",
+                  dns="fd00:faa5:0:100::1", allowed="fd00:faa5::/32", name="laptop")
+    for private in (client, None):
+        config, ignored = wgconf.parse(wgconf.render(private_key=private, **common))
+        assert ignored == []
+        assert config.address == ipaddress.IPv6Interface("fd00:faa5:0:100::2/128")
+        assert (config.peer_key, config.endpoint, config.private_key) == (
+            server, "[fdff:1::1]:51820", private)
+        assert config.allowed_ips == (ipaddress.IPv6Network("fd00:faa5::/32"),)
+        assert config.dns_servers == (ipaddress.IPv6Address("fd00:faa5:0:100::1"),)
+        assert config.dns_domains == (wgconf.DNS_DOMAIN,)
+        assert config.keepalive == wgconf.KEEPALIVE
 
 
 def test_no_endpoint_is_a_clear_conflict():
