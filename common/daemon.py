@@ -27,7 +27,7 @@ from common.rpc import Access, AlreadyRunning, Handler, Server
 from common.settings import EX_CONFIG, Settings, SettingsError, load
 
 EX_TEMPFAIL = 75  # another instance is running: not a configuration error
-VERSION = "0.1.0"
+VERSION = "0.1.0"  # the package version too: setup.cfg reads it from here
 
 
 class Daemon:
