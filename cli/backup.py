@@ -43,7 +43,7 @@ from common.errors import EXIT_STATUS, Code, FaasError
 from common.files import atomic_file
 from common.protocol import SERVICES
 from common.schema import WgKey
-from common.settings import Settings, SettingsError, load
+from common.settings import Settings, SettingsError, load, vpn_server
 from controller.state import MIGRATIONS
 from dnsagent import zone
 
@@ -509,7 +509,7 @@ def check_zone(data: bytes, settings: Settings) -> None:
         records = zone.check_records(raw, ipaddress.IPv6Network(settings.function_prefix))
     except FaasError as exc:
         raise _bad(f"dns/faas.db: {exc.message}") from None
-    ns = zone.ns_address(ipaddress.IPv6Network(settings.vpn_prefix))
+    ns = vpn_server(settings.vpn_prefix).ip
     if serial is None or zone.render(records, serial, ns) != text:
         raise _bad("dns/faas.db is not a zone faasd's dnsagent wrote")
 

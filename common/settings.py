@@ -212,6 +212,13 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(values, sources)
 
 
+def vpn_server(vpn_prefix: str | ipaddress.IPv6Network) -> ipaddress.IPv6Interface:
+    """The server's own address in the VPN, ``::1`` of ``vpn_prefix``, with the prefix's
+    length: netagent puts it on the interface, named answers there, clients are told it."""
+    net = ipaddress.IPv6Network(vpn_prefix)
+    return ipaddress.IPv6Interface(f"{net.network_address + 1}/{net.prefixlen}")
+
+
 def markdown_table() -> str:
     """The settings as the table in docs/settings.md (``python -m common.settings``)."""
     rows = ["| key | environment | type | default | what it is |", "|---|---|---|---|---|"]

@@ -18,6 +18,7 @@ from common import protocol, wgconf
 from common.daemon import VERSION, Daemon, run_main
 from common.errors import Code, FaasError
 from common.rpc import Client, Handler
+from common.settings import vpn_server
 from controller import vpn
 from controller.health import Monitor
 from controller.http import HttpApi
@@ -304,7 +305,7 @@ class Controller(Daemon):
                       server_made_key=private is not None)
         config = wgconf.render(
             name=peer["name"], address=peer["address"], server_key=server["public_key"],
-            endpoint=endpoint, dns=vpn.server_ip(self.settings.vpn_prefix),
+            endpoint=endpoint, dns=str(vpn_server(self.settings.vpn_prefix).ip),
             allowed=self.settings.client_prefix, private_key=private)
         return {**peer, "config": config, "private_key_included": private is not None}
 

@@ -9,7 +9,6 @@ the public half is. The peer's config file itself is :mod:`common.wgconf`'s.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import time
 
 from common.errors import Code, FaasError
@@ -52,8 +51,3 @@ def check_endpoint(endpoint: str) -> str:
                         "public name or address and wg_port) in /etc/faasd/faasd.toml and "
                         "restart the controller (faasd ctl restart controller)")
     return endpoint
-
-
-def server_ip(vpn_prefix: str) -> str:
-    """The server's address inside the tunnel, where DNS answers."""
-    return str(ipaddress.IPv6Network(vpn_prefix).network_address + 1)

@@ -25,6 +25,7 @@ from typing import Any
 
 from common.daemon import AgentDaemon, run_main
 from common.errors import Code, FaasError
+from common.settings import vpn_server
 from dnsagent import zone
 from dnsagent.named import Layout, commit, find_tool, stage, write_atomic
 
@@ -87,7 +88,7 @@ class DnsAgent(AgentDaemon):
         super().__init__(*args, **kwargs)
         self.layout = Layout(self.settings.root)
         self.function_prefix = ipaddress.IPv6Network(self.settings.function_prefix)
-        self.ns = zone.ns_address(ipaddress.IPv6Network(self.settings.vpn_prefix))
+        self.ns = vpn_server(self.settings.vpn_prefix).ip
         self.today: Callable[[], date] = utc_today  # tests move the clock
         # True at start: named may be serving an older file than the one on disk (it
         # was written while named was down, or named started before this agent).

@@ -36,7 +36,7 @@ import tempfile
 from dataclasses import dataclass
 
 from common.daemon import owner_ids
-from common.settings import EX_CONFIG, Settings, SettingsError, load
+from common.settings import EX_CONFIG, Settings, SettingsError, load, vpn_server
 from dnsagent import zone
 
 # rndc control channel: 127.0.0.1 on this port. 953 is rndc's default; a second
@@ -182,7 +182,7 @@ def _recursion(settings: Settings) -> list[str]:
 def render_named_conf(settings: Settings, layout: Layout, rndc_port: int = RNDC_PORT) -> str:
     """named.conf for this instance: authoritative for faas., listening on the VPN
     server address only, forwarding to the upstreams for VPN clients, no transfers."""
-    ns = zone.ns_address(ipaddress.IPv6Network(settings.vpn_prefix))
+    ns = vpn_server(settings.vpn_prefix).ip
     work = layout.work_dir
     options = [
         f"directory {_quoted(work)};",

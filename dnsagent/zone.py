@@ -130,11 +130,6 @@ def txt_strings(names: Iterable[str]) -> tuple[list[str], int]:
     return strings or [""], 0
 
 
-def ns_address(vpn_prefix: ipaddress.IPv6Network) -> ipaddress.IPv6Address:
-    """The server's VPN address (``::1`` of the VPN prefix), where DNS is served."""
-    return vpn_prefix.network_address + 1
-
-
 def render(records: Iterable[Record], serial: int, ns: ipaddress.IPv6Address) -> str:
     """The zone file text: deterministic for a given record set, serial and NS address.
 

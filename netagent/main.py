@@ -33,18 +33,13 @@ from common.daemon import AgentDaemon, run_main
 from common.errors import Code, FaasError
 from common.files import atomic_write
 from common.rpc import Handler
-from common.settings import EX_CONFIG, SettingsError, load
+from common.settings import EX_CONFIG, SettingsError, load, vpn_server
 from netagent.firewall import Firewall
 from netagent.net import Net
 
 KEEPALIVE = 25  # seconds, for a peer the server greets first (see set_peer)
 HEAL_SECONDS = 1.0  # how often the interface is compared with the desired state
 ENDPOINT_SAVE_TICKS = 2  # peer endpoints are saved every this many checks
-
-
-def server_address(vpn_prefix: ipaddress.IPv6Network) -> ipaddress.IPv6Interface:
-    """The server's own VPN address: ::1 of the VPN prefix, with the prefix length."""
-    return ipaddress.IPv6Interface(f"{vpn_prefix.network_address + 1}/{vpn_prefix.prefixlen}")
 
 
 class NetAgent(AgentDaemon):
@@ -59,7 +54,7 @@ class NetAgent(AgentDaemon):
         self.firewall = Firewall(self.settings.wg_interface, self.net.run, self.net.check)
         self.function_prefix = ipaddress.IPv6Network(self.settings.function_prefix)
         self.vpn_prefix = ipaddress.IPv6Network(self.settings.vpn_prefix)
-        self.server = server_address(self.vpn_prefix)
+        self.server = vpn_server(self.vpn_prefix)
         self.key_path = os.path.join(self.settings.root, "wireguard", "private.key")
         self.endpoints_path = os.path.join(self.settings.root, "wireguard", "endpoints.json")
         self.endpoints = self.load_endpoints()

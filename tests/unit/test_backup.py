@@ -23,7 +23,7 @@ import pytest
 
 from cli import backup as bk
 from common.errors import EXIT_STATUS, Code, FaasError
-from common.settings import load
+from common.settings import load, vpn_server
 from controller.state import MIGRATIONS, State
 from dnsagent import zone
 
@@ -68,7 +68,7 @@ class Host:
             zone.ipaddress.IPv6Network(self.settings.function_prefix))
         (self.root / "dns").mkdir(mode=0o755)
         self.zone = zone.render(records, 2024010502,
-                                zone.ns_address(zone.ipaddress.IPv6Network(self.settings.vpn_prefix)))
+                                vpn_server(self.settings.vpn_prefix).ip)
         (self.root / "dns" / "faas.db").write_text(self.zone)
         (self.root / "dns" / "serial").write_text("2024010502\n")
         (self.root / "dns" / "rndc.conf").write_text("key secret\n")

@@ -14,7 +14,8 @@ from common.errors import Code, FaasError
 from common.log import EventLog
 from common.settings import load
 from netagent import firewall
-from netagent.main import NetAgent, server_address
+from common.settings import vpn_server
+from netagent.main import NetAgent
 
 KEY_A, KEY_B = "A" * 43 + "=", "B" * 43 + "="
 
@@ -110,7 +111,7 @@ def test_bad_peers_refuse_the_whole_sync_before_anything_runs(agent, peers):
 
 
 def test_server_address_is_one_of_the_vpn_prefix():
-    assert str(server_address(ipaddress.IPv6Network("fd00:faa5:0:100::/64"))) == \
+    assert str(vpn_server("fd00:faa5:0:100::/64")) == \
         "fd00:faa5:0:100::1/64"
 
 
