@@ -67,6 +67,11 @@ def _unmapped(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return addr
 
 
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or v4-mapped 127.x: a peer on this host."""
+    return _unmapped(host).is_loopback
+
+
 def _proc_hex(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     """An address as /proc/net/tcp* prints it: 32-bit words in host byte order."""
     raw = addr.packed
