@@ -1,10 +1,11 @@
 """The controller's HTTP API against docs/openapi.json, with a fake controller.
 
 HttpApi serves on an ephemeral loopback port; a fake stands in for the Controller's
-handler table, the one faasctl's requests reach. The tests run as root, an operator. Every documented operation is called and
-its answer (status, content type, JSON body) checked against the document; every route
-the server knows must be in the document and the other way round; bad input must be
-refused with the documented status and stable code before any op runs.
+handler table, the one faasctl's requests reach. The tests run as root, an operator.
+Every documented operation is called and its answer (status, content type, JSON body)
+checked against the document; every route the server knows must be in the document and
+the other way round; bad input must be refused with the documented status and stable
+code before any op runs.
 """
 
 from __future__ import annotations
