@@ -3,7 +3,9 @@
 It never runs ip, wg or runc and never writes a zone file: it tells the agents, through
 their narrow ops, what the world should look like, and watches that they listen.
 Operators reach it with faasctl over ``$FAAS_RUN/controller.sock`` (mode 0660, group
-faas) and over HTTP on ``http_listen`` (loopback).
+faas) and over HTTP (controller/http.py: on ``http_listen``, loopback, and
+``$FAAS_RUN/http.sock``, for operators by uid and token holders; with ``http_listen_vpn``
+on the server's VPN address, for token holders).
 """
 
 from __future__ import annotations
