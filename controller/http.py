@@ -206,9 +206,8 @@ class Storm:
         self.count, self.last = 0, now
 
     def close(self) -> None:
-        if self._flush is not None:
-            self._flush.cancel()
-            self._flush = None
+        """Log what is still counted; no timer left behind."""
+        self._emit(time.monotonic(), {})
 
 
 class HttpApi:
@@ -237,10 +236,6 @@ class HttpApi:
 
     # --- listeners ------------------------------------------------------------------
 
-    def _factory(self, site: str) -> Callable[[], asyncio.Protocol]:
-        server = _Server(self, site)
-        return server
-
     def hostnames(self) -> set[str]:
         """The names a Host header may give: this server's own, never a foreign one."""
         names = {"localhost", "127.0.0.1", "::1", self.host.lower()}
@@ -250,7 +245,7 @@ class HttpApi:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        tcp = await loop.create_server(self._factory(LOCAL), self.host, self.port,
+        tcp = await loop.create_server(_Server(self, LOCAL), self.host, self.port,
                                        reuse_address=True)
         self.servers.append(tcp)
         self.port = tcp.sockets[0].getsockname()[1]  # the real one when port was 0
@@ -259,7 +254,7 @@ class HttpApi:
             self.servers.append(await self._start_unix(self.endpoints.unix))
         if self.endpoints.vpn:
             sock = _freebind_socket(self.endpoints.vpn, self.port)
-            self.servers.append(await loop.create_server(self._factory(VPN), sock=sock))
+            self.servers.append(await loop.create_server(_Server(self, VPN), sock=sock))
             self.log.info("http_listening", host=self.endpoints.vpn, port=self.port,
                           tokens_only=True)
 
@@ -272,7 +267,7 @@ class HttpApi:
         old = os.umask(0o117)
         try:
             server = await asyncio.get_running_loop().create_unix_server(
-                self._factory(UNIX), path)
+                _Server(self, UNIX), path)
         finally:
             os.umask(old)
         if self.endpoints.unix_gid >= 0:
