@@ -233,6 +233,12 @@ class HttpApi:
         self.open = 0  # connections now open, on every listener together
         self.refused = Storm(log, "http_connections_refused")
         self.servers: list[asyncio.AbstractServer] = []
+        self.managers: list[_Server] = []  # each listener's connections
+
+    def _server(self, site: str) -> _Server:
+        manager = _Server(self, site)
+        self.managers.append(manager)
+        return manager
 
     # --- listeners ------------------------------------------------------------------
 
@@ -245,7 +251,7 @@ class HttpApi:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        tcp = await loop.create_server(_Server(self, LOCAL), self.host, self.port,
+        tcp = await loop.create_server(self._server(LOCAL), self.host, self.port,
                                        reuse_address=True)
         self.servers.append(tcp)
         self.port = tcp.sockets[0].getsockname()[1]  # the real one when port was 0
@@ -254,7 +260,7 @@ class HttpApi:
             self.servers.append(await self._start_unix(self.endpoints.unix))
         if self.endpoints.vpn:
             sock = _freebind_socket(self.endpoints.vpn, self.port)
-            self.servers.append(await loop.create_server(_Server(self, VPN), sock=sock))
+            self.servers.append(await loop.create_server(self._server(VPN), sock=sock))
             self.log.info("http_listening", host=self.endpoints.vpn, port=self.port,
                           tokens_only=True)
 
@@ -267,7 +273,7 @@ class HttpApi:
         old = os.umask(0o117)
         try:
             server = await asyncio.get_running_loop().create_unix_server(
-                _Server(self, UNIX), path)
+                self._server(UNIX), path)
         finally:
             os.umask(old)
         if self.endpoints.unix_gid >= 0:
@@ -276,11 +282,15 @@ class HttpApi:
         return server
 
     async def stop(self) -> None:
+        """Stop listening, end open connections (a request in flight gets a second),
+        remove the unix socket."""
         for server in self.servers:
             server.close()
+        for manager in self.managers:
+            await manager.shutdown(1.0)
         for server in self.servers:
             await server.wait_closed()
-        self.servers = []
+        self.servers, self.managers = [], []
         self.refused.close()
         if self.endpoints.unix:
             try:
