@@ -72,7 +72,7 @@ def is_loopback(host: str) -> bool:
 
 
 # linux/sock_diag.h, linux/inet_diag.h
-NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY, NLMSG_ERROR = 4, 20, 2
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY = 4, 20
 NLM_F_REQUEST = 1
 TCP_TIME_WAIT, TCP_LISTEN = 6, 10  # owned by no process (uid 0) / not a peer
 NO_COOKIE = 0xFFFFFFFF
@@ -90,8 +90,8 @@ def _diag(family: int, src: bytes, sport: int, dst: bytes, dport: int) -> int | 
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
         nl.sendto(req, (0, 0))
         data = nl.recv(8192)
-    if len(data) < 16 or struct.unpack_from("=H", data, 4)[0] == NLMSG_ERROR:
-        return None  # ENOENT: no such socket here
+    if len(data) < _ANSWER.size or struct.unpack_from("=H", data, 4)[0] != SOCK_DIAG_BY_FAMILY:
+        return None  # NLMSG_ERROR with ENOENT: no such socket here
     fields = _ANSWER.unpack_from(data)
     state, uid = fields[6], fields[-2]
     return None if state in (TCP_TIME_WAIT, TCP_LISTEN) else uid
