@@ -459,3 +459,17 @@ def test_a_storm_is_logged_once_per_interval_with_its_count():
     asyncio.run(storm())
     counts = [json.loads(x)["count"] for x in out.getvalue().splitlines()]
     assert counts == [1, 999]
+
+
+def test_the_api_gets_a_handler_table_not_the_controller():
+    """One dispatch path: the HTTP API calls the checked handler table the ZeroMQ server
+    gets, and controller/http.py does not import controller/main.py (no circle)."""
+    import ast
+    from pathlib import Path
+    tree = ast.parse((Path(http.__file__)).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "controller.main" not in imported
+    with pytest.raises(ValueError):  # a table that is not the protocol's is refused
+        HttpApi({"list": handlers_of(FakeController())["list"]}, Endpoints("127.0.0.1:0"),
+                EventLog("controller", stream=io.StringIO()), operators=Operators("faas"))
