@@ -64,8 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "server; connect, disconnect, pubkey on a client",
                          description="VPN peers reach functions by name: "
                          "curl http://NAME.faas/ once connected.")
+    token = sub.add_parser("token", help="HTTP API tokens for automation: create, list, rm",
+                           description="A token lets a CI job or a VPN peer use the HTTP "
+                           "API (Authorization: Bearer TOKEN) with the rights of its role.")
     groups = {"vpn": vpn.add_subparsers(dest="group_command", required=True,
-                                        metavar="COMMAND")}
+                                        metavar="COMMAND"),
+              "token": token.add_subparsers(dest="group_command", required=True,
+                                            metavar="COMMAND")}
     for op in protocol.OPS["controller"].values():
         if op.cli:
             _add_op(groups[op.group] if op.group else sub, op)
@@ -169,8 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         from cli import backup  # root on the server, without the controller
         sys.exit(backup.main(args))
     ns = build_parser().parse_args(args)
-    if ns.command == "vpn":
-        ns.command = f"vpn_{ns.group_command}"
+    if ns.command in ("vpn", "token"):
+        ns.command = f"{ns.command}_{ns.group_command}"
     try:
         result = asyncio.run(_run(ns))
     except SettingsError as exc:

@@ -135,10 +135,33 @@ def render_vpn_list(result: dict[str, Any], out: TextIO) -> None:
     table(rows, out)
 
 
+def render_token_create(result: dict[str, Any], out: TextIO) -> None:
+    """faasctl token create: the token alone on stdout (for a CI secret), once."""
+    out.write(result["token"] + "\n")
+    sys.stderr.write(f"faasctl: token {result['name']} ({result['role']}"
+                     + ("" if result["expires"] is None else ", expires " + time.strftime(
+                         "%Y-%m-%d %H:%M", time.localtime(result["expires"])))
+                     + "): store it now, it cannot be shown again; use it as "
+                     "Authorization: Bearer TOKEN\n")
+
+
+def render_token_list(result: dict[str, Any], out: TextIO) -> None:
+    """faasctl token list."""
+    rows = [["NAME", "ROLE", "CREATED", "EXPIRES", "LAST USED"]]
+    for t in result["tokens"]:
+        rows.append([t["name"], t["role"], _age(t["created"]),
+                     "never" if t["expires"] is None else time.strftime(
+                         "%Y-%m-%d %H:%M", time.localtime(t["expires"])),
+                     _age(t["last_used"]) if t["last_used"] else "never"])
+    table(rows, out)
+
+
 RENDERERS: dict[str, Callable[[Any, TextIO], None]] = {
     "status": render_status, "list": render_list, "info": render_info,
     "versions": render_versions, "new": render_new,
     "vpn_add": render_vpn_add, "vpn_list": render_vpn_list,
+    "token_create": render_token_create, "token_list": render_token_list,
+    "token_rm": lambda r, out: out.write(f"removed token {r['name']}\n"),
     "ip": lambda r, out: out.write(r["address"] + "\n"),
     "rollback": lambda r, out: out.write(f"{r['name']} now serves version {r['version']}\n"),
     "rm": lambda r, out: out.write(f"removed {r['name']} ({r['address']})\n"),

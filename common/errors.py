@@ -23,6 +23,7 @@ class Code(str, enum.Enum):
     CONFLICT = "conflict"  # the request contradicts the current state
     BAD_IMAGE = "bad_image"  # an uploaded image is malformed, hostile or unsupported
     FORBIDDEN = "forbidden"  # the caller may not reach that endpoint
+    UNAUTHORIZED = "unauthorized"  # HTTP API: a token is needed, or the one sent is not valid
     UNAVAILABLE = "unavailable"  # the peer is down or not reachable
     TIMEOUT = "timeout"  # no reply within the call's deadline
     INTERNAL = "internal"  # a bug: the daemon's log has the traceback
@@ -40,6 +41,7 @@ EXIT_STATUS: dict[Code, int] = {
     Code.FORBIDDEN: 8,
     Code.UNAVAILABLE: 9,
     Code.TIMEOUT: 10,
+    Code.UNAUTHORIZED: 11,
 }
 
 

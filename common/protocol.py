@@ -32,6 +32,16 @@ MAX_ITEMS = 65536
 ID_PATTERN = r"[A-Za-z0-9_-]{1,64}(\.[0-9]{1,9}){0,16}"
 
 SERVICES = ("controller", "netagent", "dnsagent", "runner")
+
+# HTTP API token roles, each allowed what the ones before it are. Every controller op
+# names the least role that may call it (Op.role), declared once in the table below;
+# faasctl over the controller socket and operators on HTTP are not limited by roles.
+ROLES = ("read", "deploy", "admin")
+
+
+def role_allows(have: str, need: str) -> bool:
+    """Whether a token of role ``have`` may call an op that needs ``need``."""
+    return ROLES.index(have) >= ROLES.index(need)
 AGENTS = ("netagent", "dnsagent", "runner")
 
 
@@ -47,6 +57,8 @@ class Op:
     cli: bool = False  # exposed as a faasctl command (controller ops only)
     positional: tuple[str, ...] = ()  # args faasctl takes as positional arguments
     group: str = ""  # faasctl GROUP COMMAND: op "vpn_add" is `faasctl vpn add`
+    # The least HTTP API token role that may call it (see ROLES); operators may call all.
+    role: str = "admin"
 
     @property
     def command(self) -> str:
@@ -91,15 +103,13 @@ PING = Op(
     "ping",
     "Report liveness: boot id, version, pid, uptime, memory and whether a sync has "
     "been received since boot.",
-    timeout=1.0,
-)
+    timeout=1.0, role="read")
 
 STATUS = Op(
     "status",
     "Show every faasd process: state, pid, boot id, uptime, memory, last seen, sync.",
     timeout=3.0,
-    cli=True,
-)
+    cli=True, role="read")
 
 
 NAME_ARGS = Record(fields={"name": FunctionName()})
@@ -112,32 +122,30 @@ UPLOAD_BEGIN = Op(
         "name": FunctionName(),
         "tag": Str(required=False, max_len=256, help="image to pick from a multi-image archive"),
     }),
-    idempotent=False,
-)
+    idempotent=False, role="deploy")
 UPLOAD_CHUNK = Op(
     "upload_chunk",
     "Append bytes to an upload at OFFSET (in order; a repeated chunk is acknowledged again).",
     Record(fields={"upload": UPLOAD_ID, "offset": Int(), "data": Bytes(max_len=CHUNK_SIZE)}),
-    timeout=30.0,
-)
+    timeout=30.0, role="deploy")
 UPLOAD_ABORT = Op("upload_abort", "Drop an upload and its spooled bytes.",
-                  Record(fields={"upload": UPLOAD_ID}))
+                  Record(fields={"upload": UPLOAD_ID}), role="deploy")
 DEPLOY = Op(
     "deploy",
     "Verify and extract an uploaded image and make it the function's new version.",
     Record(fields={"upload": UPLOAD_ID}),
     idempotent=False,
-    timeout=3600.0,
-)
+    timeout=3600.0, role="deploy")
 DEPLOY_PROGRESS = Op("deploy_progress", "Phase and byte counts of an upload or deploy.",
-                     Record(fields={"upload": UPLOAD_ID}), timeout=3.0)
-LIST = Op("list", "List deployed functions: name, address, version, command.", cli=True)
+                     Record(fields={"upload": UPLOAD_ID}), timeout=3.0, role="deploy")
+LIST = Op("list", "List deployed functions: name, address, version, command.", cli=True,
+          role="read")
 INFO = Op("info", "Show one function: address, current version, image, every version.",
-          NAME_ARGS, cli=True, positional=("name",))
+          NAME_ARGS, cli=True, positional=("name",), role="read")
 IP = Op("ip", "Print the IPv6 address of function NAME.", NAME_ARGS, cli=True,
-        positional=("name",))
+        positional=("name",), role="read")
 VERSIONS = Op("versions", "List the versions of function NAME, oldest first.", NAME_ARGS,
-              cli=True, positional=("name",))
+              cli=True, positional=("name",), role="read")
 ROLLBACK = Op(
     "rollback",
     "Serve an earlier version of NAME: VERSION, else the one before the current.",
@@ -145,10 +153,9 @@ ROLLBACK = Op(
                    "version": Int(min=1, required=False, help="version to serve")}),
     idempotent=False,
     cli=True,
-    positional=("name", "version"),
-)
+    positional=("name", "version"), role="deploy")
 REMOVE = Op("rm", "Remove function NAME and every version; frees images no version uses.",
-            NAME_ARGS, idempotent=False, cli=True, positional=("name",))
+            NAME_ARGS, idempotent=False, cli=True, positional=("name",), role="deploy")
 
 SET = Op(
     "set",
@@ -161,8 +168,7 @@ SET = Op(
                           value=Str(max_len=4096), max_items=64, help="KEY=VALUE pairs"),
     }),
     cli=True,
-    positional=("name", "settings"),
-)
+    positional=("name", "settings"), role="deploy")
 
 LOGS = Op(
     "logs",
@@ -172,8 +178,7 @@ LOGS = Op(
         "since": Float(required=False, help="only lines newer than this unix time"),
         "offset": Int(required=False, help="continue from this byte offset (follow)"),
     }),
-    timeout=5.0,
-)
+    timeout=5.0, role="read")
 
 # --- the VPN -------------------------------------------------------------------------
 
@@ -194,7 +199,7 @@ VPN_ADD = Op(
     idempotent=False, cli=True, positional=("name",), group="vpn", timeout=10.0,
 )
 VPN_LIST = Op("vpn_list", "List VPN peers: name, address, state, last handshake, bytes "
-              "in and out.", cli=True, group="vpn")
+              "in and out.", cli=True, group="vpn", role="read")
 VPN_REMOVE = Op("vpn_rm", "Remove VPN peer NAME; its tunnel stops at once.", PEER_ARGS,
                 idempotent=False, cli=True, positional=("name",), group="vpn")
 VPN_DISABLE = Op("vpn_disable", "Disable VPN peer NAME (kept, but its tunnel stops).",
@@ -202,10 +207,34 @@ VPN_DISABLE = Op("vpn_disable", "Disable VPN peer NAME (kept, but its tunnel sto
 VPN_ENABLE = Op("vpn_enable", "Enable VPN peer NAME again (an expiry is cleared).",
                 PEER_ARGS, cli=True, positional=("name",), group="vpn")
 
+# --- HTTP API tokens --------------------------------------------------------------------
+
+TOKEN_NAME = Str(max_len=63, pattern=NAME_PATTERN,
+                 help="token name: a DNS label (a-z, 0-9, inner '-'), at most 63 characters")
+TOKEN_CREATE = Op(
+    "token_create",
+    "Create an HTTP API token NAME for automation (CI, a deploy over the VPN) and print "
+    "it once; only its SHA-256 is kept. Roles: read, deploy (read + new, set, rollback, "
+    "rm), admin (everything, VPN peers and tokens too).",
+    Record(fields={
+        "name": TOKEN_NAME,
+        "role": Str(required=False, default="read", choices=ROLES,
+                    help="what the token may do: read, deploy or admin (default read)"),
+        "expires": Str(required=False, max_len=16, pattern=r"[1-9][0-9]{0,6}[smhdw]",
+                       help="the token stops working after this long: 12h, 30d, 4w"),
+    }),
+    idempotent=False, cli=True, positional=("name",), group="token",
+)
+TOKEN_LIST = Op("token_list", "List HTTP API tokens: name, role, created, expires, last "
+                "used (never the token).", cli=True, group="token")
+TOKEN_REMOVE = Op("token_rm", "Remove HTTP API token NAME; it stops working at once.",
+                  Record(fields={"name": TOKEN_NAME}), idempotent=False, cli=True,
+                  positional=("name",), group="token")
+
 RUNNER_STATS = Op("stats", "Every served function's pool (idle, busy, starting, waiting) "
                    "and counters (hand-overs, outcomes, latency histogram).", timeout=3.0)
 STATS = Op("stats", "Live figures: every function's pool and counters from the runner, "
-           "every agent's health.", timeout=5.0)
+           "every agent's health.", timeout=5.0, role="read")
 
 WG_INFO = Op("wg_info", "The WireGuard interface's name, public key, listen port and "
              "server address.", timeout=5.0)
@@ -283,7 +312,8 @@ OPS: dict[str, dict[str, Op]] = {
     "controller": {op.name: op for op in (
         PING, STATUS, UPLOAD_BEGIN, UPLOAD_CHUNK, UPLOAD_ABORT, DEPLOY, DEPLOY_PROGRESS,
         LIST, INFO, IP, VERSIONS, ROLLBACK, REMOVE, SET, LOGS,
-        VPN_ADD, VPN_LIST, VPN_REMOVE, VPN_DISABLE, VPN_ENABLE, STATS)},
+        VPN_ADD, VPN_LIST, VPN_REMOVE, VPN_DISABLE, VPN_ENABLE, STATS,
+        TOKEN_CREATE, TOKEN_LIST, TOKEN_REMOVE)},
     "netagent": {op.name: op for op in (PING, WG_INFO, PEERS, _sync(
         "Converge the interface, addresses, peers and firewall to this state.",
         NETAGENT_STATE))},

@@ -119,6 +119,11 @@ SETTINGS: tuple[Setting, ...] = (
             _one_of("runc", "crun")),
     Setting("http_listen", str, "127.0.0.1:8080",
             "HOST:PORT of the controller's HTTP API (keep it on loopback)", _endpoint),
+    Setting("http_listen_vpn", bool, False,
+            "also serve the HTTP API on the server's VPN address, port of http_listen "
+            "(tokens only there)"),
+    Setting("http_max_connections", int, 256,
+            "open HTTP API connections at most; more are closed at once", _between(4, 65536)),
     Setting("upload_max_bytes", int, 8 << 30, "largest image upload accepted, in bytes",
             _between(1 << 20, 1 << 40)),
     Setting("upload_idle_seconds", float, 60.0,

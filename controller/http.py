@@ -1,51 +1,63 @@
-"""The controller's HTTP API on loopback: the same operations faasctl reaches over ZeroMQ.
+"""The controller's HTTP API: the same operations faasctl reaches over ZeroMQ, for operators.
 
-A deliberately small HTTP/1.1 server on asyncio streams: one request per connection,
-bodies streamed straight into the spool (``Content-Length`` or chunked), JSON answers,
-errors as ``{"error": {"code", "message", "details"}}`` with a status that matches the
-code. Endpoints are rows of ``ROUTES``, a static table: each names the controller op
-whose protocol schema checks the arguments (path, query and body together) before its
-``op_*`` method, the very one faasctl's requests reach, runs. ``docs/openapi.json``
-describes the same table and the unit tests hold the two together.
+HTTP parsing is aiohttp's (a server maintained for hostile input); this module decides
+who may call what. Endpoints are rows of ``ROUTES``, a static table: each names the
+controller op whose protocol schema checks the arguments (path, query and body
+together) before the op's handler, from the same handler table faasctl's requests reach,
+runs. ``docs/openapi.json`` describes the same table and the unit tests hold the two
+together.
+
+Every request passes, in this order: the Host and Origin checks (DNS rebinding, CSRF),
+the caller check (an operator by the uid of its loopback or unix socket, or a token),
+the route, the Content-Type check for state-changing methods, the role check of a
+token against the op's ``role`` in ``protocol.OPS``; only then is a byte of body read.
+Bodies are streamed into the upload spool in CHUNK_SIZE pieces; answers are JSON, errors
+``{"error": {"code", "message", "details"}}`` with a status that matches the code.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl
+
+from aiohttp import http_exceptions, web
+from aiohttp.web_protocol import RequestHandler
 
 from common.errors import Code, FaasError
 from common.log import EventLog, request_id
 from common.protocol import CHUNK_SIZE, OPS, Op, new_id
+from common.rpc import Handler
 from common.schema import Float, Int
-
-if TYPE_CHECKING:
-    from controller.main import Controller
+from controller import access
+from controller.access import Caller, Operators
 
 HTTP_STATUS = {
-    Code.BAD_REQUEST: 400, Code.VERSION_MISMATCH: 400, Code.FORBIDDEN: 403,
-    Code.NOT_FOUND: 404, Code.CONFLICT: 409, Code.TOO_LARGE: 413, Code.BAD_IMAGE: 422,
-    Code.INTERNAL: 500, Code.UNAVAILABLE: 503, Code.TIMEOUT: 504,
+    Code.BAD_REQUEST: 400, Code.VERSION_MISMATCH: 400, Code.UNAUTHORIZED: 401,
+    Code.FORBIDDEN: 403, Code.NOT_FOUND: 404, Code.CONFLICT: 409, Code.TOO_LARGE: 413,
+    Code.BAD_IMAGE: 422, Code.INTERNAL: 500, Code.UNAVAILABLE: 503, Code.TIMEOUT: 504,
 }
-REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 403: "Forbidden",
-           404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
-           413: "Content Too Large", 422: "Unprocessable Content",
-           500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout"}
 JSON_TYPE = "application/json"
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus text format
-MAX_HEADER = 64 << 10
+MAX_HEADER = 8190  # one header line (aiohttp's limit); a longer one is 413
 MAX_JSON = 1 << 20  # a JSON request body; SET's largest legal argument fits easily
-LINGER_SECONDS = 2.0  # reading what a refused client still sends, so it sees our answer
 IDLE_SECONDS = 60.0  # a client that sends nothing for this long is dropped without answer
+STORM_SECONDS = 10.0  # refused connections are logged once per this many seconds
+CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+BODY_TYPES = frozenset({"application/json", "application/octet-stream"})
+IMAGE_TYPES = BODY_TYPES | {"application/x-tar"}
 
 # What a route does with the request body.
 NO_BODY, JSON_BODY, OPTIONAL_JSON, IMAGE = "none", "json", "optional json", "image"
+# Where a request came in: loopback TCP, the unix socket, the VPN address.
+LOCAL, UNIX, VPN = "local", "unix", "vpn"
 
 
 def _same(result: Any) -> Any:
@@ -75,6 +87,12 @@ class Route:
         """The protocol op whose argument schema checks this route's input."""
         assert self.op is not None
         return OPS["controller"][self.op]
+
+    @property
+    def role(self) -> str:
+        """The least token role that may call it: its op's, declared in protocol.OPS;
+        /healthz and /metrics only read."""
+        return self.schema.role if self.op is not None else "read"
 
     def match(self, segments: list[str]) -> dict[str, str] | None:
         """The path parameters if ``segments`` fit this route's template, else None."""
@@ -112,25 +130,34 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", "/api/peers/{name}", "vpn_rm"),
     Route("POST", "/api/peers/{name}/disable", "vpn_disable"),
     Route("POST", "/api/peers/{name}/enable", "vpn_enable"),
+    Route("GET", "/api/tokens", "token_list", answer=lambda r: r["tokens"]),
+    Route("POST", "/api/tokens", "token_create", body=JSON_BODY),
+    Route("DELETE", "/api/tokens/{name}", "token_rm"),
 )
 
 
-@dataclass
-class Request:
-    """One request as read so far; ``body_done`` says whether its body was consumed."""
+@dataclass(frozen=True)
+class Endpoints:
+    """Where the API listens. ``listen`` (HOST:PORT, loopback) serves operators by uid
+    and tokens; ``unix`` (a path, mode 0660 group ``unix_gid``) operators by
+    SO_PEERCRED and tokens; ``vpn`` (the server's VPN address, port of ``listen``)
+    tokens only."""
 
-    method: str
-    path: str
-    query: str
-    headers: dict[str, str]
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    body_done: bool = False
+    listen: str
+    unix: str | None = None
+    unix_gid: int = -1
+    vpn: str | None = None
 
-    @property
-    def has_body(self) -> bool:
-        return ("transfer-encoding" in self.headers
-                or self.headers.get("content-length", "0").strip() not in ("", "0"))
+
+@dataclass(frozen=True)
+class Tokens:
+    """The token store as the API needs it: a lookup by digest, and a use to note."""
+
+    lookup: Callable[[str], dict[str, Any] | None]
+    used: Callable[[str, float], None]
+
+
+NO_TOKENS = Tokens(lambda digest: None, lambda name, now: None)
 
 
 @dataclass
@@ -151,87 +178,238 @@ def error_answer(exc: FaasError) -> Answer:
     return json_answer(HTTP_STATUS[exc.code], {"error": exc.to_wire()})
 
 
-class HttpApi:
-    """Serves the HTTP API for one controller."""
+class Storm:
+    """A warning that may come thousands of times a second, logged at most once per
+    ``interval`` with the count since the last line (the rest flushed by a timer)."""
 
-    def __init__(self, controller: Controller, listen: str, log: EventLog):
-        host, _, port = listen.rpartition(":")
+    def __init__(self, log: EventLog, event: str, interval: float = STORM_SECONDS):
+        self.log, self.event, self.interval = log, event, interval
+        self.count = 0
+        self.last = -interval
+        self._flush: asyncio.TimerHandle | None = None
+
+    def hit(self, **fields: Any) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self._emit(now, fields)
+        elif self._flush is None:
+            self._flush = asyncio.get_running_loop().call_at(
+                self.last + self.interval, lambda: self._emit(time.monotonic(), fields))
+
+    def _emit(self, now: float, fields: dict[str, Any]) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if self.count:
+            self.log.warning(self.event, count=self.count, per_seconds=self.interval, **fields)
+        self.count, self.last = 0, now
+
+    def close(self) -> None:
+        """Log what is still counted; no timer left behind."""
+        self._emit(time.monotonic(), {})
+
+
+class HttpApi:
+    """Serves the HTTP API over a handler table (the controller's, the one faasctl's
+    requests reach) and an optional source of Prometheus text."""
+
+    def __init__(self, handlers: dict[str, Handler], endpoints: Endpoints, log: EventLog, *,
+                 operators: Operators, tokens: Tokens = NO_TOKENS,
+                 metrics: Callable[[], Awaitable[str]] | None = None,
+                 max_connections: int = 256):
+        missing = set(OPS["controller"]) ^ set(handlers)
+        if missing:
+            raise ValueError(f"handlers and protocol.OPS differ on {sorted(missing)}")
+        self.handlers = dict(handlers)
+        self.endpoints = endpoints
+        host, _, port = endpoints.listen.rpartition(":")
         self.host, self.port = host.strip("[]"), int(port)
-        self.controller = controller
         self.log = log
-        self.server: asyncio.Server | None = None
+        self.operators = operators
+        self.tokens = tokens
+        self.metrics = metrics
+        self.max_connections = max_connections
+        self.open = 0  # connections now open, on every listener together
+        self.refused = Storm(log, "http_connections_refused")
+        self.servers: list[asyncio.AbstractServer] = []
+        self.managers: list[_Server] = []  # each listener's connections
+
+    def _server(self, site: str) -> _Server:
+        manager = _Server(self, site)
+        self.managers.append(manager)
+        return manager
+
+    # --- listeners ------------------------------------------------------------------
+
+    def hostnames(self) -> set[str]:
+        """The names a Host header may give: this server's own, never a foreign one."""
+        names = {"localhost", "127.0.0.1", "::1", self.host.lower()}
+        if self.endpoints.vpn:
+            names.add(self.endpoints.vpn.lower())
+        return names
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, self.host, self.port,
-                                                 limit=MAX_HEADER, reuse_address=True)
-        self.port = self.server.sockets[0].getsockname()[1]  # the real one when port was 0
+        loop = asyncio.get_running_loop()
+        tcp = await loop.create_server(self._server(LOCAL), self.host, self.port,
+                                       reuse_address=True)
+        self.servers.append(tcp)
+        self.port = tcp.sockets[0].getsockname()[1]  # the real one when port was 0
         self.log.info("http_listening", host=self.host, port=self.port)
+        if self.endpoints.unix:
+            self.servers.append(await self._start_unix(self.endpoints.unix))
+        if self.endpoints.vpn:
+            sock = _freebind_socket(self.endpoints.vpn, self.port)
+            self.servers.append(await loop.create_server(self._server(VPN), sock=sock))
+            self.log.info("http_listening", host=self.endpoints.vpn, port=self.port,
+                          tokens_only=True)
+
+    async def _start_unix(self, path: str) -> asyncio.AbstractServer:
+        """The unix socket, group-owned and 0660 from its first instant (umask)."""
+        try:
+            os.unlink(path)  # stale: the controller's lock says no other instance runs
+        except FileNotFoundError:
+            pass
+        old = os.umask(0o117)
+        try:
+            server = await asyncio.get_running_loop().create_unix_server(
+                self._server(UNIX), path)
+        finally:
+            os.umask(old)
+        if self.endpoints.unix_gid >= 0:
+            os.chown(path, -1, self.endpoints.unix_gid)
+        self.log.info("http_listening", socket=path)
+        return server
 
     async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
+        """Stop listening, end open connections (a request in flight gets a second),
+        remove the unix socket."""
+        for server in self.servers:
+            server.close()
+        for manager in self.managers:
+            await manager.shutdown(1.0)
+        for server in self.servers:
+            await server.wait_closed()
+        self.servers, self.managers = [], []
+        self.refused.close()
+        if self.endpoints.unix:
+            try:
+                os.unlink(self.endpoints.unix)
+            except FileNotFoundError:
+                pass
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    # --- one request ------------------------------------------------------------------
+
+    async def serve(self, req: web.BaseRequest, site: str) -> web.StreamResponse:
+        """Answer one request; every failure becomes a documented error answer."""
         token = request_id.set(new_id())
         started = time.monotonic()
-        req: Request | None = None
+        caller: Caller | None = None
         try:
             try:
-                method, target, headers = await _read_head(reader)
-                path, _, query = target.partition("?")
-                req = Request(method, path, query, headers, reader, writer)
-                answer = await self._route(req)
+                if req.version < (1, 0):  # aiohttp takes a line without version as 0.9
+                    raise FaasError(Code.BAD_REQUEST, "malformed request line: HTTP/1.x only")
+                self._check_origin(req, site)
+                caller = await self._caller(req, site)
+                answer = await self._route(req, caller)
             except FaasError as exc:
                 self.log.warning("http_refused", request=_line(req), code=exc.code.value,
-                                 error=exc.message)
+                                 error=exc.message, caller=caller.who if caller else None)
                 answer = error_answer(exc)
             except _MethodNotAllowed as exc:
                 answer = json_answer(405, {"error": {
                     "code": Code.BAD_REQUEST.value, "message": f"{_line(req)}: use "
                     f"{', '.join(exc.allowed)}", "details": {"allow": exc.allowed}}},
                     (("Allow", ", ".join(exc.allowed)),))
-            except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            except (ConnectionError, asyncio.CancelledError):
                 raise
             except Exception as exc:  # a bug: the traceback stays here, the client gets a code
                 self.log.error("http_failed", error=repr(exc), traceback=_traceback(exc))
                 answer = error_answer(FaasError(Code.INTERNAL, "internal error in controller; "
                                                 f"its log has request id {request_id.get()}"))
-            await self._write(writer, answer)
             self.log.debug("http_served", request=_line(req), status=answer.status,
+                           caller=caller.who if caller else None,
                            ms=round((time.monotonic() - started) * 1e3, 2))
-            if req is None or not req.body_done:
-                await _linger(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        except TimeoutError:
-            self.log.warning("http_idle", request=_line(req), seconds=IDLE_SECONDS)
-        except Exception as exc:  # never let one connection take the server down
-            self.log.error("http_failed", error=repr(exc))
+            resp = web.Response(status=answer.status, body=answer.data, headers={
+                "Content-Type": answer.ctype, "X-Request-Id": request_id.get(),
+                **dict(answer.headers)})
+            if answer.status >= 400:
+                resp.force_close()  # what follows a refused request is not worth reading
+            return resp
         finally:
-            writer.close()
             request_id.reset(token)
 
-    async def _write(self, writer: asyncio.StreamWriter, answer: Answer) -> None:
-        extra = "".join(f"{k}: {v}\r\n" for k, v in answer.headers)
-        writer.write(f"HTTP/1.1 {answer.status} {REASONS[answer.status]}\r\nContent-Type: "
-                     f"{answer.ctype}\r\nContent-Length: {len(answer.data)}\r\nConnection: "
-                     f"close\r\nX-Request-Id: {request_id.get()}\r\n{extra}\r\n".encode()
-                     + answer.data)
-        await writer.drain()
+    def _check_origin(self, req: web.BaseRequest, site: str) -> None:
+        """Refuse a foreign Host (DNS rebinding) and a cross-site Origin (CSRF)."""
+        names = self.hostnames()
+        host = req.headers.get("Host")
+        if site != UNIX and host is not None and _hostname(host) not in names:
+            raise FaasError(Code.FORBIDDEN, f"Host {host[:100]!r} is not this server: use "
+                            "http://127.0.0.1:PORT or http://localhost:PORT",
+                            {"reason": "foreign_host"})
+        origin = req.headers.get("Origin")
+        if origin is not None:
+            scheme, sep, rest = origin.partition("://")
+            if scheme.lower() != "http" or not sep or _hostname(rest) not in names:
+                raise FaasError(Code.FORBIDDEN, f"Origin {origin[:100]!r} is another site: "
+                                "the API takes no cross-site requests",
+                                {"reason": "cross_site"})
 
-    async def _route(self, req: Request) -> Answer:
-        """Find the route, check the arguments with the op's schema, then call the op."""
-        segments = req.path.split("/")
+    async def _caller(self, req: web.BaseRequest, site: str) -> Caller:
+        """A token's holder, or an operator by the uid the kernel gives for the socket."""
+        token = access.bearer(req.headers.get("Authorization"))
+        if token is not None:
+            now = time.time()
+            row = access.check_token(token, self.tokens.lookup, now)
+            self.tokens.used(row["name"], now)
+            return Caller(f"token {row['name']}", row["role"])
+        if site == VPN:
+            raise FaasError(Code.UNAUTHORIZED, "the API on the VPN address takes tokens only: "
+                            "send Authorization: Bearer TOKEN (an operator makes one with "
+                            "faasctl token create NAME --role deploy)", {"reason": "no_token"})
+        transport = req.transport
+        if transport is None:
+            raise ConnectionResetError("client went away")
+        uid: int | None
+        gid: int | None = None
+        if site == UNIX:
+            uid, gid = access.unix_peer(transport.get_extra_info("socket"))
+        else:
+            local = transport.get_extra_info("sockname")
+            remote = transport.get_extra_info("peername")
+            if not access.is_loopback(remote[0]):
+                raise FaasError(Code.UNAUTHORIZED, f"{remote[0]} is not on this host: send "
+                                "Authorization: Bearer TOKEN", {"reason": "no_token"})
+            uid = access.peer_uid(local, remote)
+            if uid is None:
+                raise FaasError(Code.FORBIDDEN, "the kernel lists no socket of this host for "
+                                "your connection, so its user is unknown: send a token",
+                                {"reason": "unknown_uid"})
+        member, who = self.operators.check(uid, gid)
+        if not member:
+            raise self.operators.refusal(who, uid)
+        return Caller(who)
+
+    async def _route(self, req: web.BaseRequest, caller: Caller) -> Answer:
+        """Find the route, check type and role, check the arguments with the op's
+        schema, then call the op."""
+        path = req.raw_path.partition("?")[0]
+        segments = path.split("/")
         matched = [(r, p) for r in ROUTES if (p := r.match(segments)) is not None]
         if not matched:
-            raise FaasError(Code.NOT_FOUND, f"no such endpoint {req.path[:200]}; see "
-                            "docs/http.md", {"path": req.path[:200]})
+            raise FaasError(Code.NOT_FOUND, f"no such endpoint {path[:200]}; see "
+                            "docs/http.md", {"path": path[:200]})
         for route, params in matched:
             if route.method == req.method:
                 break
         else:
             raise _MethodNotAllowed(sorted({r.method for r, _ in matched}))
+        _check_type(req, route)
+        if not caller.may(route.role):
+            raise FaasError(Code.FORBIDDEN, f"{caller.who} has role {caller.role}; "
+                            f"{req.method} {route.path} needs {route.role} (faasctl token "
+                            f"create NAME --role {route.role})",
+                            {"reason": "role", "role": caller.role, "needs": route.role})
         if route.path == "/healthz":
             return json_answer(200, {"ok": True})
         if route.path == "/metrics":
@@ -243,7 +421,7 @@ class HttpApi:
             return json_answer(200, await self._new(req))
         args: dict[str, Any] = dict(params)
         if route.query:
-            args.update(_query_args(req.query, op))
+            args.update(_query_args(req.raw_path.partition("?")[2], op))
         if route.body != NO_BODY:
             body = await _json_body(req, required=route.body == JSON_BODY)
             if route.body_field is not None:
@@ -257,18 +435,18 @@ class HttpApi:
         return json_answer(200, route.answer(await self._call(route.op, args)))
 
     async def _call(self, op: str, args: dict[str, Any]) -> Any:
-        """Check ``args`` with op's protocol schema and call the controller's op_<op>,
-        the method faasctl's request for op reaches. ``op`` comes from ROUTES only."""
+        """Check ``args`` with op's protocol schema and call its handler from the
+        table. ``op`` comes from ROUTES only."""
         checked = OPS["controller"][op].args.check(args, "")
-        return await getattr(self.controller, f"op_{op}")(checked)
+        return await self.handlers[op](checked)
 
-    async def _new(self, req: Request) -> Any:
+    async def _new(self, req: web.BaseRequest) -> Any:
         """Deploy the request body (a docker save tarball) as function X-Image-Name,
         through the ops faasctl new uses: upload_begin, upload_chunk..., deploy."""
-        name = req.headers.get("x-image-name", "")
+        name = req.headers.get("X-Image-Name", "")
         OPS["controller"]["upload_begin"].args.fields["name"].check(name, "X-Image-Name")
         begun = await self._call("upload_begin", {"name": name,
-                                                  "tag": req.headers.get("x-image-tag") or None})
+                                                  "tag": req.headers.get("X-Image-Tag") or None})
         upload = begun["upload"]
         try:
             offset = 0
@@ -282,17 +460,130 @@ class HttpApi:
 
     async def _metrics(self) -> Answer:
         """Prometheus text from the controller, once it has any to give."""
-        metrics_text = getattr(self.controller, "metrics_text", None)
-        if metrics_text is None:
+        if self.metrics is None:
             raise FaasError(Code.NOT_FOUND, "this controller keeps no metrics yet")
-        text = await metrics_text()
+        text = await self.metrics()
         return Answer(200, text.encode(), METRICS_TYPE)
+
+
+# --- aiohttp's connection handling, with a cap and our error shape -----------------------
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server for one listener: over the cap a connection is closed
+    at once (counted in a storm line, not one warning each); parse errors answer in our
+    error shape."""
+
+    def __init__(self, api: HttpApi, site: str):
+        async def handler(req: web.BaseRequest) -> web.StreamResponse:
+            return await api.serve(req, site)
+        super().__init__(handler, access_log=None, keepalive_timeout=IDLE_SECONDS,
+                         max_line_size=MAX_HEADER, max_field_size=MAX_HEADER,
+                         lingering_time=2.0)
+        self.api = api
+        self.site = site
+
+    def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
+        if self.api.open >= self.api.max_connections:
+            return _Refuse(self.api)
+        return _Connection(self, loop=self._loop, **self._kwargs)
+
+
+class _Refuse(asyncio.Protocol):
+    """A connection over the cap: closed before a byte is read."""
+
+    def __init__(self, api: HttpApi):
+        self.api = api
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.api.refused.hit(max=self.api.max_connections)
+        transport.close()
+
+
+class _Connection(RequestHandler):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._manager.api.open += 1  # type: ignore[union-attr]
+        self._counted = self._manager
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        counted = getattr(self, "_counted", None)
+        if counted is not None:
+            counted.api.open -= 1
+            self._counted = None
+        super().connection_lost(exc)
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """A request aiohttp could not parse: 400 (413 for an over-long line) in our
+        shape, and the connection closed. The offending bytes are not echoed."""
+        if isinstance(exc, http_exceptions.LineTooLong):
+            error = FaasError(Code.TOO_LARGE, f"a request line or header over {MAX_HEADER} "
+                              "bytes", {"max": MAX_HEADER})
+        elif status >= 500:
+            error = FaasError(Code.INTERNAL, "internal error in controller")
+        else:
+            error = FaasError(Code.BAD_REQUEST, f"malformed request: {type(exc).__name__}")
+        answer = error_answer(error)
+        resp = web.Response(status=answer.status, body=answer.data, headers={
+            "Content-Type": answer.ctype, "X-Request-Id": new_id()})
+        resp.force_close()
+        return resp
+
+
+def _freebind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on an address that may not exist yet (netagent adds the VPN
+    address when it sets the interface up): IPV6_FREEBIND lets the bind succeed now."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        sock.setblocking(False)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+IPV6_FREEBIND = 78  # linux/in6.h; not in the socket module
 
 
 class _MethodNotAllowed(Exception):
     def __init__(self, allowed: list[str]):
         super().__init__(", ".join(allowed))
         self.allowed = allowed
+
+
+def _hostname(host: str) -> str:
+    """The name of a Host header value (or an Origin's host part), without its port;
+    "" when it is not of the form NAME[:PORT] or [IPV6][:PORT]."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name, sep, rest = host[1:].partition("]")
+        return name if sep and (not rest or (rest[0] == ":" and rest[1:].isdigit())) else ""
+    name, _, port = host.partition(":")
+    return name if not port or port.isdigit() else ""
+
+
+def _check_type(req: web.BaseRequest, route: Route) -> None:
+    """A state-changing request must say its body is JSON or bytes: an HTML form can
+    only send the three "simple" types cross-site, so a form can never get here. POST
+    /api/new may carry any type when X-Image-Name is given (the guide's plain curl
+    --data-binary sends a form type): no browser sends a custom header cross-site
+    without a preflight, and the API grants no preflight."""
+    if req.method not in CHANGING:
+        return
+    ctype = req.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+    if route.body == IMAGE and ("X-Image-Name" in req.headers or ctype in IMAGE_TYPES):
+        return
+    if ctype not in BODY_TYPES:
+        raise FaasError(Code.FORBIDDEN, f"{req.method} needs Content-Type: application/json "
+                        f"(or application/octet-stream), not {ctype[:60] or 'none'}: a "
+                        "browser form must not be able to send this request",
+                        {"reason": "content_type"})
 
 
 def _query_args(query: str, op: Op) -> dict[str, Any]:
@@ -317,14 +608,18 @@ def _query_args(query: str, op: Op) -> dict[str, Any]:
     return args
 
 
-async def _json_body(req: Request, required: bool) -> Any:
+def _has_body(req: web.BaseRequest) -> bool:
+    return ("Transfer-Encoding" in req.headers
+            or req.headers.get("Content-Length", "0").strip() not in ("", "0"))
+
+
+async def _json_body(req: web.BaseRequest, required: bool) -> Any:
     """The request body as a JSON object, at most MAX_JSON bytes of it."""
-    if not req.has_body:
-        req.body_done = True
+    if not _has_body(req):
         if required:
             raise FaasError(Code.BAD_REQUEST, "send a JSON object as the body")
         return {}
-    length = req.headers.get("content-length", "")
+    length = req.headers.get("Content-Length", "")
     if length.isdigit() and int(length) > MAX_JSON:
         raise FaasError(Code.TOO_LARGE, f"JSON body over {MAX_JSON} bytes", {"max": MAX_JSON})
     data = bytearray()
@@ -343,102 +638,40 @@ async def _json_body(req: Request, required: bool) -> Any:
     return body
 
 
+async def _body(req: web.BaseRequest) -> AsyncIterator[bytes]:
+    """The request body in pieces of CHUNK_SIZE (the last may be shorter); never all of
+    it at once. Each read must make progress within IDLE_SECONDS."""
+    chunked = req.headers.get("Transfer-Encoding", "").lower() == "chunked"
+    if not chunked and not req.headers.get("Content-Length", "").isdigit():
+        raise FaasError(Code.BAD_REQUEST, "send the body with Content-Length (curl "
+                        "--data-binary @image.tar) or chunked")
+    if req.headers.get("Expect", "").lower() == "100-continue":
+        # curl asks before sending a large body; answering at once spares it a 1 s wait
+        await req.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    piece = bytearray()
+    try:
+        while True:
+            async with asyncio.timeout(IDLE_SECONDS):
+                data = await req.content.read(CHUNK_SIZE - len(piece))
+            if not data:
+                break
+            piece += data
+            if len(piece) == CHUNK_SIZE:
+                yield bytes(piece)
+                piece.clear()
+    except http_exceptions.HttpProcessingError as exc:
+        raise FaasError(Code.BAD_REQUEST, f"malformed body: {type(exc).__name__}") from None
+    if piece:
+        yield bytes(piece)
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _line(req: Request | None) -> str | None:
-    return f"{req.method} {req.path[:200]}" if req is not None else None
+def _line(req: web.BaseRequest | None) -> str | None:
+    return f"{req.method} {req.raw_path.partition('?')[0][:200]}" if req is not None else None
 
 
 def _traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc))
-
-
-async def _read_head(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str]]:
-    try:
-        head = await _idle(reader.readuntil(b"\r\n\r\n"))
-    except asyncio.LimitOverrunError:
-        raise FaasError(Code.TOO_LARGE, f"request head over {MAX_HEADER} bytes") from None
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise FaasError(Code.BAD_REQUEST, "malformed request line")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if line:
-            key, sep, value = line.partition(":")
-            if not sep:
-                raise FaasError(Code.BAD_REQUEST, f"malformed header line {line[:40]!r}")
-            headers[key.strip().lower()] = value.strip()
-    return parts[0], parts[1], headers
-
-
-async def _body(req: Request) -> AsyncIterator[bytes]:
-    """The request body in chunks of at most CHUNK_SIZE; never all of it at once."""
-    chunked = req.headers.get("transfer-encoding", "").lower() == "chunked"
-    if not chunked and not req.headers.get("content-length", "").isdigit():
-        raise FaasError(Code.BAD_REQUEST, "send the body with Content-Length (curl "
-                        "--data-binary @image.tar) or chunked")
-    if req.headers.get("expect", "").lower() == "100-continue":
-        # curl asks before sending a large body; answering at once spares it a 1 s wait
-        req.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    pieces = _chunked(req.reader) if chunked else _sized(req.reader,
-                                                         int(req.headers["content-length"]))
-    async for data in pieces:
-        yield data
-    req.body_done = True
-
-
-async def _sized(reader: asyncio.StreamReader, left: int) -> AsyncIterator[bytes]:
-    while left > 0:
-        data = await _idle(reader.read(min(left, CHUNK_SIZE)))
-        if not data:
-            raise FaasError(Code.BAD_REQUEST, f"body ended {left} bytes early")
-        left -= len(data)
-        yield data
-
-
-async def _chunked(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
-    while True:
-        try:
-            size = int((await _idle(reader.readuntil(b"\r\n"))).split(b";")[0].strip(), 16)
-        except (ValueError, asyncio.LimitOverrunError):
-            raise FaasError(Code.BAD_REQUEST, "malformed chunk size") from None
-        if size == 0:
-            await _trailer(reader)
-            return
-        while size:
-            data = await _idle(reader.readexactly(min(size, CHUNK_SIZE)))
-            size -= len(data)
-            yield data
-        if await _idle(reader.readexactly(2)) != b"\r\n":
-            raise FaasError(Code.BAD_REQUEST, "malformed chunk: no CRLF after its data")
-
-
-async def _trailer(reader: asyncio.StreamReader) -> None:
-    try:
-        while (await _idle(reader.readuntil(b"\r\n"))) != b"\r\n":
-            pass
-    except asyncio.LimitOverrunError:
-        raise FaasError(Code.BAD_REQUEST, "malformed chunked trailer") from None
-
-
-async def _idle(read: Awaitable[bytes]) -> bytes:
-    """One read from the client, which must send something within IDLE_SECONDS."""
-    return await asyncio.wait_for(read, IDLE_SECONDS)
-
-
-async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """After answering a request whose body we did not read (or that had none): end
-    our side, then read and drop what the client still sends until it closes. Closing
-    with unread bytes would reset the connection, and a reset can destroy the answer
-    before the client has read it."""
-    try:
-        if writer.can_write_eof():
-            writer.write_eof()
-        async with asyncio.timeout(LINGER_SECONDS):
-            while await reader.read(CHUNK_SIZE):
-                pass
-    except (TimeoutError, OSError):
-        pass

@@ -3,7 +3,9 @@
 It never runs ip, wg or runc and never writes a zone file: it tells the agents, through
 their narrow ops, what the world should look like, and watches that they listen.
 Operators reach it with faasctl over ``$FAAS_RUN/controller.sock`` (mode 0660, group
-faas) and over HTTP on ``http_listen`` (loopback).
+faas) and over HTTP (controller/http.py: on ``http_listen``, loopback, and
+``$FAAS_RUN/http.sock``, for operators by uid and token holders; with ``http_listen_vpn``
+on the server's VPN address, for token holders).
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from common.daemon import VERSION, Daemon, run_main
 from common.errors import Code, FaasError
 from common.rpc import Client, Handler
 from common.settings import vpn_server
-from controller import vpn
+from controller import access, vpn
+from controller.access import Operators
 from controller.health import Monitor
-from controller.http import HttpApi
+from controller.http import Endpoints, HttpApi, Tokens
 from controller.metrics import Metrics
 from controller.state import State
 from controller.uploads import Uploads
@@ -46,8 +49,21 @@ class Controller(Daemon):
         self.clients = {name: Client(name, self.settings.run) for name in protocol.AGENTS}
         self.monitor = Monitor(self.clients, self.desired_state, lambda: self.state.generation,
                                self.settings.ping_interval, self.log)
-        self.http = HttpApi(self, self.settings.http_listen, self.log)
         self.metrics = Metrics()
+        self.http = HttpApi(self.handlers(), self.http_endpoints(), self.log,
+                            operators=Operators(self.settings.group),
+                            tokens=Tokens(self.state.token_by_digest, self.state.token_used),
+                            metrics=self.metrics_text,
+                            max_connections=self.settings.http_max_connections)
+
+    def http_endpoints(self) -> Endpoints:
+        """Loopback TCP, the unix socket in $FAAS_RUN and, if asked, the VPN address."""
+        _, gid = self.socket_owner()
+        return Endpoints(
+            self.settings.http_listen, unix=os.path.join(self.settings.run, "http.sock"),
+            unix_gid=gid,
+            vpn=str(vpn_server(self.settings.vpn_prefix).ip) if self.settings.http_listen_vpn
+            else None)
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -60,6 +76,8 @@ class Controller(Daemon):
             "logs": self.op_logs, "vpn_add": self.op_vpn_add, "vpn_list": self.op_vpn_list,
             "vpn_rm": self.op_vpn_rm, "vpn_disable": self.op_vpn_disable,
             "vpn_enable": self.op_vpn_enable, "stats": self.op_stats,
+            "token_create": self.op_token_create, "token_list": self.op_token_list,
+            "token_rm": self.op_token_rm,
         }
 
     async def op_ping(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -341,6 +359,27 @@ class Controller(Daemon):
         await self.monitor.push()
         self.log.info("peer_enabled", name=args["name"])
         return peer
+
+    # --- HTTP API tokens ----------------------------------------------------------------
+
+    async def op_token_create(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A new token; its value is in this answer only (the state keeps its digest)."""
+        token = access.new_token()
+        row = self.state.add_token(args["name"], args["role"], access.token_digest(token),
+                                   vpn.expiry(args["expires"]))
+        self.log.info("token_created", name=row["name"], role=row["role"],
+                      expires=row["expires"])
+        return {**row, "token": token}
+
+    async def op_token_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Every token, without its value or digest."""
+        return {"tokens": self.state.tokens()}
+
+    async def op_token_rm(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Remove a token; a request holding it is refused from now on."""
+        row = self.state.remove_token(args["name"])
+        self.log.info("token_removed", name=args["name"])
+        return row
 
 
 def main() -> None:

@@ -53,7 +53,19 @@ MIGRATIONS: tuple[str, ...] = (
         expires     REAL                    -- unix time; NULL: never
     );
     """,
+    """
+    CREATE TABLE tokens (
+        name       TEXT PRIMARY KEY,
+        role       TEXT NOT NULL CHECK (role IN ('read', 'deploy', 'admin')),
+        sha256     TEXT NOT NULL UNIQUE,    -- hex digest of the token; the token is not kept
+        created    REAL NOT NULL,
+        expires    REAL,                    -- unix time; NULL: never
+        last_used  REAL                     -- unix time, to a minute; NULL: never
+    );
+    """,
 )
+
+TOKEN_COLUMNS = "name, role, created, expires, last_used"  # never the digest
 
 FIRST_HOST = 0xA  # functions take addresses from ::a upward
 
@@ -306,3 +318,48 @@ class State:
                                [(n,) for n in names])
                 self._bump(db)
         return names
+
+    # --- HTTP API tokens ---------------------------------------------------------------
+    # Not part of the desired state: no agent needs them, so no generation bump.
+
+    def tokens(self) -> list[dict[str, Any]]:
+        """Every token, by name, without its digest."""
+        return [dict(r) for r in
+                self.db.execute(f"SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY name")]
+
+    def add_token(self, name: str, role: str, sha256: str,
+                  expires: float | None) -> dict[str, Any]:
+        """Record a new token by its digest; a taken name is a conflict."""
+        with self.tx() as db:
+            if db.execute("SELECT 1 FROM tokens WHERE name=?", (name,)).fetchone():
+                raise FaasError(Code.CONFLICT, f"a token named {name!r} exists; remove it "
+                                "first (faasctl token rm) or pick another name", {"name": name})
+            db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, NULL)",
+                       (name, role, sha256, time.time(), expires))
+        return self.token(name)
+
+    def token(self, name: str) -> dict[str, Any]:
+        row = self.db.execute(f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE name=?",
+                              (name,)).fetchone()
+        if row is None:
+            raise FaasError(Code.NOT_FOUND, f"no token named {name!r}; see faasctl token "
+                            "list", {"name": name})
+        return dict(row)
+
+    def token_by_digest(self, sha256: str) -> dict[str, Any] | None:
+        """The token whose digest this is, or None."""
+        row = self.db.execute(f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE sha256=?",
+                              (sha256,)).fetchone()
+        return dict(row) if row is not None else None
+
+    def token_used(self, name: str, now: float) -> None:
+        """Note a use, at most one write a minute per token."""
+        with self.tx() as db:
+            db.execute("UPDATE tokens SET last_used=? WHERE name=? AND "
+                       "(last_used IS NULL OR last_used < ?)", (now, name, now - 60))
+
+    def remove_token(self, name: str) -> dict[str, Any]:
+        token = self.token(name)
+        with self.tx() as db:
+            db.execute("DELETE FROM tokens WHERE name=?", (name,))
+        return token

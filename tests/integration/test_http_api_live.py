@@ -50,10 +50,12 @@ def call(platform, method: str, path: str, body: Any = None, *, file=None,
     data = raw
     if body is not None:
         data = json.dumps(body).encode()
-    if file is not None:
+    if file is not None:  # as the guide does it: curl's default (form) Content-Type
         argv += ["--data-binary", f"@{file}"]
     elif data is not None:
         argv += ["-H", "Content-Type: application/json", "--data-binary", "@-"]
+    elif method in ("POST", "PUT", "PATCH", "DELETE"):
+        argv += ["-H", "Content-Type: application/json"]  # a form could not send it
     if chunked:
         argv += ["-H", "Transfer-Encoding: chunked"]
     argv.append(API + path)
@@ -221,6 +223,28 @@ def test_remove(platform):
     assert removed["name"] == NAME
     refused(call(platform, "GET", f"/api/functions/{NAME}"), 404, "not_found")
     assert NAME not in [f["name"] for f in ok(call(platform, "GET", "/api/list"))]
+
+
+def test_tokens(platform):
+    made = ok(call(platform, "POST", "/api/tokens", {"name": "ci", "role": "deploy",
+                                                    "expires": "30d"}))
+    assert made["token"].startswith("faas_") and made["role"] == "deploy"
+    listed = ok(call(platform, "GET", "/api/tokens"))
+    assert [(t["name"], t["role"]) for t in listed] == [("ci", "deploy")]
+    assert made["token"] not in json.dumps(listed)
+    assert faasctl_json(platform, "token", "list")["tokens"] == listed
+    refused(call(platform, "POST", "/api/tokens", {"name": "ci"}), 409, "conflict")
+    refused(call(platform, "POST", "/api/tokens", {"name": "x", "role": "root"}),
+            400, "bad_request")
+    auth = (f"Authorization: Bearer {made['token']}",)
+    assert isinstance(ok(call(platform, "GET", "/api/list", headers=auth)), list)
+    refused(call(platform, "POST", "/api/peers", {"name": "x"}, headers=auth), 403,
+            "forbidden")
+    assert ok(call(platform, "DELETE", "/api/tokens/ci"))["name"] == "ci"
+    refused(call(platform, "GET", "/api/list", headers=auth), 401, "unauthorized")
+    refused(call(platform, "DELETE", "/api/tokens/ci"), 404, "not_found")
+    logs = (platform.root / "logs" / "controller.log").read_text()
+    assert made["token"] not in logs and "token_created" in logs
 
 
 def test_every_documented_operation_was_exercised():

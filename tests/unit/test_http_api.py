@@ -1,10 +1,11 @@
 """The controller's HTTP API against docs/openapi.json, with a fake controller.
 
-HttpApi serves on an ephemeral loopback port; a fake stands in for the Controller with
-the op_* coroutines faasctl's requests reach. Every documented operation is called and
-its answer (status, content type, JSON body) checked against the document; every route
-the server knows must be in the document and the other way round; bad input must be
-refused with the documented status and stable code before any op runs.
+HttpApi serves on an ephemeral loopback port; a fake stands in for the Controller's
+handler table, the one faasctl's requests reach. The tests run as root, an operator.
+Every documented operation is called and its answer (status, content type, JSON body)
+checked against the document; every route the server knows must be in the document and
+the other way round; bad input must be refused with the documented status and stable
+code before any op runs.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from common.errors import Code, FaasError
 from common.log import EventLog
 from controller import http
 from controller.health import AgentHealth
-from controller.http import MAX_HEADER, MAX_JSON, METRICS_TYPE, ROUTES, HttpApi
+from controller.access import Operators
+from controller.http import MAX_HEADER, MAX_JSON, METRICS_TYPE, ROUTES, Endpoints, HttpApi
 from controller.main import Controller
 from tests import openapi_check as oc
 
@@ -221,6 +223,43 @@ class FakeController:
         return self._peer(args["name"])
 
 
+    async def op_token_create(self, args: dict[str, Any]) -> dict[str, Any]:
+        self._record("token_create", args)
+        return {"name": args["name"], "role": args["role"], "created": 1700000004.0,
+                "expires": None, "last_used": None, "token": "faas_" + "A" * 43}
+
+    async def op_token_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        self._record("token_list", args)
+        return {"tokens": [{"name": "ci", "role": "deploy", "created": 1700000004.0,
+                            "expires": 1700600000.0, "last_used": None}]}
+
+    async def op_token_rm(self, args: dict[str, Any]) -> dict[str, Any]:
+        self._record("token_rm", args)
+        if args["name"] != "ci":
+            raise FaasError(Code.NOT_FOUND, f"no token named {args['name']!r}",
+                            {"name": args["name"]})
+        return {"name": "ci", "role": "deploy", "created": 1700000004.0,
+                "expires": 1700600000.0, "last_used": None}
+
+
+def handlers_of(fake: Any) -> dict[str, Any]:
+    """The fake as a handler table: every op of the protocol, looked up at call time so
+    a test may replace one of the fake's methods."""
+    def handler(op: str) -> Any:
+        async def call(args: dict[str, Any]) -> Any:
+            return await getattr(fake, f"op_{op}")(args)
+        return call
+    return {op: handler(op) for op in protocol.OPS["controller"]}
+
+
+def metrics_of(fake: Any) -> Any:
+    async def metrics() -> str:
+        if not hasattr(fake, "metrics_text"):
+            raise FaasError(Code.NOT_FOUND, "this controller keeps no metrics yet")
+        return await fake.metrics_text()
+    return metrics
+
+
 def with_metrics(fake: FakeController) -> None:
     async def metrics_text() -> str:
         return "# TYPE faasd_functions gauge\nfaasd_functions 2\n"
@@ -241,7 +280,9 @@ def api(fake):
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    server = HttpApi(fake, "127.0.0.1:0", EventLog("controller", stream=io.StringIO()))
+    server = HttpApi(handlers_of(fake), Endpoints("127.0.0.1:0"),
+                     EventLog("controller", stream=io.StringIO()), operators=Operators("faas"),
+                     metrics=metrics_of(fake))
     asyncio.run_coroutine_threadsafe(server.start(), loop).result(5)
     yield server
 
@@ -272,8 +313,9 @@ class Reply:
         return self.headers.get("content-type", "")
 
 
-def exchange(api: HttpApi, raw: bytes, timeout: float = 10) -> Reply:
-    """Send raw bytes, read the whole answer (the server closes), parse it."""
+def exchange(api: HttpApi, raw: bytes, timeout: float = 10, head: bool = False) -> Reply:
+    """Send raw bytes, read the whole answer (the server closes), parse it. An answer
+    to HEAD has the length of the body it does not carry."""
     with socket.create_connection(("127.0.0.1", api.port), timeout=timeout) as s:
         s.sendall(raw)
         data = b""
@@ -285,22 +327,26 @@ def exchange(api: HttpApi, raw: bytes, timeout: float = 10) -> Reply:
         assert sep, f"no complete answer: {data[:200]!r}"
         lines = head.decode("latin-1").split("\r\n")
         version, status, _ = lines[0].split(" ", 2)
-        assert version == "HTTP/1.1"
+        # aiohttp answers a request it could not parse as HTTP/1.0 (closing is implied), or
+        # 0.9 for a request line without a version
+        assert version in ("HTTP/1.1", "HTTP/1.0", "HTTP/0.9")
         if status.startswith("1"):
             interim.append(int(status))
             data = rest
             continue
         headers = {k.strip().lower(): v.strip() for k, _, v in
                    (line.partition(":") for line in lines[1:])}
-        assert int(headers["content-length"]) == len(rest)
-        assert headers["connection"] == "close"
+        assert int(headers["content-length"]) == len(rest) or (head and not rest)
+        assert headers.get("connection") == "close" or version != "HTTP/1.1"
         assert re.fullmatch(r"[0-9a-f]{12}", headers["x-request-id"])
         return Reply(int(status), headers, rest, interim)
 
 
 def request(api: HttpApi, method: str, path: str, body: bytes | None = None,
             headers: dict[str, str] | None = None, chunked: bool = False) -> Reply:
-    head = {"Host": f"127.0.0.1:{api.port}", **(headers or {})}
+    head = {"Host": f"127.0.0.1:{api.port}", "Connection": "close", **(headers or {})}
+    if method in http.CHANGING and path != "/api/new":
+        head.setdefault("Content-Type", "application/json")
     payload = b""
     if chunked:
         head["Transfer-Encoding"] = "chunked"
@@ -313,7 +359,7 @@ def request(api: HttpApi, method: str, path: str, body: bytes | None = None,
         head.setdefault("Content-Length", str(len(body)))
         payload = body
     text = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items())
-    return exchange(api, text.encode() + b"\r\n" + payload)
+    return exchange(api, text.encode() + b"\r\n" + payload, head=method == "HEAD")
 
 
 def jbody(value: Any) -> bytes:
@@ -381,6 +427,12 @@ GOOD: dict[tuple[str, str], Case] = {
                                                 args={"name": "laptop"}),
     ("POST", "/api/peers/{name}/enable"): Case("/api/peers/laptop/enable", op="vpn_enable",
                                                args={"name": "laptop"}),
+    ("GET", "/api/tokens"): Case("/api/tokens", op="token_list", args={}),
+    ("POST", "/api/tokens"): Case(
+        "/api/tokens", jbody({"name": "ci", "role": "deploy", "expires": "30d"}),
+        op="token_create", args={"name": "ci", "role": "deploy", "expires": "30d"}),
+    ("DELETE", "/api/tokens/{name}"): Case("/api/tokens/ci", op="token_rm",
+                                           args={"name": "ci"}),
 }
 
 
@@ -495,8 +547,11 @@ def test_bad_image_name_is_refused_before_the_body_is_read(api, fake):
         reply = request(api, "POST", "/api/new", IMAGE, {"X-Image-Name": name})
         error = refused(reply, "POST", "/api/new", 400, "bad_request")
         assert "X-Image-Name" in error["message"]
-    reply = request(api, "POST", "/api/new", IMAGE)  # no name at all
+    reply = request(api, "POST", "/api/new", IMAGE,  # no name at all
+                    {"Content-Type": "application/x-tar"})
     refused(reply, "POST", "/api/new", 400, "bad_request")
+    reply = request(api, "POST", "/api/new", IMAGE)  # no name, no type: a form could do it
+    refused(reply, "POST", "/api/new", 403, "forbidden")
     assert fake.calls == []
 
 
@@ -575,10 +630,11 @@ def test_bad_images_are_422(api, fake):
 
 
 def test_upload_without_length_or_chunks_is_refused(api, fake):
+    # aiohttp's parser refuses the stray body before any op runs (the hand-written server
+    # began an upload and dropped it)
     reply = exchange(api, b"POST /api/new HTTP/1.1\r\nX-Image-Name: fn\r\n\r\nTAR")
     refused(reply, "POST", "/api/new", 400, "bad_request")
-    assert fake.uploads == {} and [op for op, _ in fake.calls] == ["upload_begin",
-                                                                    "upload_abort"]
+    assert fake.uploads == {} and fake.calls == []
 
 
 def test_not_found_and_conflict_come_from_the_ops(api, fake):
@@ -638,6 +694,8 @@ def test_wrong_methods_are_405_with_allow(api, fake):
             reply = request(api, method, path)
             assert reply.status == 405, (method, path)
             assert set(reply.headers["allow"].split(", ")) == methods
+            if method == "HEAD":  # the answer to HEAD carries no body
+                continue
             error = oc.check_generic(SPEC, "MethodNotAllowed", 405, reply.ctype, reply.body)
             assert error["error"]["code"] == "bad_request"
     assert fake.calls == []
