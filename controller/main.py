@@ -238,7 +238,12 @@ class Controller(Daemon):
         return {"name": args["name"], "settings": settings}
 
     async def op_logs(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Lines of a function's log from ``offset`` (at most LOG_CHUNK bytes of them)."""
+        """Lines of a function's log from ``offset`` (at most LOG_CHUNK bytes of them).
+
+        Only the function of that name now: lines older than its creation belong to an
+        earlier function of the same name whose file the runner has not deleted yet."""
+        created = self.state.function(args["name"])["created"]
+        since = created if args["since"] is None else max(args["since"], created)
         path = os.path.join(self.settings.root, "logs", "functions", f"{args['name']}.log")
         offset = args["offset"] or 0
         try:
@@ -257,7 +262,7 @@ class Controller(Daemon):
                 entry = json.loads(raw)
             except ValueError:
                 continue
-            if args["since"] is None or entry.get("ts", 0) >= args["since"]:
+            if entry.get("ts", 0) >= since:
                 lines.append(entry)
         return {"lines": lines, "offset": offset + len(data)}
 

@@ -251,3 +251,32 @@ def test_netagent_refuses_an_address_outside_the_prefix(platform):
     assert not reply.ok and reply.error.code is Code.BAD_REQUEST
     assert "outside the function prefix" in reply.error.message
     assert interface_addresses(platform) == before
+
+
+def test_logs_go_with_the_function(platform, image_tar):
+    """A removed function's log is deleted, a request in flight at the time included, and
+    a new function of the same name never shows what the old one wrote."""
+    from test_invoke import get
+    platform.wait_healthy()
+    address = faasctl_json(platform, "new", "reborn", "-f", image_tar)[0]["address"]
+    slow = subprocess.Popen(platform.netns.argv(
+        "curl", "-s", "-g", "-m", "20", "-o", "/dev/null", "-w", "%{http_code}",
+        f"http://[{address}]/slow"), stdout=subprocess.PIPE, text=True)
+    assert get(platform, address, "/")[0] == 200
+
+    def requests() -> list[str]:
+        out = platform.faasctl("--json", "logs", "reborn")
+        return [line for line in (json.loads(x)["line"] for x in out.stdout.splitlines())
+                if line.startswith("request ")]
+    old = poll("both requests in the log", lambda: len(requests()) == 2 and requests(), 10)
+    platform.faasctl("rm", "reborn")
+    slow.communicate(timeout=30)  # (its address left with the function: no answer)
+    platform.wait_healthy()  # a request in flight at rm upsets nothing
+    logfile = platform.root / "logs" / "functions" / "reborn.log"
+    poll("the log deleted", lambda: not logfile.exists(), 10)
+    out = platform.faasctl("logs", "reborn", check=False)
+    assert out.returncode == EXIT_STATUS[Code.NOT_FOUND]
+    address = faasctl_json(platform, "new", "reborn", "-f", image_tar)[0]["address"]
+    assert get(platform, address, "/")[0] == 200
+    new = poll("the new function's line", requests, 10)
+    assert len(new) == 1 and not set(new) & set(old), (old, new)
