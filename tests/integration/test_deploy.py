@@ -21,8 +21,10 @@ HANDLER = b"#!/bin/sh\necho hello\n"
 
 @pytest.fixture(scope="module")
 def platform_config() -> str:
+    # image_expand_ratio = 0: big_image is a zstd bomb on purpose (test_image_store.py
+    # holds the ratio cap)
     return ("upload_idle_seconds = 2\nupload_min_rate = 20000\nupload_rate_window = 2\n"
-            "upload_slots_per_user = 2\n")
+            "upload_slots_per_user = 2\nimage_expand_ratio = 0\n")
 
 
 def image(path: Path, marker: bytes = b"v1", fmt: str = "legacy", compression: str = "none"):
