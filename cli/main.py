@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from cli.render import RENDERERS, render_generic, verdict
+from cli.render import RENDERERS, render_generic, render_log_line, verdict
 from cli.top import top
 from cli.upload import ProgressLine, source, upload
 from common import protocol
@@ -95,14 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
 async def _logs(client: Client, ns: argparse.Namespace) -> None:
     since = time.time() - ns.since if ns.since is not None else None
     offset = 0
+    terminal = sys.stdout.isatty()  # --json and pipes get the text as the function wrote it
     while True:
         got = await client.call("logs", {"name": ns.name, "since": since, "offset": offset})
         for line in got["lines"]:
             if ns.json:
                 print(json.dumps(line))
             else:
-                stamp = time.strftime("%H:%M:%S", time.localtime(line["ts"]))
-                print(f"{stamp} {line.get('rid') or '-':14} {line['line']}")
+                print(render_log_line(line, terminal))
         sys.stdout.flush()
         moved = got["offset"] != offset
         offset = got["offset"]

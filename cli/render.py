@@ -33,6 +33,25 @@ def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 1048576:.1f}MiB"
 
 
+# C0 controls but tab, DEL and C1 controls: ESC and CSI start the sequences that retitle,
+# clear or recolour a terminal; CR and BS let a line overwrite what came before it.
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x09), *range(0x0a, 0x20), *range(0x7f, 0xa0)]}
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every terminal control character shown as ``\\xNN`` (tab kept), for
+    text a function wrote that is printed on an operator's terminal."""
+    return text.translate(_CONTROLS)
+
+
+def render_log_line(line: dict[str, Any], terminal: bool) -> str:
+    """One function log line as ``faasctl logs`` prints it: time, request id, text; on a
+    terminal the function's control characters are escaped, never interpreted."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(line["ts"]))
+    text = f"{stamp} {line.get('rid') or '-':14} {line['line']}"
+    return escape_controls(text) if terminal else text
+
+
 def table(rows: list[list[str]], out: TextIO) -> None:
     """Left-aligned columns, two spaces apart."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -15,6 +15,7 @@ out cleanly, and idempotent operations are retried within the caller's deadline.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import fcntl
 import itertools
@@ -35,6 +36,21 @@ from common.log import EventLog, request_id
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 _call_counter = itertools.count(1)
+
+# The uid of the process that sent the request being served, when the transport tells:
+# libzmq reads SO_PEERCRED on an ipc connection and reports "<address>:<uid>:<gid>:<pid>"
+# as the message's Peer-Address, so it is the kernel's word, never the client's. None
+# elsewhere (in-process calls, such as the HTTP API's, unless it sets this itself).
+peer_uid: contextvars.ContextVar[int | None] = contextvars.ContextVar("peer_uid", default=None)
+
+
+def _peer_uid(frame: zmq.Frame) -> int | None:
+    try:
+        address = frame.get("Peer-Address")
+    except zmq.ZMQError:
+        return None
+    parts = address.rsplit(":", 3)
+    return int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else None
 
 
 _contexts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, zmq.asyncio.Context] = (
@@ -145,7 +161,7 @@ class Server:
         stopper = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
-                recv = asyncio.ensure_future(self.sock.recv_multipart())
+                recv = asyncio.ensure_future(self.sock.recv_multipart(copy=False))
                 done, _ = await asyncio.wait({recv, stopper}, return_when=asyncio.FIRST_COMPLETED)
                 if recv not in done:
                     recv.cancel()
@@ -159,8 +175,9 @@ class Server:
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=5)
 
-    async def _handle(self, frames: list[bytes]) -> None:
-        identity, body = frames[0], frames[1:]
+    async def _handle(self, frames: list[zmq.Frame]) -> None:
+        identity, body = frames[0].bytes, [f.bytes for f in frames[1:]]
+        peer_uid.set(_peer_uid(frames[-1]))  # this task's own context: this request only
         reply = await self.dispatch(body[0] if len(body) == 1 else None)
         try:
             await self.sock.send_multipart([identity, reply])  # type: ignore[union-attr]

@@ -129,6 +129,27 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("upload_idle_seconds", float, 60.0,
             "an upload that sends nothing for this long is dropped with its bytes",
             _between(1, 3600)),
+    Setting("upload_min_rate", int, 10 << 10,
+            "bytes/s an upload must average over each upload_rate_window, or it is dropped "
+            "(0: no minimum)", _between(0, 1 << 30)),
+    Setting("upload_rate_window", float, 30.0,
+            "seconds over which upload_min_rate is measured; the first is the grace period",
+            _between(1, 3600)),
+    Setting("upload_slots", int, 8, "uploads in progress at once, everyone's together",
+            _between(1, 1024)),
+    Setting("upload_slots_per_user", int, 3,
+            "uploads in progress at once by one user (by uid; HTTP callers share one count)",
+            _between(1, 1024)),
+    Setting("image_store_max_bytes", int, 20 << 30,
+            "extracted images together may not pass this many bytes", _between(1 << 20, 1 << 50)),
+    Setting("min_free_bytes", int, 1 << 30,
+            "no extraction leaves less free space than this on the images filesystem",
+            _between(0, 1 << 50)),
+    Setting("image_max_bytes", int, 4 << 30, "largest expanded size of one image, in bytes",
+            _between(1 << 20, 1 << 42)),
+    Setting("image_expand_ratio", float, 20.0,
+            "an image may expand to this many times its upload's size, or 256 MiB if more "
+            "(0: no ratio cap)", _between(0, 1e6)),
 )
 
 _BY_KEY = {s.key: s for s in SETTINGS}

@@ -16,7 +16,7 @@ import os
 import time
 from typing import Any
 
-from common import protocol, wgconf
+from common import protocol, rpc, wgconf
 from common.daemon import VERSION, Daemon, run_main
 from common.errors import Code, FaasError
 from common.rpc import Client, Handler
@@ -27,7 +27,7 @@ from controller.health import Monitor
 from controller.http import Endpoints, HttpApi, Tokens
 from controller.metrics import Metrics
 from controller.state import State
-from controller.uploads import Uploads
+from controller.uploads import UNKNOWN_CALLER, Uploads
 
 
 LOG_CHUNK = 256 << 10
@@ -45,7 +45,9 @@ class Controller(Daemon):
         self.state = State(os.path.join(root, "state", "state.db"), self.settings.function_prefix,
                            self.settings.vpn_prefix)
         self.uploads = Uploads(os.path.join(root, "spool"), self.settings.upload_max_bytes,
-                               self.settings.upload_idle_seconds)
+                               self.settings.upload_idle_seconds, self.settings.upload_min_rate,
+                               self.settings.upload_rate_window, self.settings.upload_slots,
+                               self.settings.upload_slots_per_user)
         self.clients = {name: Client(name, self.settings.run) for name in protocol.AGENTS}
         self.monitor = Monitor(self.clients, self.desired_state, lambda: self.state.generation,
                                self.settings.ping_interval, self.log)
@@ -108,7 +110,8 @@ class Controller(Daemon):
                 await asyncio.sleep(1)
                 try:
                     for uid in self.uploads.expire():
-                        self.log.info("upload_expired", upload=uid)
+                        self.log.info("upload_expired", upload=uid,
+                                      reason=self.uploads.dropped.get(uid))
                     expired = self.state.expire_peers(time.time())
                     if expired:
                         self.log.info("peers_expired", names=expired)
@@ -168,9 +171,12 @@ class Controller(Daemon):
     # --- deploy ----------------------------------------------------------------------
 
     async def op_upload_begin(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Open an upload; the name was checked by the schema before we got here."""
-        up = self.uploads.begin(args["name"], args["tag"])
-        self.log.info("upload_begin", upload=up.id, name=up.name)
+        """Open an upload; the name was checked by the schema before we got here. It
+        takes a slot of its caller: the uid the kernel gives for the socket's peer."""
+        uid = rpc.peer_uid.get()
+        caller = UNKNOWN_CALLER if uid is None else f"uid {uid}"
+        up = self.uploads.begin(args["name"], args["tag"], caller)
+        self.log.info("upload_begin", upload=up.id, name=up.name, caller=caller)
         return {"upload": up.id, "chunk": protocol.CHUNK_SIZE, "window": protocol.UPLOAD_WINDOW}
 
     async def op_upload_chunk(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -257,7 +263,12 @@ class Controller(Daemon):
         return {"name": args["name"], "settings": settings}
 
     async def op_logs(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Lines of a function's log from ``offset`` (at most LOG_CHUNK bytes of them)."""
+        """Lines of a function's log from ``offset`` (at most LOG_CHUNK bytes of them).
+
+        Only the function of that name now: lines older than its creation belong to an
+        earlier function of the same name whose file the runner has not deleted yet."""
+        created = self.state.function(args["name"])["created"]
+        since = created if args["since"] is None else max(args["since"], created)
         path = os.path.join(self.settings.root, "logs", "functions", f"{args['name']}.log")
         offset = args["offset"] or 0
         try:
@@ -276,7 +287,7 @@ class Controller(Daemon):
                 entry = json.loads(raw)
             except ValueError:
                 continue
-            if args["since"] is None or entry.get("ts", 0) >= args["since"]:
+            if entry.get("ts", 0) >= since:
                 lines.append(entry)
         return {"lines": lines, "offset": offset + len(data)}
 

@@ -2,7 +2,7 @@
 
 A new function gets a listener at once; a changed one keeps its listener and connections
 in flight while new containers use the new version and settings; a removed one stops
-accepting, finishes what is in flight and stops its containers.
+accepting, finishes what is in flight and stops its containers, and its logs are deleted.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ class Fleet:
         self.functions: dict[str, Function] = {}
         self.specs: dict[str, dict[str, Any]] = {}
         self.closing: set[asyncio.Future[None]] = set()  # dropped functions finishing
+        # One token per function from its creation to its removal: the output of a removed
+        # function's containers still finishing must not land in a later same-named log.
+        self.owners: dict[str, object] = {}
         self._lock = asyncio.Lock()  # one converge at a time, in the order they came
 
     def recover(self) -> dict[str, int]:
@@ -60,7 +63,10 @@ class Fleet:
     async def _converge(self, specs: list[dict[str, Any]]) -> None:
         wanted = {s["name"]: s for s in specs}
         for name in sorted(set(self.functions) - set(wanted)):
-            await self._drop(name)
+            await self._drop(name, removed=True)
+        for name in self.logs.prune(set(wanted)):
+            self.owners.pop(name, None)
+            self.log.info("logs_removed", function=name)
         for name, spec in wanted.items():
             if spec == self.specs.get(name):
                 continue
@@ -68,7 +74,7 @@ class Fleet:
             if fn is not None and fn.address != spec["address"]:
                 await self._drop(name)
                 fn = None
-            factory = self._factory(spec)
+            factory = self._factory(spec, self.owners.setdefault(name, object()))
             if fn is None:
                 self.functions[name] = Function(name, spec["address"],
                                                 settings_from(spec["settings"]), factory, self.log)
@@ -79,11 +85,14 @@ class Fleet:
                 self.log.info("updated", function=name, digest=spec["digest"])
             self.specs[name] = spec
 
-    async def _drop(self, name: str) -> None:
+    async def _drop(self, name: str, removed: bool = False) -> None:
         """Stop accepting at once; requests in flight finish in the background, so a
-        sync never waits out a function's timeout."""
+        sync never waits out a function's timeout. A ``removed`` function's containers
+        log nothing more (its logs are deleted by the prune that follows)."""
         fn = self.functions.pop(name)
         self.specs.pop(name, None)
+        if removed:
+            self.owners.pop(name, None)
         fn.stop_accepting()
         self.log.info("stopped_serving", function=name)
         task = asyncio.ensure_future(self._finish(name, fn))
@@ -95,7 +104,7 @@ class Fleet:
         if name not in self.functions:
             self.logs.forget(name)
 
-    def _factory(self, spec: dict[str, Any]) -> Callable[[], Container]:
+    def _factory(self, spec: dict[str, Any], owner: object) -> Callable[[], Container]:
         rootfs = os.path.join(self.images, spec["digest"].removeprefix("sha256:"), "rootfs")
         s = spec["settings"]
         limits = FunctionSettings(memory_bytes=s["memory"], cpus=s["cpu"], pids=s["pids"],
@@ -113,7 +122,8 @@ class Fleet:
                                 hostname=name, control_socket=control_socket, settings=limits)
 
         def sink(container: str, stream: str, request: str | None, lines: list[str]) -> None:
-            self.logs.write(name, container, stream, request, lines)
+            if self.owners.get(name) is owner:  # else: removed, maybe deployed anew since
+                self.logs.write(name, container, stream, request, lines)
 
         return lambda: Container(name, self.bundles, self.ctl, self.runtime, make_config, sink)
 

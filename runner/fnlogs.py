@@ -2,7 +2,8 @@
 
 One file per function, ``$FAAS_ROOT/logs/functions/<name>.log``, rotated at
 ``MAX_BYTES`` into ``.1`` .. ``.{KEEP}``. The files are root:faas 0640 so the controller
-can read them for ``faasctl logs``; nobody but the runner writes them.
+can read them for ``faasctl logs``; nobody but the runner writes them. They go with their
+function: a function deployed later under the same name starts with no log of the old one.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 from typing import IO
 
@@ -18,6 +20,7 @@ KEEP = 3
 _quote = json.JSONEncoder(separators=(",", ":")).encode
 MAX_LINE = 16 << 10  # a runaway line is cut, not buffered without end
 FLUSH_SECONDS = 0.05  # lines reach the file at most this late, in one write per file
+_LOG_FILE = re.compile(r"(?P<name>[^/]+)\.log(\.[0-9]+)?")
 
 
 class FunctionLogs:
@@ -95,9 +98,32 @@ class FunctionLogs:
         os.replace(base, f"{base}.1")
 
     def forget(self, function: str) -> None:
-        """Close a removed function's file (its logs stay until the next deploy of the
-        same name appends to them)."""
+        """Close a function's file (it stays: the function is being replaced, not gone)."""
         f = self.files.pop(function, None)
         self.sizes.pop(function, None)
         if f is not None:
             f.close()
+
+    def remove(self, function: str) -> int:
+        """Close and delete a removed function's log and its rotated files, so that what
+        it wrote is never served as the log of a later function of the same name; return
+        how many files went."""
+        self.forget(function)
+        removed = 0
+        base = self.path(function)
+        for path in [base] + [f"{base}.{i}" for i in range(1, KEEP + 2)]:
+            try:
+                os.unlink(path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def prune(self, keep: set[str]) -> list[str]:
+        """Delete the logs of every function not in ``keep`` (removed while the runner
+        was down, or before this rule existed); return their names."""
+        gone = sorted({m["name"] for m in map(_LOG_FILE.fullmatch, os.listdir(self.directory))
+                       if m is not None and m["name"] not in keep})
+        for name in gone:
+            self.remove(name)
+        return gone

@@ -9,6 +9,7 @@ start it removes whatever a previous run left behind.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from typing import Any
 
@@ -20,6 +21,7 @@ from runner.fleet import Fleet
 from runner.serve import LATENCY_BUCKETS
 from runner.fnlogs import FunctionLogs
 from runner.runtime import Runtime, RuntimeUnavailable
+from runner.images.extract import DEFAULT_LIMITS
 from runner.store import ImageStore
 
 
@@ -33,7 +35,11 @@ class Runner(AgentDaemon):
         super().__init__(*args, **kwargs)
         uid, gid = owner_ids(self.settings)
         root, run = self.settings.root, self.settings.run
-        self.store = ImageStore(root, uid)
+        self.store = ImageStore(root, uid, dataclasses.replace(
+            DEFAULT_LIMITS, image_max_bytes=self.settings.image_max_bytes,
+            expand_ratio=self.settings.image_expand_ratio,
+            store_max_bytes=self.settings.image_store_max_bytes,
+            min_free_bytes=self.settings.min_free_bytes))
         self.runtime = Runtime(self.settings.runtime,
                                os.path.join(run, os.path.basename(self.settings.runtime)))
         try:

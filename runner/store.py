@@ -7,11 +7,18 @@ opens it without following links. Extraction itself happens in a limited child p
 (``runner.images.extract``). Which rootfs exist is the controller's call: ``keep``
 removes the rest, except images added moments ago that the controller has not recorded
 yet.
+
+What the images take is counted (the apparent size of their regular files, recorded in
+each image's config.json at extraction), so that an extraction can be refused when the
+store would pass ``image_store_max_bytes``; the extraction child also holds the
+per-image expanded-size cap and the free-space floor (``runner.images.layers.Budget``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
 import re
 import stat
@@ -21,7 +28,8 @@ from typing import Any
 
 from common.errors import Code, FaasError
 from runner.images.errors import ImageError
-from runner.images.extract import cleanup_staging, extract, remove_image
+from runner.images.extract import DEFAULT_LIMITS, cleanup_staging, extract, remove_image
+from runner.images.limits import Limits
 
 INCOMING = ".incoming"
 PIN_SECONDS = 600.0  # how long a fresh image survives syncs that do not name it yet
@@ -40,13 +48,20 @@ class Progress:
 class ImageStore:
     """Images under ``root/images``; uploads taken from ``root/spool``."""
 
-    def __init__(self, root: str, spool_uid: int):
+    def __init__(self, root: str, spool_uid: int, limits: Limits = DEFAULT_LIMITS):
         self.images = os.path.join(root, "images")
         self.spool = os.path.join(root, "spool")
         self.incoming = os.path.join(self.images, INCOMING)
         self.spool_uid = spool_uid
+        self.limits = limits  # its store_used_bytes is filled in per extraction
         self.progress: dict[str, Progress] = {}
         self.pinned: dict[str, float] = {}  # digest -> when image_add returned it
+        self.sizes: dict[str, int] = {}  # digest -> bytes its files take
+
+    @property
+    def used(self) -> int:
+        """Bytes the published images take together."""
+        return sum(self.sizes.values())
 
     def recover(self) -> dict[str, int]:
         """At start: remove staging directories and taken-over uploads a crash left."""
@@ -56,7 +71,9 @@ class ImageStore:
         for entry in os.scandir(self.incoming):
             os.unlink(entry.path)
             stale += 1
-        return {"staging": cleanup_staging(self.images), "incoming": stale}
+        counts = {"staging": cleanup_staging(self.images), "incoming": stale}
+        self.sizes = {digest: image_size(self.images, digest) for digest in self.present()}
+        return {**counts, "images": len(self.sizes), "image_bytes": self.used}
 
     def _take(self, upload: str) -> str:
         """Move the spooled upload where only root can touch it; check what it is."""
@@ -89,14 +106,17 @@ class ImageStore:
         def report(phase: str, done: int, total: int | None) -> None:
             progress.phase, progress.done, progress.total = phase, done, total
 
+        limits = dataclasses.replace(self.limits, store_used_bytes=self.used)
         try:
-            result = await asyncio.to_thread(extract, path, self.images, tag, progress=report)
+            result = await asyncio.to_thread(extract, path, self.images, tag, limits, report)
         except ImageError as exc:
             raise FaasError(exc.wire_code, exc.message, exc.details) from None
         finally:
             os.unlink(path)
             self.progress.pop(upload, None)
         self.pinned[result.digest] = time.monotonic()
+        if not result.reused:
+            self.sizes[result.digest] = result.expanded_bytes
         await asyncio.to_thread(make_mountpoints, str(result.rootfs))
         return {"digest": result.digest, "config": result.config.to_dict(),
                 "reused": result.reused, "dropped": result.dropped}
@@ -121,8 +141,31 @@ class ImageStore:
         removed = []
         for digest in sorted(self.present() - set(wanted) - set(self.pinned)):
             remove_image(self.images, digest)
+            self.sizes.pop(digest, None)
             removed.append(digest)
         return removed
+
+
+def image_size(images: str, digest: str) -> int:
+    """What a published image takes: as recorded at its extraction, or (an image extracted
+    before sizes were recorded) the apparent size of its regular files, each inode once."""
+    image_dir = os.path.join(images, digest.removeprefix("sha256:"))
+    try:
+        with open(os.path.join(image_dir, "config.json"), "rb") as f:
+            recorded = json.load(f).get("expanded_bytes")
+        if isinstance(recorded, int) and recorded >= 0:
+            return recorded
+    except (OSError, ValueError):
+        pass
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for top, _dirs, files in os.walk(os.path.join(image_dir, "rootfs")):  # never follows links
+        for name in files:
+            st = os.lstat(os.path.join(top, name))
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
 
 
 # What every container mounts over the image. Created once here, so that the runtime

@@ -95,14 +95,21 @@ def extract_into(params: dict[str, Any], limits: Limits) -> dict[str, Any]:
     spec = read_archive(params["archive"], params["tag"], limits)
     hexd = spec.digest.removeprefix("sha256:")
     published = Path(params["images_dir"]) / hexd
-    result = {"digest": spec.digest, "config": spec.config.to_dict(), "reused": False, "dropped": 0}
+    result = {"digest": spec.digest, "config": spec.config.to_dict(), "reused": False, "dropped": 0,
+              "bytes": 0}
     if (published / "rootfs").is_dir() and (published / "config.json").is_file():
         return {**result, "reused": True}
     staging = Path(params["staging"])
+
+    def free() -> int:
+        st = os.statvfs(staging)
+        return st.f_bavail * st.f_frsize
+
+    budget = Budget(limits, _test_hook(), os.stat(params["archive"]).st_size, free)
+    budget.before_extracting()
     os.mkdir(staging / "rootfs", 0o755)
     total = sum(layer.size for layer in spec.layers)
     progress.set("extract", 0, total, force=True)
-    budget = Budget(limits, _test_hook())
     root = SafeRoot(staging / "rootfs")
     fd = os.open(params["archive"], os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -111,8 +118,10 @@ def extract_into(params: dict[str, Any], limits: Limits) -> dict[str, Any]:
             stats = apply_layer(root, reader, ref.diff_id, f"layer {i} of {len(spec.layers)} ({ref.member})", budget)
             reader.finish()
             result["dropped"] += stats.dropped
+        result["bytes"] = budget.file_bytes
         with open(staging / "config.json", "x") as f:
-            json.dump({"digest": spec.digest, "tags": list(spec.tags), **spec.config.to_dict()}, f, indent=1)
+            json.dump({"digest": spec.digest, "tags": list(spec.tags), "expanded_bytes": budget.file_bytes,
+                       **spec.config.to_dict()}, f, indent=1)
         if params["sync"]:
             syncfs(root.fd)
     finally:

@@ -53,6 +53,7 @@ class ExtractResult:
     rootfs: Path
     reused: bool  # True: it was already there, nothing was extracted
     dropped: int = 0  # entries left out on purpose (device nodes, FIFOs, ...)
+    expanded_bytes: int = 0  # what its regular files add up to (0 when reused)
 
 
 def extract(
@@ -96,7 +97,8 @@ def _publish(images: Path, staging: Path, outcome: dict[str, Any], sync: bool) -
     digest = outcome["digest"]
     final = images / digest.removeprefix("sha256:")
     result = ExtractResult(
-        digest, ImageConfig.from_dict(outcome["config"]), final / "rootfs", bool(outcome["reused"]), outcome["dropped"]
+        digest, ImageConfig.from_dict(outcome["config"]), final / "rootfs", bool(outcome["reused"]), outcome["dropped"],
+        outcome.get("bytes", 0),
     )
     if result.reused:
         return result

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .errors import bad_image, too_large
-from .limits import Limits
+from .limits import Limits, MiB
 from .safefs import SafeRoot
 
 WHITEOUT = ".wh."
@@ -55,15 +55,73 @@ class LayerStats:
     whiteouts: int = 0
 
 
-class Budget:
-    """The caps shared by all layers of one image (bytes, entries, one file's size)."""
+FREE_CHECK_BYTES = 8 * MiB  # free space is read again before at most this much is written
 
-    def __init__(self, limits: Limits, on_entry: Callable[[int], None] | None = None):
+
+class Budget:
+    """The caps shared by all layers of one image (bytes, entries, one file's size), and
+    what the image may take on disk: its expanded size, the store's quota, the free-space
+    floor. ``free()`` says how many bytes are free on the images filesystem now."""
+
+    def __init__(self, limits: Limits, on_entry: Callable[[int], None] | None = None,
+                 archive_bytes: int = 0, free: Callable[[], int] | None = None):
         self.limits = limits
         self.entries = 0
         self.stream_bytes = 0
         self.file_bytes = 0
         self.on_entry = on_entry  # test hook: see runner/images/_child.py
+        self.archive_bytes = archive_bytes
+        self.free = free
+        self.unchecked = 0  # bytes counted since free space was last read
+        self.expanded_max, self.expanded_why = expanded_cap(limits, archive_bytes)
+
+    def before_extracting(self) -> None:
+        """Refuse at once when the store is already full or the disk already too low."""
+        lim = self.limits
+        if lim.store_max_bytes and lim.store_used_bytes + self.archive_bytes > lim.store_max_bytes:
+            raise too_large(
+                f"the image store is full: its images take {lim.store_used_bytes} bytes of "
+                f"image_store_max_bytes = {lim.store_max_bytes}: remove functions you do not "
+                "need (faasctl rm), or raise image_store_max_bytes",
+                limit="image_store_max_bytes", value=lim.store_max_bytes,
+            )
+        self._check_free(0)
+
+    def _check_free(self, upcoming: int) -> None:
+        if self.free is None or not self.limits.min_free_bytes:
+            return
+        free = self.free()
+        if free - upcoming < self.limits.min_free_bytes:
+            raise too_large(
+                f"extracting the image would leave less than min_free_bytes = "
+                f"{self.limits.min_free_bytes} bytes free on the images filesystem ({free} "
+                "free now): free disk space, or lower min_free_bytes",
+                limit="min_free_bytes", value=self.limits.min_free_bytes,
+            )
+
+    def _on_disk(self, size: int, path: str) -> None:
+        """The caps on what the image takes on disk, before a file of ``size`` is written."""
+        lim = self.limits
+        if self.expanded_max and self.file_bytes > self.expanded_max:
+            raise too_large(
+                f"the image expands to more than {self.expanded_max} bytes (reached at "
+                f"{path!r}), over {self.expanded_why}: make the image smaller, or raise "
+                f"{self.expanded_why.split()[0]} if it is right",
+                path=path, limit=self.expanded_why.split()[0], value=self.expanded_max,
+            )
+        if lim.store_max_bytes and lim.store_used_bytes + self.file_bytes > lim.store_max_bytes:
+            raise too_large(
+                f"the image store would pass image_store_max_bytes = {lim.store_max_bytes} "
+                f"(its images take {lim.store_used_bytes} bytes; this one more than "
+                f"{self.file_bytes}): remove functions you do not need (faasctl rm), or raise "
+                "image_store_max_bytes",
+                path=path, limit="image_store_max_bytes", value=lim.store_max_bytes,
+            )
+        if self.unchecked + size >= FREE_CHECK_BYTES:
+            self._check_free(size)
+            self.unchecked = 0
+        else:
+            self.unchecked += size
 
     def entry(self) -> None:
         """Count one tar entry."""
@@ -102,6 +160,21 @@ class Budget:
                 f"(reached at {path!r}): make the image smaller",
                 path=path, limit="max_bytes", value=self.limits.max_bytes,
             )
+        self._on_disk(size, path)
+
+
+def expanded_cap(limits: Limits, archive_bytes: int) -> tuple[int, str]:
+    """The most one image may expand to (0: no cap) and the setting that says so: the
+    smaller of image_max_bytes and image_expand_ratio times the archive's size (at least
+    ``expand_floor``, so that a small real image is never refused by the ratio)."""
+    caps = []
+    if limits.image_max_bytes:
+        caps.append((limits.image_max_bytes, f"image_max_bytes = {limits.image_max_bytes}"))
+    if limits.expand_ratio:
+        ratio = max(int(limits.expand_ratio * archive_bytes), limits.expand_floor)
+        caps.append((ratio, f"image_expand_ratio = {limits.expand_ratio:g} times the "
+                            f"{archive_bytes}-byte upload (at least {limits.expand_floor} bytes)"))
+    return min(caps) if caps else (0, "")
 
 
 def clean_path(name: str, limits: Limits, where: str) -> str:

@@ -30,6 +30,14 @@ class Limits:
     cpu_seconds: int = 900
     memory_bytes: int = 2 * GiB
     wall_seconds: float = 1800.0
+    # What the image may cost on disk, counted as the apparent size of its regular files
+    # (0: no such cap). The runner's store sets them from its settings per extraction.
+    image_max_bytes: int = 0  # setting image_max_bytes
+    expand_ratio: float = 0.0  # setting image_expand_ratio: times the archive's size ...
+    expand_floor: int = 256 * MiB  # ... but never below this, for small real images
+    store_max_bytes: int = 0  # setting image_store_max_bytes: every image together ...
+    store_used_bytes: int = 0  # ... of which the images already there hold this much
+    min_free_bytes: int = 0  # setting min_free_bytes, on the images filesystem
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, for the child process."""

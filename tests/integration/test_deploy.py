@@ -21,7 +21,10 @@ HANDLER = b"#!/bin/sh\necho hello\n"
 
 @pytest.fixture(scope="module")
 def platform_config() -> str:
-    return "upload_idle_seconds = 2\n"
+    # image_expand_ratio = 0: big_image is a zstd bomb on purpose (test_image_store.py
+    # holds the ratio cap)
+    return ("upload_idle_seconds = 2\nupload_min_rate = 20000\nupload_rate_window = 2\n"
+            "upload_slots_per_user = 2\nimage_expand_ratio = 0\n")
 
 
 def image(path: Path, marker: bytes = b"v1", fmt: str = "legacy", compression: str = "none"):
@@ -251,3 +254,101 @@ def test_netagent_refuses_an_address_outside_the_prefix(platform):
     assert not reply.ok and reply.error.code is Code.BAD_REQUEST
     assert "outside the function prefix" in reply.error.message
     assert interface_addresses(platform) == before
+
+
+def test_logs_go_with_the_function(platform, image_tar):
+    """A removed function's log is deleted, a request in flight at the time included, and
+    a new function of the same name never shows what the old one wrote."""
+    from test_invoke import get
+    platform.wait_healthy()
+    address = faasctl_json(platform, "new", "reborn", "-f", image_tar)[0]["address"]
+    slow = subprocess.Popen(platform.netns.argv(
+        "curl", "-s", "-g", "-m", "20", "-o", "/dev/null", "-w", "%{http_code}",
+        f"http://[{address}]/slow"), stdout=subprocess.PIPE, text=True)
+    assert get(platform, address, "/")[0] == 200
+
+    def requests() -> list[str]:
+        out = platform.faasctl("--json", "logs", "reborn")
+        return [line for line in (json.loads(x)["line"] for x in out.stdout.splitlines())
+                if line.startswith("request ")]
+    old = poll("both requests in the log", lambda: len(requests()) == 2 and requests(), 10)
+    platform.faasctl("rm", "reborn")
+    slow.communicate(timeout=30)  # (its address left with the function: no answer)
+    platform.wait_healthy()  # a request in flight at rm upsets nothing
+    logfile = platform.root / "logs" / "functions" / "reborn.log"
+    poll("the log deleted", lambda: not logfile.exists(), 10)
+    out = platform.faasctl("logs", "reborn", check=False)
+    assert out.returncode == EXIT_STATUS[Code.NOT_FOUND]
+    address = faasctl_json(platform, "new", "reborn", "-f", image_tar)[0]["address"]
+    assert get(platform, address, "/")[0] == 200
+    new = poll("the new function's line", requests, 10)
+    assert len(new) == 1 and not set(new) & set(old), (old, new)
+
+
+def call(platform, op: str, args: dict):
+    """One controller request from this process (as root), by a connection of its own."""
+    from test_platform import raw_request
+    from common import protocol
+    return raw_request(platform.run_dir / "controller.sock",
+                       [protocol.make_request(op, args, protocol.new_id())])
+
+
+def test_a_trickling_upload_is_dropped_while_a_steady_one_goes_on(platform):
+    """One byte now and then resets no timer: under upload_min_rate over a window, the
+    upload is dropped with its bytes; a steady upload at the same time is not."""
+    platform.wait_healthy()
+    slow = call(platform, "upload_begin", {"name": "trickle", "tag": None}).result["upload"]
+    steady = call(platform, "upload_begin", {"name": "steady", "tag": None}).result["upload"]
+    sent = {slow: 0, steady: 0}
+
+    def send(upload: str, data: bytes):
+        reply = call(platform, "upload_chunk", {"upload": upload, "offset": sent[upload],
+                                                "data": data})
+        if reply.ok:
+            sent[upload] += len(data)
+        return reply
+
+    def trickle_refused():
+        steady_reply = send(steady, bytes(64 << 10))  # 256 KiB/s
+        assert steady_reply.ok, steady_reply.error
+        reply = send(slow, b"x")  # 4 bytes/s, the idle timer (2 s) never fires
+        return None if reply.ok else reply.error
+    error = poll("the trickle dropped", trickle_refused, 15, interval=0.25)
+    assert error.code is Code.NOT_FOUND and "upload_min_rate" in error.message, error
+    assert sent[slow] >= 4  # it did send now and then, and was still dropped
+    assert send(steady, bytes(64 << 10)).ok
+    assert call(platform, "upload_abort", {"upload": steady}).ok
+    assert leftovers(platform) == []
+
+
+def begin_as(platform, uid: int, gid: int, groups: list[int], name: str) -> dict:
+    """upload_begin sent by a process of another user: its reply as JSON."""
+    script = ("import json, sys; sys.path[:0] = sys.argv[2:]\n"
+              "from test_platform import raw_request\nfrom common import protocol\n"
+              "r = raw_request(sys.argv[1], [protocol.make_request('upload_begin', "
+              f"{{'name': {name!r}, 'tag': None}}, protocol.new_id())])\n"
+              "print(json.dumps({'ok': r.ok, 'result': r.result, "
+              "'error': r.error and r.error.to_wire()}))")
+    here = Path(__file__).parent
+    out = run("setpriv", f"--reuid={uid}", f"--regid={gid}",
+              "--groups=" + ",".join(map(str, groups)), BIN / "python", "-c", script,
+              platform.run_dir / "controller.sock", here, here.parents[1])
+    return json.loads(out.stdout)
+
+
+def test_upload_slots_are_per_calling_user(platform):
+    """A user with upload_slots_per_user uploads open is refused another; another user
+    (told apart by the kernel's peer credentials, not by anything sent) is not."""
+    import grp
+    platform.wait_healthy()
+    mine = [call(platform, "upload_begin", {"name": f"mine{i}", "tag": None}).result["upload"]
+            for i in range(2)]
+    refused = call(platform, "upload_begin", {"name": "mine2", "tag": None})
+    assert not refused.ok and refused.error.code is Code.UNAVAILABLE
+    assert "too many uploads in progress for you: 2" in refused.error.message
+    faas = grp.getgrnam("faas").gr_gid
+    other = begin_as(platform, 65534, 65534, [faas], "theirs")
+    assert other["ok"], other
+    for upload in mine + [other["result"]["upload"]]:
+        assert call(platform, "upload_abort", {"upload": upload}).ok
+    assert leftovers(platform) == []

@@ -148,3 +148,79 @@ def test_qr_code_of_a_config_prints_on_a_terminal():
     print_qr("[Interface]\nAddress = fd00:faa5:0:100::2/128\n", out)
     lines = out.getvalue().splitlines()
     assert len(lines) > 10 and len({len(line) for line in lines if line.strip()}) == 1
+
+
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\x1b[31mERROR\x1b[0m\rfake\x9b1m\ttab"
+LOG_LINE = {"ts": 1700000000.0, "container": "c", "stream": "stdout", "rid": "r1",
+            "line": HOSTILE}
+
+
+def test_a_log_line_escapes_terminal_controls_on_a_terminal_only():
+    from cli.render import render_log_line
+    shown = render_log_line(LOG_LINE, terminal=True)
+    assert not any(ord(c) < 0x20 and c != "\t" or 0x7f <= ord(c) < 0xa0 for c in shown)
+    assert "\\x1b]0;pwned\\x07\\x1b[2J\\x1b[31mERROR" in shown
+    assert "\\x0dfake\\x9b1m\ttab" in shown
+    assert render_log_line(LOG_LINE, terminal=False).endswith(HOSTILE)
+
+
+def _faasctl_logs_against(tmp_path, *args: str, terminal: bool) -> bytes:
+    """What a real faasctl logs prints (on a pseudo-terminal or a pipe) when the
+    controller answers one line that a function wrote full of escape sequences."""
+    import asyncio
+    import os
+    import pty
+
+    from common.log import EventLog
+    from common.rpc import Access, Server
+
+    async def logs(req):
+        return {"lines": [LOG_LINE] if req["offset"] == 0 else [], "offset": 1}
+
+    async def other(req):
+        raise AssertionError("only logs is called")
+
+    async def main() -> bytes:
+        handlers = {name: other for name in protocol.OPS["controller"]}
+        handlers["logs"] = logs
+        server = Server("controller", handlers, str(tmp_path),
+                        EventLog("controller", stream=io.StringIO()), Access(0o600))
+        server.bind()
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(server.serve(stop))
+        (tmp_path / "empty.toml").write_text("")
+        env = {**os.environ, "FAAS_RUN": str(tmp_path),
+               "FAAS_CONFIG": str(tmp_path / "empty.toml")}
+        master, slave = pty.openpty() if terminal else os.pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                BIN / "faasctl", *args, "logs", "fn", stdout=slave, env=env)
+            os.close(slave)
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+            out = b""
+            while True:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: a pty whose other side is closed
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            return out
+        finally:
+            os.close(master)
+            stop.set()
+            await task
+            server.close()
+    return asyncio.run(main())
+
+
+def test_faasctl_logs_escapes_on_a_terminal_keeps_json_and_pipes_raw(tmp_path):
+    import json
+    shown = _faasctl_logs_against(tmp_path, terminal=True).decode()
+    assert "\x1b" not in shown and "\x07" not in shown and "\x9b" not in shown
+    assert "\\x1b]0;pwned\\x07" in shown and "ERROR" in shown
+    as_json = _faasctl_logs_against(tmp_path, "--json", terminal=True).decode()
+    assert json.loads(as_json)["line"] == HOSTILE  # JSON escapes them its own way
+    piped = _faasctl_logs_against(tmp_path, terminal=False).decode()
+    assert piped.rstrip("\n").endswith(HOSTILE)

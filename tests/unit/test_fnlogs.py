@@ -37,3 +37,30 @@ def test_a_file_that_cannot_be_written_drops_the_lines_and_counts_them(tmp_path,
     monkeypatch.setattr(logs, "_open", full)
     logs.write("fib", "c", "stderr", "r1", ["a", "b"])  # does not raise
     assert logs.dropped == 2
+
+
+def test_remove_deletes_the_log_and_every_rotated_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(fnlogs, "MAX_BYTES", 500)
+    directory = tmp_path / "functions"
+    logs = FunctionLogs(str(directory), os.getgid())
+    for i in range(60):
+        logs.write("fib", "c", "stdout", None, [f"secret {i}"])
+        logs.write("other", "c", "stdout", None, [f"kept {i}"])
+    assert "fib.log.2" in os.listdir(directory)
+    assert logs.remove("fib") == fnlogs.KEEP + 1
+    assert sorted(os.listdir(directory)) == sorted(
+        ["other.log"] + [f"other.log.{i}" for i in range(1, fnlogs.KEEP + 1)])
+    logs.write("fib", "c2", "stdout", None, ["new"])  # a new function of the same name
+    assert [json.loads(line)["line"] for line in
+            (directory / "fib.log").read_text().splitlines()] == ["new"]
+
+
+def test_prune_deletes_the_logs_of_functions_no_longer_served(tmp_path):
+    directory = tmp_path / "functions"
+    logs = FunctionLogs(str(directory), os.getgid())
+    for name in ("gone", "kept"):
+        logs.write(name, "c", "stdout", None, ["x"])
+    (directory / "gone.log.1").write_text("{}\n")
+    assert logs.prune({"kept"}) == ["gone"]
+    assert os.listdir(directory) == ["kept.log"]
+    assert logs.prune({"kept"}) == []

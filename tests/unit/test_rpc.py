@@ -218,3 +218,22 @@ def test_log_lines_are_json_with_request_id():
     record = json.loads(out.getvalue())
     assert record["proc"] == "runner" and record["rid"] == "abc.1" and record["n"] == 1
     assert out.getvalue().count("\n") == 1
+
+
+def test_handlers_learn_the_callers_uid_from_the_kernel(tmp_path):
+    """libzmq's SO_PEERCRED reading of an ipc peer reaches the handler as peer_uid; a
+    call made in-process (outside any request) has none."""
+    from common.rpc import peer_uid
+    seen = []
+
+    async def main():
+        async with Agent(str(tmp_path)) as agent:
+            async def ping(args):
+                seen.append(peer_uid.get())
+                return {"pong": True}
+            agent.server.handlers["ping"] = ping
+            client = Client("dnsagent", str(tmp_path))
+            await client.call("ping")
+            client.close()
+    run(main())
+    assert seen == [os.getuid()] and peer_uid.get() is None
