@@ -42,6 +42,10 @@ _call_counter = itertools.count(1)
 # as the message's Peer-Address, so it is the kernel's word, never the client's. None
 # elsewhere (in-process calls, such as the HTTP API's, unless it sets this itself).
 peer_uid: contextvars.ContextVar[int | None] = contextvars.ContextVar("peer_uid", default=None)
+# Who the caller is, as the key of a per-caller quota: "uid N" for a process the kernel
+# named (ZeroMQ over ipc, the HTTP API on loopback or its unix socket), "token NAME" for
+# the holder of an HTTP API token; None when unknown.
+caller: contextvars.ContextVar[str | None] = contextvars.ContextVar("caller", default=None)
 
 
 def _peer_uid(frame: zmq.Frame) -> int | None:
@@ -177,7 +181,9 @@ class Server:
 
     async def _handle(self, frames: list[zmq.Frame]) -> None:
         identity, body = frames[0].bytes, [f.bytes for f in frames[1:]]
-        peer_uid.set(_peer_uid(frames[-1]))  # this task's own context: this request only
+        uid = _peer_uid(frames[-1])  # this task's own context: this request only
+        peer_uid.set(uid)
+        caller.set(None if uid is None else f"uid {uid}")
         reply = await self.dispatch(body[0] if len(body) == 1 else None)
         try:
             await self.sock.send_multipart([identity, reply])  # type: ignore[union-attr]

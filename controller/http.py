@@ -34,6 +34,7 @@ from aiohttp.web_protocol import RequestHandler
 from common.errors import Code, FaasError
 from common.log import EventLog, request_id
 from common.protocol import CHUNK_SIZE, OPS, Op, new_id
+from common import rpc
 from common.rpc import Handler
 from common.schema import Float, Int
 from controller import access
@@ -303,6 +304,7 @@ class HttpApi:
     async def serve(self, req: web.BaseRequest, site: str) -> web.StreamResponse:
         """Answer one request; every failure becomes a documented error answer."""
         token = request_id.set(new_id())
+        caller_token = rpc.caller.set(None)  # a kept-alive connection's next request starts over
         started = time.monotonic()
         caller: Caller | None = None
         try:
@@ -337,6 +339,7 @@ class HttpApi:
                 resp.force_close()  # what follows a refused request is not worth reading
             return resp
         finally:
+            rpc.caller.reset(caller_token)
             request_id.reset(token)
 
     def _check_origin(self, req: web.BaseRequest, site: str) -> None:
@@ -362,6 +365,7 @@ class HttpApi:
             now = time.time()
             row = access.check_token(token, self.tokens.lookup, now)
             self.tokens.used(row["name"], now)
+            rpc.caller.set(f"token {row['name']}")
             return Caller(f"token {row['name']}", row["role"])
         if site == VPN:
             raise FaasError(Code.UNAUTHORIZED, "the API on the VPN address takes tokens only: "
@@ -388,6 +392,7 @@ class HttpApi:
         member, who = self.operators.check(uid, gid)
         if not member:
             raise self.operators.refusal(who, uid)
+        rpc.caller.set(f"uid {uid}")
         return Caller(who)
 
     async def _route(self, req: web.BaseRequest, caller: Caller) -> Answer:

@@ -172,9 +172,9 @@ class Controller(Daemon):
 
     async def op_upload_begin(self, args: dict[str, Any]) -> dict[str, Any]:
         """Open an upload; the name was checked by the schema before we got here. It
-        takes a slot of its caller: the uid the kernel gives for the socket's peer."""
-        uid = rpc.peer_uid.get()
-        caller = UNKNOWN_CALLER if uid is None else f"uid {uid}"
+        takes a slot of its caller: the uid the kernel gives for the socket's peer, or the
+        HTTP API's token."""
+        caller = rpc.caller.get() or UNKNOWN_CALLER
         up = self.uploads.begin(args["name"], args["tag"], caller)
         self.log.info("upload_begin", upload=up.id, name=up.name, caller=caller)
         return {"upload": up.id, "chunk": protocol.CHUNK_SIZE, "window": protocol.UPLOAD_WINDOW}

@@ -410,6 +410,18 @@ def test_the_guides_plain_curl_deploy_still_works(server, fake):
     assert status == 200 and body["name"] == "newfn"
 
 
+def test_uploads_are_counted_per_uid_or_token(server, fake, store):
+    """The controller's per-caller upload slots see who called over HTTP: the operator's
+    uid from the kernel, or the token's name; never something the request says."""
+    token = store.add("ci", "deploy")
+    deploy = {"X-Image-Name": "newfn", "Content-Type": "application/octet-stream"}
+    by_uid = req(server, "POST", "/api/new", b"TAR" + bytes(100), deploy)
+    by_token = req(server, "POST", "/api/new", b"TAR" + bytes(100),
+                   {**deploy, "Authorization": f"Bearer {token}"})
+    assert [s for s, _ in run_as(None, [by_uid, by_token])] == [200, 200]
+    assert fake.callers == [f"uid {os.getuid()}", "token ci"]
+
+
 # --- connections ---------------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from common import fnsettings, protocol
+from common import fnsettings, protocol, rpc
 from common.errors import Code, FaasError
 from common.log import EventLog
 from controller import http
@@ -52,6 +52,7 @@ class FakeController:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.callers: list[str | None] = []  # rpc.caller as each upload_begin saw it
         self.functions: dict[str, dict[str, Any]] = {}
         self.peers: dict[str, dict[str, Any]] = {}
         self.uploads: dict[str, dict[str, Any]] = {}
@@ -106,6 +107,7 @@ class FakeController:
 
     async def op_upload_begin(self, args: dict[str, Any]) -> dict[str, Any]:
         self._record("upload_begin", args)
+        self.callers.append(rpc.caller.get())
         uid = secrets.token_hex(16)
         self.uploads[uid] = {"name": args["name"], "data": bytearray()}
         return {"upload": uid, "chunk": protocol.CHUNK_SIZE, "window": protocol.UPLOAD_WINDOW}
