@@ -124,6 +124,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("upload_idle_seconds", float, 60.0,
             "an upload that sends nothing for this long is dropped with its bytes",
             _between(1, 3600)),
+    # Host maxima of per-function settings: the runner refuses a sync above them
+    # (forbidden), the controller a `faasctl set` (bad_request). Only root sets them.
+    Setting("max_memory", int, 0, "largest memory limit of a container, in bytes; 0: this "
+            "machine's RAM", _between(0, 1 << 50)),
+    Setting("max_cpus", float, 0.0, "most CPUs a container may use; 0: this machine's CPU "
+            "count", _between(0, 1024)),
+    Setting("max_pids", int, 4096, "most processes and threads of a container",
+            _between(8, 1 << 22)),
+    Setting("max_timeout", float, 3600.0, "longest timeout of a function, in seconds",
+            _between(0.1, 86400)),
+    Setting("max_concurrency", int, 1024, "most connections a function serves at once",
+            _between(1, 65536)),
+    Setting("max_queue", int, 4096, "most connections that may wait for a function's slot",
+            _between(0, 1 << 20)),
+    Setting("max_min_warm", int, 64, "most containers a function keeps started and waiting",
+            _between(0, 4096)),
 )
 
 _BY_KEY = {s.key: s for s in SETTINGS}

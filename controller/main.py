@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any
 
-from common import protocol
+from common import fnsettings, protocol
 from common.daemon import VERSION, Daemon, run_main
 from common.errors import Code, FaasError
 from common.rpc import Client, Handler
@@ -232,7 +232,8 @@ class Controller(Daemon):
     async def op_set(self, args: dict[str, Any]) -> dict[str, Any]:
         """Change a function's settings; the runner applies them without dropping
         connections in flight."""
-        settings = self.state.set(args["name"], args["settings"])
+        settings = self.state.set(args["name"], args["settings"],
+                                  fnsettings.host_maxima(self.settings))
         await self.monitor.push()
         self.log.info("settings_changed", name=args["name"], changes=sorted(args["settings"]))
         return {"name": args["name"], "settings": settings}

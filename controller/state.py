@@ -218,9 +218,11 @@ class State:
             self._bump(db)
         return self.function(name)
 
-    def set(self, name: str, changes: dict[str, str]) -> dict[str, Any]:
-        """Apply KEY=VALUE changes to a function's settings, all or none."""
-        settings = fnsettings.apply(self.function(name)["settings"], changes)
+    def set(self, name: str, changes: dict[str, str],
+            maxima: dict[str, float] | None = None) -> dict[str, Any]:
+        """Apply KEY=VALUE changes to a function's settings, all or none; changed values
+        above ``maxima`` (the host's) are refused."""
+        settings = fnsettings.apply(self.function(name)["settings"], changes, maxima)
         with self.tx() as db:
             db.execute("UPDATE functions SET settings=? WHERE name=?", (json.dumps(settings), name))
             self._bump(db)
