@@ -135,12 +135,13 @@ class State:
                  "settings": fnsettings.apply(json.loads(r["settings"]), {})} for r in rows]
 
     def specs(self) -> list[dict[str, Any]]:
-        """What the runner needs to serve every function: address, image, settings."""
+        """What the runner needs to serve every function: address, image digest,
+        settings. Not the image's config: the runner has its own record of that (the
+        stored copy is for list and info)."""
         rows = self.db.execute(
-            "SELECT f.name, f.address, f.settings, v.digest, v.config FROM functions f"
+            "SELECT f.name, f.address, f.settings, v.digest FROM functions f"
             " JOIN versions v ON v.name = f.name AND v.version = f.version ORDER BY f.name")
         return [{"name": r["name"], "address": r["address"], "digest": r["digest"],
-                 "config": json.loads(r["config"]),
                  "settings": fnsettings.apply(json.loads(r["settings"]), {})} for r in rows]
 
     def function(self, name: str) -> dict[str, Any]:
