@@ -69,9 +69,12 @@ FN_SETTINGS: tuple[FnSetting, ...] = (
 BY_KEY = {s.key: s for s in FN_SETTINGS}
 
 
-def defaults() -> dict[str, Any]:
-    """Every setting at its default, with no env."""
-    return {**{s.key: s.default for s in FN_SETTINGS}, "env": {}}
+def defaults(maxima: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Every setting at its default, with no env; a default above this host's maximum
+    (``maxima``) is that maximum, so a function nobody set fits the host."""
+    caps = maxima or {}
+    return {**{s.key: min(s.default, caps[s.key]) if s.key in caps else s.default
+               for s in FN_SETTINGS}, "env": {}}
 
 
 def apply(current: dict[str, Any], changes: dict[str, str],
@@ -79,7 +82,7 @@ def apply(current: dict[str, Any], changes: dict[str, str],
     """Parse ``KEY=VALUE`` changes onto ``current``; refuse the whole set on any error.
     ``maxima`` (:func:`host_maxima`) caps the changed keys: the runner would refuse
     the value at sync, so the operator learns it now."""
-    out = {**defaults(), **current}
+    out = {**defaults(maxima), **current}
     env = dict(out["env"])
     for key, text in changes.items():
         if key.startswith("env."):

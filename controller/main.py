@@ -39,7 +39,7 @@ class Controller(Daemon):
         super().__init__(*args, **kwargs)
         root = self.settings.root
         self.state = State(os.path.join(root, "state", "state.db"), self.settings.function_prefix,
-                           self.settings.vpn_prefix)
+                           self.settings.vpn_prefix, fnsettings.host_maxima(self.settings))
         self.uploads = Uploads(os.path.join(root, "spool"), self.settings.upload_max_bytes,
                                self.settings.upload_idle_seconds)
         self.clients = {name: Client(name, self.settings.run) for name in protocol.AGENTS}
@@ -232,8 +232,7 @@ class Controller(Daemon):
     async def op_set(self, args: dict[str, Any]) -> dict[str, Any]:
         """Change a function's settings; the runner applies them without dropping
         connections in flight."""
-        settings = self.state.set(args["name"], args["settings"],
-                                  fnsettings.host_maxima(self.settings))
+        settings = self.state.set(args["name"], args["settings"])
         await self.monitor.push()
         self.log.info("settings_changed", name=args["name"], changes=sorted(args["settings"]))
         return {"name": args["name"], "settings": settings}

@@ -88,3 +88,12 @@ def test_check_values_refuses_env_names_not_values(name, code):
     with pytest.raises(FaasError) as info:
         fnsettings.check_values(values, fnsettings.host_maxima(_host()), "fn")
     assert info.value.code is code and "s3cret" not in str(info.value)
+
+
+def test_defaults_fit_the_host():
+    """A function nobody set gets no value the runner would refuse on this host."""
+    maxima = fnsettings.host_maxima(_host(max_pids=64, max_cpus=0.5))
+    out = fnsettings.apply({}, {}, maxima)
+    assert (out["pids"], out["cpu"], out["timeout"]) == (64, 0.5, 30.0)
+    fnsettings.check_values(out, maxima, "fn")
+    assert fnsettings.apply({"pids": 100}, {}, maxima)["pids"] == 100  # a set value stays
