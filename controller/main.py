@@ -14,9 +14,10 @@ import os
 import time
 from typing import Any
 
-from common import fnsettings, protocol
+from common import protocol
 from common.daemon import VERSION, Daemon, run_main
 from common.errors import Code, FaasError
+from common.fnsettings import host_maxima
 from common.rpc import Client, Handler
 from controller import vpn
 from controller.health import Monitor
@@ -39,7 +40,7 @@ class Controller(Daemon):
         super().__init__(*args, **kwargs)
         root = self.settings.root
         self.state = State(os.path.join(root, "state", "state.db"), self.settings.function_prefix,
-                           self.settings.vpn_prefix, fnsettings.host_maxima(self.settings))
+                           self.settings.vpn_prefix, host_maxima(self.settings))
         self.uploads = Uploads(os.path.join(root, "spool"), self.settings.upload_max_bytes,
                                self.settings.upload_idle_seconds)
         self.clients = {name: Client(name, self.settings.run) for name in protocol.AGENTS}
