@@ -22,7 +22,7 @@ class Code(str, enum.Enum):
     NOT_FOUND = "not_found"  # the named function, version or peer does not exist
     CONFLICT = "conflict"  # the request contradicts the current state
     BAD_IMAGE = "bad_image"  # an uploaded image is malformed, hostile or unsupported
-    FORBIDDEN = "forbidden"  # the caller may not reach that endpoint, or a root bound refuses
+    FORBIDDEN = "forbidden"  # the caller may not reach that endpoint
     UNAVAILABLE = "unavailable"  # the peer is down or not reachable
     TIMEOUT = "timeout"  # no reply within the call's deadline
     INTERNAL = "internal"  # a bug: the daemon's log has the traceback
