@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 
 from common import protocol
+from common.errors import Code, FaasError
 from common.log import EventLog
 from common.rpc import Access, AlreadyRunning, Handler, Server
 from common.settings import EX_CONFIG, Settings, SettingsError, load
@@ -44,6 +45,7 @@ class Daemon:
         self.stop = asyncio.Event()
         self.generation = 0
         self.synced = False
+        self.digest = ""  # protocol.state_digest of the state last converged to
         self._proc = psutil.Process()
 
     def handlers(self) -> dict[str, Handler]:
@@ -67,6 +69,7 @@ class Daemon:
             "rss": self._proc.memory_info().rss,
             "synced": self.synced,
             "generation": self.generation,
+            "digest": self.digest,
         }
 
     async def setup(self) -> None:
@@ -115,12 +118,22 @@ class AgentDaemon(Daemon):
         return {"ping": self.op_ping, "sync": self.op_sync}
 
     async def op_sync(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Converge to the whole desired state; idempotent."""
-        await self.converge(args["state"])
+        """Converge to the whole desired state; idempotent. A state outside the bounds
+        root set (``converge`` checks before it changes anything) is refused and logged:
+        the caller holds the faas user, and that may be an attacker's."""
+        digest = protocol.state_digest(self.service, args["state"])
+        try:
+            await self.converge(args["state"])
+        except FaasError as exc:
+            if exc.code in (Code.FORBIDDEN, Code.BAD_REQUEST):
+                self.log.warning("sync_refused", code=exc.code.value, error=exc.message,
+                                 generation=args["generation"])
+            raise
         self.generation = args["generation"]
+        self.digest = digest
         self.synced = True
-        self.log.info("synced", generation=self.generation)
-        return {"generation": self.generation}
+        self.log.info("synced", generation=self.generation, digest=self.digest[:12])
+        return {"generation": self.generation, "digest": self.digest}
 
     async def converge(self, state: dict[str, Any]) -> None:
         """Make the world match ``state`` (subclasses)."""

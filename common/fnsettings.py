@@ -7,16 +7,19 @@ sets an environment variable of the function's containers (``env.X=`` removes it
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from common.errors import Code, FaasError
 
 _SIZE = re.compile(r"([0-9]+)([KMG]i?B?|B)?", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-RESERVED_ENV = ("FAAS_",)  # the runner's own variables
+# The runner's own variables, and the dynamic loader's (LD_PRELOAD, LD_LIBRARY_PATH,
+# ...): a function's env may not change what code its image runs.
+RESERVED_ENV = ("FAAS_", "LD_")
 MAX_ENV = 128
 
 
@@ -66,21 +69,27 @@ FN_SETTINGS: tuple[FnSetting, ...] = (
 BY_KEY = {s.key: s for s in FN_SETTINGS}
 
 
-def defaults() -> dict[str, Any]:
-    """Every setting at its default, with no env."""
-    return {**{s.key: s.default for s in FN_SETTINGS}, "env": {}}
+def defaults(maxima: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Every setting at its default, with no env; a default above this host's maximum
+    (``maxima``) is that maximum, so a function nobody set fits the host."""
+    caps = maxima or {}
+    return {**{s.key: min(s.default, caps[s.key]) if s.key in caps else s.default
+               for s in FN_SETTINGS}, "env": {}}
 
 
-def apply(current: dict[str, Any], changes: dict[str, str]) -> dict[str, Any]:
-    """Parse ``KEY=VALUE`` changes onto ``current``; refuse the whole set on any error."""
-    out = {**defaults(), **current}
+def apply(current: dict[str, Any], changes: dict[str, str],
+          maxima: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Parse ``KEY=VALUE`` changes onto ``current``; refuse the whole set on any error.
+    ``maxima`` (:func:`host_maxima`) caps the changed keys: the runner would refuse
+    the value at sync, so the operator learns it now."""
+    out = {**defaults(maxima), **current}
     env = dict(out["env"])
     for key, text in changes.items():
         if key.startswith("env."):
             name = key[4:]
             if not ENV_NAME.fullmatch(name) or name.startswith(RESERVED_ENV):
                 raise FaasError(Code.BAD_REQUEST, f"{key}: not a usable variable name (letters, "
-                                "digits, _; not starting with FAAS_)", {"key": key})
+                                "digits, _; not starting with FAAS_ or LD_)", {"key": key})
             if "\x00" in text:
                 raise FaasError(Code.BAD_REQUEST, f"{key}: NUL in value", {"key": key})
             if text == "":
@@ -96,7 +105,62 @@ def apply(current: dict[str, Any], changes: dict[str, str]) -> dict[str, Any]:
             out[key] = setting.value(text)
         except ValueError as exc:
             raise FaasError(Code.BAD_REQUEST, f"{key}={text!r}: {exc}", {"key": key}) from None
+        cap = (maxima or {}).get(key)
+        if cap is not None and out[key] > cap:
+            raise FaasError(Code.BAD_REQUEST, f"{key}={text!r}: above this host's maximum "
+                            f"{cap:g} ({HOST_MAXIMA[key]} in the settings file)",
+                            {"key": key, "maximum": cap})
     if len(env) > MAX_ENV:
         raise FaasError(Code.BAD_REQUEST, f"more than {MAX_ENV} environment variables")
     out["env"] = env
     return out
+
+
+# Per-function settings that a host setting (common.settings, root's file) caps.
+HOST_MAXIMA = {"memory": "max_memory", "cpu": "max_cpus", "pids": "max_pids",
+               "timeout": "max_timeout", "concurrency": "max_concurrency",
+               "queue": "max_queue", "min_warm": "max_min_warm"}
+
+
+def host_maxima(settings: Any) -> dict[str, float]:
+    """The highest value of each capped setting on this host: the table's bound lowered
+    by the host's ``max_*`` setting (``max_memory`` and ``max_cpus`` 0: this machine's
+    RAM and CPU count)."""
+    out: dict[str, float] = {}
+    for key, host_key in HOST_MAXIMA.items():
+        cap = getattr(settings, host_key)
+        if not cap and key == "memory":
+            cap = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        elif not cap and key == "cpu":
+            cap = os.cpu_count() or 1
+        out[key] = min(BY_KEY[key].hi, cap)
+    return out
+
+
+def check_values(values: Mapping[str, Any], maxima: Mapping[str, float], where: str) -> None:
+    """The root daemon's check of settings it was sent: above this host's maximum is
+    forbidden, outside the table's range or an unusable env name is bad_request. Errors
+    name the setting or variable, never an env value."""
+    for s in FN_SETTINGS:
+        value = values.get(s.key)
+        if value is None or isinstance(value, bool):
+            continue  # the schema typed it; a bool has no range
+        cap = maxima.get(s.key)
+        if cap is not None and value > cap:
+            raise FaasError(Code.FORBIDDEN, f"{where}.{s.key} = {value:g} is above this "
+                            f"host's maximum {cap:g} ({HOST_MAXIMA[s.key]})",
+                            {"field": f"{where}.{s.key}", "maximum": cap})
+        if not s.lo <= value <= s.hi:
+            raise FaasError(Code.BAD_REQUEST, f"{where}.{s.key} = {value:g} is not between "
+                            f"{s.lo:g} and {s.hi:g}", {"field": f"{where}.{s.key}"})
+    env = values.get("env") or {}
+    if len(env) > MAX_ENV:
+        raise FaasError(Code.BAD_REQUEST, f"{where}.env: more than {MAX_ENV} variables",
+                        {"field": f"{where}.env"})
+    for name in env:
+        if not ENV_NAME.fullmatch(name):
+            raise FaasError(Code.BAD_REQUEST, f"{where}.env: {name[:80]!r} is not a variable "
+                            "name (letters, digits, _)", {"field": f"{where}.env"})
+        if name.startswith(RESERVED_ENV):
+            raise FaasError(Code.FORBIDDEN, f"{where}.env: {name} is reserved (FAAS_* is "
+                            "faasd's, LD_* the dynamic loader's)", {"field": f"{where}.env"})

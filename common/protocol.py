@@ -11,6 +11,8 @@ table ``OPS`` by (service, name); a name off the wire is only ever a dictionary 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import re
 from dataclasses import dataclass, field
@@ -241,23 +243,17 @@ WG_INFO = Op("wg_info", "The WireGuard interface's name, public key, listen port
 PEERS = Op("peers", "Every peer on the interface: key, allowed ips, endpoint, last "
            "handshake, bytes in and out.", timeout=5.0)
 
-IMAGE_CONFIG = Record(fields={
-    "entrypoint": List(item=Str(max_len=4096), max_items=256),
-    "cmd": List(item=Str(max_len=4096), max_items=256),
-    "env": List(item=Str(max_len=8192), max_items=512),
-    "workdir": Str(max_len=4096),
-    "user": Str(max_len=256),
-    "os": Str(max_len=32),
-    "architecture": Str(max_len=32),
-})
 FUNCTION_SETTINGS = Record(fields={
     "memory": Int(min=1), "cpu": Float(min=0.01), "pids": Int(min=1),
     "timeout": Float(min=0.01), "concurrency": Int(min=1), "queue": Int(),
     "min_warm": Int(), "reuse": Bool(), "idle_timeout": Float(min=0.01),
     "env": MapOf(key=Str(max_len=128), value=Str(max_len=4096), max_items=128),
 })
+# No image config (command, user, env, workdir): the runner takes those from its own
+# record of the image it extracted, so a sync cannot choose what a container runs or as
+# whom. A spec that still carries "config" is refused as an unknown field.
 FUNCTION_SPEC = Record(fields={
-    "name": FunctionName(), "address": IPv6(), "digest": DIGEST, "config": IMAGE_CONFIG,
+    "name": FunctionName(), "address": IPv6(), "digest": DIGEST,
     "settings": FUNCTION_SETTINGS,
 })
 
@@ -335,8 +331,20 @@ PING_RESULT = Record(
         "rss": Int(),
         "synced": Bool(),
         "generation": Int(),
+        "digest": Str(max_len=64, pattern=r"([0-9a-f]{64})?", required=False, default="",
+                      help="state_digest of the desired state the agent last converged to"),
     }
 )
+
+
+def state_digest(service: str, state: Any) -> str:
+    """sha256 of an agent's desired state as its sync schema reads it (so both sides
+    compute it from the same normalized values), over canonical JSON. An agent reports
+    the digest of what it last converged to; the controller resyncs when it is not the
+    digest of what it wants, whatever the generation numbers say."""
+    checked = OPS[service]["sync"].args.fields["state"].check(state, "state")
+    text = json.dumps(checked, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # --- codec ------------------------------------------------------------------------

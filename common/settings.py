@@ -138,7 +138,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("upload_slots", int, 8, "uploads in progress at once, everyone's together",
             _between(1, 1024)),
     Setting("upload_slots_per_user", int, 3,
-            "uploads in progress at once by one user (by uid; HTTP callers share one count)",
+            "uploads in progress at once by one caller (a uid, or an HTTP API token)",
             _between(1, 1024)),
     Setting("image_store_max_bytes", int, 20 << 30,
             "extracted images together may not pass this many bytes", _between(1 << 20, 1 << 50)),
@@ -150,6 +150,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("image_expand_ratio", float, 20.0,
             "an image may expand to this many times its upload's size, or 256 MiB if more "
             "(0: no ratio cap)", _between(0, 1e6)),
+    # Host maxima of per-function settings: the runner refuses a sync above them
+    # (forbidden), the controller a `faasctl set` (bad_request). Only root sets them.
+    Setting("max_memory", int, 0, "largest memory limit of a container, in bytes; 0: this "
+            "machine's RAM", _between(0, 1 << 50)),
+    Setting("max_cpus", float, 0.0, "most CPUs a container may use; 0: this machine's CPU "
+            "count", _between(0, 1024)),
+    Setting("max_pids", int, 4096, "most processes and threads of a container",
+            _between(8, 1 << 22)),
+    Setting("max_timeout", float, 3600.0, "longest timeout of a function, in seconds",
+            _between(0.1, 86400)),
+    Setting("max_concurrency", int, 1024, "most connections a function serves at once",
+            _between(1, 65536)),
+    Setting("max_queue", int, 4096, "most connections that may wait for a function's slot",
+            _between(0, 1 << 20)),
+    Setting("max_min_warm", int, 64, "most containers a function keeps started and waiting",
+            _between(0, 4096)),
 )
 
 _BY_KEY = {s.key: s for s in SETTINGS}

@@ -2,8 +2,10 @@
 
 Level-triggered, as Kubernetes controllers are: each agent is pinged about once a
 ``ping_interval``; whenever its reply shows a boot id we have not synced, says it has had
-no sync since it started, or holds another generation of the desired state than ours,
-the agent gets a ``sync`` carrying its whole desired state. A restarted agent therefore heals without an operator, and so does an agent
+no sync since it started, holds another generation of the desired state than ours, or
+reports the digest of another state than the one we want (someone else holding the faas
+user sent it a sync: the generation alone would not show it), the agent gets a ``sync``
+carrying its whole desired state. A restarted agent therefore heals without an operator, and so does an agent
 whose sync failed: the next ping finds it still unsynced.
 """
 
@@ -87,6 +89,7 @@ class Monitor:
         self.interval = interval
         self.log = log
         self.agents = {name: AgentHealth(name) for name in clients}
+        self._digests: dict[str, tuple[int, str]] = {}  # agent -> (generation, digest)
 
     async def run(self, stop: asyncio.Event) -> None:
         """One watcher task per agent, so a dead agent never delays the others."""
@@ -143,6 +146,24 @@ class Monitor:
         if (not reply["synced"] or agent.synced_boot != reply["boot_id"]
                 or reply["generation"] != self.generation()):
             await self.sync(name, reply["boot_id"])
+        elif reply["digest"] and reply["digest"] != self.wanted_digest(name):
+            # Synced by us, same generation, another state: not ours. Put ours back.
+            self.log.warning("agent_state_differs", agent=name, generation=reply["generation"],
+                             digest=reply["digest"][:12])
+            await self.sync(name, reply["boot_id"])
+
+    def wanted_digest(self, name: str) -> str:
+        """The digest of the state we want the agent to hold; computed once per
+        generation (every change of desired state bumps it)."""
+        generation = self.generation()
+        cached = self._digests.get(name)
+        if cached is None or cached[0] != generation:
+            try:
+                cached = (generation, protocol.state_digest(name, self.desired(name)))
+            except FaasError as exc:  # a state the agent's schema refuses: the sync says why
+                return f"unusable: {exc.message}"
+            self._digests[name] = cached
+        return cached[1]
 
     async def push(self) -> None:
         """Sync every agent that is up now, after a change of desired state. An agent

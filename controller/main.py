@@ -19,6 +19,7 @@ from typing import Any
 from common import protocol, rpc, wgconf
 from common.daemon import VERSION, Daemon, run_main
 from common.errors import Code, FaasError
+from common.fnsettings import host_maxima
 from common.rpc import Client, Handler
 from common.settings import vpn_server
 from controller import access, vpn
@@ -43,7 +44,7 @@ class Controller(Daemon):
         super().__init__(*args, **kwargs)
         root = self.settings.root
         self.state = State(os.path.join(root, "state", "state.db"), self.settings.function_prefix,
-                           self.settings.vpn_prefix)
+                           self.settings.vpn_prefix, host_maxima(self.settings))
         self.uploads = Uploads(os.path.join(root, "spool"), self.settings.upload_max_bytes,
                                self.settings.upload_idle_seconds, self.settings.upload_min_rate,
                                self.settings.upload_rate_window, self.settings.upload_slots,

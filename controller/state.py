@@ -94,8 +94,10 @@ def command_of(config: dict[str, Any]) -> list[str]:
 class State:
     """The controller's database."""
 
-    def __init__(self, path: str, function_prefix: str, vpn_prefix: str = "fd00:faa5:0:100::/64"):
+    def __init__(self, path: str, function_prefix: str, vpn_prefix: str = "fd00:faa5:0:100::/64",
+                 maxima: dict[str, float] | None = None):
         self.prefix = ipaddress.IPv6Network(function_prefix)
+        self.maxima = maxima  # the host's (fnsettings.host_maxima): caps defaults and sets
         self.vpn_prefix = ipaddress.IPv6Network(vpn_prefix)
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -144,16 +146,17 @@ class State:
         return [{"name": r["name"], "address": r["address"], "version": r["version"],
                  "created": r["created"], "digest": r["digest"],
                  "command": command_of(json.loads(r["config"])),
-                 "settings": fnsettings.apply(json.loads(r["settings"]), {})} for r in rows]
+                 "settings": fnsettings.apply(json.loads(r["settings"]), {}, self.maxima)} for r in rows]
 
     def specs(self) -> list[dict[str, Any]]:
-        """What the runner needs to serve every function: address, image, settings."""
+        """What the runner needs to serve every function: address, image digest,
+        settings. Not the image's config: the runner has its own record of that (the
+        stored copy is for list and info)."""
         rows = self.db.execute(
-            "SELECT f.name, f.address, f.settings, v.digest, v.config FROM functions f"
+            "SELECT f.name, f.address, f.settings, v.digest FROM functions f"
             " JOIN versions v ON v.name = f.name AND v.version = f.version ORDER BY f.name")
         return [{"name": r["name"], "address": r["address"], "digest": r["digest"],
-                 "config": json.loads(r["config"]),
-                 "settings": fnsettings.apply(json.loads(r["settings"]), {})} for r in rows]
+                 "settings": fnsettings.apply(json.loads(r["settings"]), {}, self.maxima)} for r in rows]
 
     def function(self, name: str) -> dict[str, Any]:
         """One function, or not_found."""
@@ -231,8 +234,9 @@ class State:
         return self.function(name)
 
     def set(self, name: str, changes: dict[str, str]) -> dict[str, Any]:
-        """Apply KEY=VALUE changes to a function's settings, all or none."""
-        settings = fnsettings.apply(self.function(name)["settings"], changes)
+        """Apply KEY=VALUE changes to a function's settings, all or none; changed values
+        above the host's maxima are refused."""
+        settings = fnsettings.apply(self.function(name)["settings"], changes, self.maxima)
         with self.tx() as db:
             db.execute("UPDATE functions SET settings=? WHERE name=?", (json.dumps(settings), name))
             self._bump(db)

@@ -69,26 +69,27 @@ class NetAgent(AgentDaemon):
     # --- checks ----------------------------------------------------------------------
 
     def check_addresses(self, addresses: list[str]) -> set[ipaddress.IPv6Interface]:
-        """Every function address must lie inside the function prefix."""
+        """Every function address must lie inside the function prefix (root's setting:
+        the controller may not make us hold any other address): else forbidden."""
         wanted = set()
         for addr in addresses:
             ip = ipaddress.IPv6Address(addr)
-            if ip not in self.function_prefix:
-                raise FaasError(Code.BAD_REQUEST, f"{addr} is outside the function prefix "
-                                f"{self.function_prefix}", {"address": addr})
+            if ip not in self.function_prefix or ip == self.function_prefix.network_address:
+                raise FaasError(Code.FORBIDDEN, f"{addr} is not a function address of the "
+                                f"function prefix {self.function_prefix}", {"address": addr})
             wanted.add(ipaddress.IPv6Interface(f"{ip}/128"))
         return wanted
 
     def check_peers(self, peers: list[dict[str, str]]) -> dict[str, ipaddress.IPv6Network]:
         """Each peer: a key (the schema checked its form) and its own /128 inside the VPN
-        prefix, not the server's; no key or address twice."""
+        prefix, not the server's (else forbidden); no key or address twice."""
         wanted: dict[str, ipaddress.IPv6Network] = {}
         seen: set[ipaddress.IPv6Address] = set()
         for peer in peers:
             key, ip = peer["public_key"], ipaddress.IPv6Address(peer["address"])
             if ip not in self.vpn_prefix or ip == self.server.ip \
                     or ip == self.vpn_prefix.network_address:
-                raise FaasError(Code.BAD_REQUEST, f"peer address {ip} is not a peer address "
+                raise FaasError(Code.FORBIDDEN, f"peer address {ip} is not a peer address "
                                 f"of the VPN prefix {self.vpn_prefix} (if vpn_prefix was "
                                 "changed, remove the peers of the old one with faasctl vpn "
                                 "rm, or set it back)", {"address": str(ip)})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from common.log import EventLog
 from common.paths import root_dir
@@ -25,13 +25,14 @@ class Fleet:
     """The runner's functions."""
 
     def __init__(self, root: str, run: str, runtime: Runtime, logs: FunctionLogs,
-                 log: EventLog):
+                 log: EventLog, image_config: Callable[[str], Mapping[str, Any] | None]):
         self.images = os.path.join(root, "images")
         self.bundles = os.path.join(root, "bundles")
         self.ctl = os.path.join(run, "ctl")
         self.runtime = runtime
         self.logs = logs
         self.log = log
+        self.image_config = image_config  # the runner's own record, by digest
         self.functions: dict[str, Function] = {}
         self.specs: dict[str, dict[str, Any]] = {}
         self.closing: set[asyncio.Future[None]] = set()  # dropped functions finishing
@@ -114,11 +115,13 @@ class Fleet:
         name = spec["name"]
 
         def make_config(container_id: str, control_socket: str) -> dict[str, Any]:
-            if not os.path.isdir(rootfs):  # restored from a backup, image not yet uploaded
+            image = self.image_config(spec["digest"])
+            if image is None or not os.path.isdir(rootfs):  # restored from a backup, image
+                # not yet uploaded
                 raise BundleError(f"the image of {name} ({spec['digest'][:19]}) is not on "
                                   f"this host: deploy it again (faasctl new {name} -f "
                                   "IMAGE.tar)")
-            return build_config(rootfs, spec["config"], container_id=container_id,
+            return build_config(rootfs, image, container_id=container_id,
                                 hostname=name, control_socket=control_socket, settings=limits)
 
         def sink(container: str, stream: str, request: str | None, lines: list[str]) -> None:

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import os
 from typing import Any
 
+from common import fnsettings
 from common.daemon import AgentDaemon, owner_ids, run_main
 from common.proc import adopt_orphans
 from common.settings import SettingsError
 from common.rpc import Handler
+from runner.bounds import check_state
 from runner.fleet import Fleet
 from runner.serve import LATENCY_BUCKETS
 from runner.fnlogs import FunctionLogs
@@ -48,6 +51,9 @@ class Runner(AgentDaemon):
             raise SettingsError(f"runtime = {self.settings.runtime}: {exc}") from None
         self.fleet: Fleet | None = None
         self._gid = gid
+        # The bounds of every sync, from root's settings file (runner/bounds.py).
+        self.function_prefix = ipaddress.IPv6Network(self.settings.function_prefix)
+        self.maxima = fnsettings.host_maxima(self.settings)
 
     def handlers(self) -> dict[str, Handler]:
         return {**super().handlers(), "image_add": self.op_image_add,
@@ -58,7 +64,8 @@ class Runner(AgentDaemon):
         # (runner/container.py), to be reaped here and not by pid 1.
         adopt_orphans()
         logs = FunctionLogs(os.path.join(self.settings.root, "logs", "functions"), self._gid)
-        self.fleet = Fleet(self.settings.root, self.settings.run, self.runtime, logs, self.log)
+        self.fleet = Fleet(self.settings.root, self.settings.run, self.runtime, logs, self.log,
+                           self.store.config_of)
         removed = await self.remove_leftover_containers()
         self.log.info("recovered", containers=removed, **self.store.recover(),
                       **self.fleet.recover())
@@ -93,6 +100,7 @@ class Runner(AgentDaemon):
 
     async def converge(self, state: dict[str, Any]) -> None:
         assert self.fleet is not None
+        check_state(state, self.function_prefix, self.maxima)  # before anything changes
         await self.fleet.converge(state["functions"])
         for digest in self.store.keep(state["images"]):
             self.log.info("image_removed", digest=digest)

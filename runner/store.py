@@ -57,6 +57,7 @@ class ImageStore:
         self.progress: dict[str, Progress] = {}
         self.pinned: dict[str, float] = {}  # digest -> when image_add returned it
         self.sizes: dict[str, int] = {}  # digest -> bytes its files take
+        self.configs: dict[str, dict[str, Any]] = {}  # digest -> what config_of read
 
     @property
     def used(self) -> int:
@@ -133,6 +134,28 @@ class ImageStore:
         return {f"sha256:{e.name}" for e in os.scandir(self.images)
                 if e.is_dir(follow_symlinks=False) and _HEX.fullmatch(e.name)}
 
+    def config_of(self, digest: str) -> dict[str, Any] | None:
+        """What a container of the image runs, as whom, where and with which env: read from
+        the config.json this runner's extraction wrote beside the rootfs (in root's own
+        0700 directory), or None if the image is not here. A sync names only the digest,
+        so what a container runs is never the controller's to say."""
+        config = self.configs.get(digest)
+        if config is not None:
+            return config
+        hexd = digest.removeprefix("sha256:")
+        if not _HEX.fullmatch(hexd):
+            return None
+        try:
+            fd = os.open(os.path.join(self.images, hexd, "config.json"),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        with open(fd, encoding="utf-8") as f:
+            data = json.load(f)
+        config = {k: data[k] for k in ("entrypoint", "cmd", "env", "workdir", "user")}
+        self.configs[digest] = config
+        return config
+
     def keep(self, wanted: list[str]) -> list[str]:
         """Remove every image not in ``wanted`` and not freshly added; return removed."""
         now = time.monotonic()
@@ -142,6 +165,7 @@ class ImageStore:
         for digest in sorted(self.present() - set(wanted) - set(self.pinned)):
             remove_image(self.images, digest)
             self.sizes.pop(digest, None)
+            self.configs.pop(digest, None)
             removed.append(digest)
         return removed
 

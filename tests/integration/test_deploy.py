@@ -251,8 +251,8 @@ def test_netagent_refuses_an_address_outside_the_prefix(platform):
     reply = raw_request(platform.run_dir / "netagent.sock", [protocol.make_request(
         "sync", {"generation": 99, "state": {"addresses": ["fd00:faa5:1::a", "2001:db8::1"]}},
         "t1")])
-    assert not reply.ok and reply.error.code is Code.BAD_REQUEST
-    assert "outside the function prefix" in reply.error.message
+    assert not reply.ok and reply.error.code is Code.FORBIDDEN
+    assert "not a function address of the function prefix" in reply.error.message
     assert interface_addresses(platform) == before
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 
+from common import protocol
 from common.errors import Code, FaasError
 from common.log import EventLog
 from controller.health import Monitor
@@ -18,6 +19,7 @@ class FakeAgent:
         self.fail_sync = False
         self.syncs: list[dict] = []
         self.generation = 0
+        self.digest = ""  # of the state it last converged to, as a real agent reports
 
     async def call(self, op, args=None, timeout=None, retries=None):
         if self.down:
@@ -25,21 +27,25 @@ class FakeAgent:
         if op == "ping":
             return {"service": "runner", "version": "0.1.0", "protocol": 1,
                     "boot_id": self.boot_id, "pid": 42, "uptime": 1.0, "rss": 1 << 20,
-                    "synced": self.synced, "generation": self.generation}
+                    "synced": self.synced, "generation": self.generation,
+                    "digest": self.digest}
         if self.fail_sync:
             raise FaasError(Code.INTERNAL, "broken")
         self.syncs.append(args)
         self.synced, self.generation = True, args["generation"]
-        return {"generation": args["generation"]}
+        self.digest = protocol.state_digest("runner", args["state"])
+        return {"generation": args["generation"], "digest": self.digest}
 
 
 GENERATION = [5]
+DIGEST = "sha256:" + "d" * 64
+WANTED = {"images": [DIGEST], "functions": []}  # a runner state its schema accepts
 
 
 def make():
     GENERATION[0] = 5
     agent = FakeAgent()
-    mon = Monitor({"runner": agent}, lambda name: {"for": name}, lambda: GENERATION[0], 1.0,
+    mon = Monitor({"runner": agent}, lambda name: WANTED, lambda: GENERATION[0], 1.0,
                   EventLog("controller", stream=io.StringIO()))
     return agent, mon
 
@@ -53,7 +59,7 @@ def test_first_sight_syncs_once():
     agent, mon = make()
     health = check(mon)
     assert health.state == "up" and health.synced and health.generation == 5
-    assert agent.syncs == [{"generation": 5, "state": {"for": "runner"}}]
+    assert agent.syncs == [{"generation": 5, "state": WANTED}]
     check(mon)
     assert len(agent.syncs) == 1
 
@@ -139,3 +145,31 @@ def test_flags_down_flapping_and_behind():
     assert a.flags(3, now=later) == ["down"]
     row = a.row(3)
     assert "restart_times" not in row and row["flags"][0] == "down"
+
+
+def test_agent_holding_another_state_at_the_same_generation_is_resynced():
+    """A rogue sync (the faas user, not the controller) left the agent with fewer
+    functions and the current generation: the digest it reports shows it."""
+    agent, mon = make()
+    check(mon)
+    agent.digest = protocol.state_digest("runner", {"images": [], "functions": []})
+    check(mon)
+    assert len(agent.syncs) == 2 and agent.syncs[-1]["state"] == WANTED
+    assert agent.digest == protocol.state_digest("runner", WANTED)
+    check(mon)
+    assert len(agent.syncs) == 2  # back to ours: nothing more to do
+
+
+def test_agent_without_a_digest_is_judged_by_generation():
+    agent, mon = make()
+    check(mon)
+    agent.digest = ""  # an agent from before digests
+    check(mon)
+    assert len(agent.syncs) == 1
+
+
+def test_state_digest_is_of_the_normalized_state():
+    a = protocol.state_digest("netagent", {"addresses": ["fd00:faa5:1:0::a"], "peers": []})
+    b = protocol.state_digest("netagent", {"addresses": ["fd00:faa5:1::a"]})
+    assert a == b and len(a) == 64
+    assert a != protocol.state_digest("netagent", {"addresses": [], "peers": []})

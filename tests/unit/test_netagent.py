@@ -4,6 +4,7 @@ compares before it acts, and firewall batches."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import ipaddress
 from typing import Any
@@ -94,20 +95,70 @@ def test_converge_removes_what_should_not_be_there(agent):
     assert set(agent.net.wg_peers) == {KEY_B}
 
 
-@pytest.mark.parametrize("peers", [
-    [{"public_key": KEY_A, "address": "fd00:faa5:0:100::1"}],  # the server's own
-    [{"public_key": KEY_A, "address": "fd00:faa5:0:100::"}],  # the subnet anycast
-    [{"public_key": KEY_A, "address": "fd00:faa5:1::a"}],  # outside the VPN prefix
-    [{"public_key": KEY_A, "address": "fd00:faa5:0:100::2"},
-     {"public_key": KEY_A, "address": "fd00:faa5:0:100::3"}],  # one key twice
-    [{"public_key": KEY_A, "address": "fd00:faa5:0:100::2"},
-     {"public_key": KEY_B, "address": "fd00:faa5:0:100::2"}],  # one address twice
+@pytest.mark.parametrize("peers,code", [
+    # outside what root's settings allow: forbidden (was bad_request before issue 11)
+    ([{"public_key": KEY_A, "address": "fd00:faa5:0:100::1"}], Code.FORBIDDEN),  # server's
+    ([{"public_key": KEY_A, "address": "fd00:faa5:0:100::"}], Code.FORBIDDEN),  # anycast
+    ([{"public_key": KEY_A, "address": "fd00:faa5:1::a"}], Code.FORBIDDEN),  # not VPN
+    ([{"public_key": KEY_A, "address": "fd00:faa5:0:100::2"},
+      {"public_key": KEY_A, "address": "fd00:faa5:0:100::3"}], Code.BAD_REQUEST),  # key twice
+    ([{"public_key": KEY_A, "address": "fd00:faa5:0:100::2"},
+      {"public_key": KEY_B, "address": "fd00:faa5:0:100::2"}], Code.BAD_REQUEST),  # addr twice
 ])
-def test_bad_peers_refuse_the_whole_sync_before_anything_runs(agent, peers):
+def test_bad_peers_refuse_the_whole_sync_before_anything_runs(agent, peers, code):
     with pytest.raises(FaasError) as info:
         converge(agent, ["fd00:faa5:1::a"], peers)
-    assert info.value.code is Code.BAD_REQUEST
+    assert info.value.code is code
     assert agent.net.calls == [] and agent.firewall.applied == 0
+
+
+GOOD_PEER = {"public_key": KEY_A, "address": "fd00:faa5:0:100::2"}
+KEY_C = base64.b64encode(bytes(range(32))).decode()  # canonical, as the wire schema wants
+
+
+def sync(agent, state, generation=5):
+    """A sync as the faas user would send it: through the wire schema, then the op."""
+    from common import protocol
+    req = protocol.parse_request(protocol.make_request(
+        "sync", {"generation": generation, "state": state}, "rogue1"), "netagent")
+    return asyncio.run(agent.op_sync(req.args))
+
+
+@pytest.mark.parametrize("state,code", [
+    ({"addresses": ["::1"], "peers": [GOOD_PEER]}, Code.FORBIDDEN),  # loopback
+    ({"addresses": ["fd00:faa5:2::a"], "peers": [GOOD_PEER]}, Code.FORBIDDEN),  # other prefix
+    ({"addresses": ["fd00:faa5:1::"], "peers": [GOOD_PEER]}, Code.FORBIDDEN),  # its anycast
+    ({"addresses": ["fd00:faa5:0:100::1"], "peers": [GOOD_PEER]}, Code.FORBIDDEN),  # VPN's
+    ({"addresses": ["fd00:faa5:1::a"],
+      "peers": [{"public_key": KEY_C, "address": "2001:db8::2"}]}, Code.FORBIDDEN),
+    ({"addresses": ["not-an-address"], "peers": [GOOD_PEER]}, Code.BAD_REQUEST),
+    ({"addresses": ["fd00:faa5:1::a%wg0"], "peers": [GOOD_PEER]}, Code.BAD_REQUEST),
+    ({"addresses": ["fd00:faa5:1::a"],
+      "peers": [{"public_key": "short=", "address": "fd00:faa5:0:100::3"}]}, Code.BAD_REQUEST),
+    ({"addresses": ["fd00:faa5:1::a"], "peers": [], "interface": "eth0"}, Code.BAD_REQUEST),
+])
+def test_rogue_sync_is_refused_and_changes_nothing(agent, state, code):
+    """One field out of bounds per case (issue 11): refused with its code, the interface,
+    the generation and the digest the controller watches all as they were."""
+    first = sync(agent, {"addresses": ["fd00:faa5:1::a"], "peers": [GOOD_PEER]})
+    before = (set(agent.net.addrs), dict(agent.net.wg_peers), agent.generation, agent.digest)
+    agent.net.calls.clear()
+    with pytest.raises(FaasError) as info:
+        sync(agent, state, generation=6)
+    assert info.value.code is code
+    assert agent.net.calls == []
+    assert (set(agent.net.addrs), dict(agent.net.wg_peers), agent.generation,
+            agent.digest) == before
+    assert first["digest"] == agent.digest and len(agent.digest) == 64
+
+
+def test_sync_reports_the_digest_of_what_it_converged_to(agent):
+    from common import protocol
+    state = {"addresses": ["fd00:faa5:1::a", "fd00:faa5:1::b"], "peers": [GOOD_PEER]}
+    sync(agent, state)
+    assert asyncio.run(agent.op_ping({}))["digest"] == protocol.state_digest("netagent", state)
+    sync(agent, {"addresses": ["fd00:faa5:1::a"], "peers": [GOOD_PEER]})  # same generation
+    assert agent.digest != protocol.state_digest("netagent", state)
 
 
 def test_server_address_is_one_of_the_vpn_prefix():

@@ -38,8 +38,6 @@ SAMPLE_ARGS = {
         "images": ["sha256:" + "a" * 64],
         "functions": [{
             "name": "fib", "address": "fd00:faa5:1::a", "digest": "sha256:" + "a" * 64,
-            "config": {"entrypoint": [], "cmd": ["/app/handler"], "env": ["PATH=/bin"],
-                       "workdir": "/app", "user": "", "os": "linux", "architecture": "amd64"},
             "settings": {"memory": 1 << 29, "cpu": 1.0, "pids": 128, "timeout": 30.0,
                          "concurrency": 16, "queue": 64, "min_warm": 0, "reuse": False,
                          "idle_timeout": 60.0, "env": {"A": "b"}},
