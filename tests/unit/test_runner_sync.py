@@ -154,7 +154,7 @@ def test_container_runs_what_the_runners_own_record_of_the_image_says(runner, tm
                                 "user": "1000:1000"})
     fleet = Fleet(str(tmp_path), str(tmp_path / "run"), runner.runtime, None,
                   runner.log, runner.store.config_of)
-    container = fleet._factory(spec())()
+    container = fleet._factory(spec(), object())()
     config = container.make_config("fib-1", str(tmp_path / "run" / "c.sock"))
     process = config["process"]
     assert (process["user"]["uid"], process["user"]["gid"]) == (1000, 1000)
@@ -166,7 +166,7 @@ def test_container_runs_what_the_runners_own_record_of_the_image_says(runner, tm
 def test_an_image_the_runner_has_not_extracted_starts_no_container(runner, tmp_path):
     fleet = Fleet(str(tmp_path), str(tmp_path / "run"), runner.runtime, None,
                   runner.log, runner.store.config_of)
-    container = fleet._factory(spec())()
+    container = fleet._factory(spec(), object())()
     from runner.bundle import BundleError
     with pytest.raises(BundleError, match="not on this host"):
         container.make_config("fib-1", str(tmp_path / "run" / "c.sock"))
