@@ -124,6 +124,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("upload_idle_seconds", float, 60.0,
             "an upload that sends nothing for this long is dropped with its bytes",
             _between(1, 3600)),
+    Setting("container_memory_budget", int, 0,
+            "bytes of memory limits all running containers together may have; a container "
+            "past it is not started (503). 0: 75 % of the host's MemTotal",
+            _between(0, 1 << 50)),
 )
 
 _BY_KEY = {s.key: s for s in SETTINGS}

@@ -16,6 +16,7 @@ from common.daemon import AgentDaemon, owner_ids, run_main
 from common.proc import adopt_orphans
 from common.settings import SettingsError
 from common.rpc import Handler
+from runner.budget import MemoryBudget, budget_bytes
 from runner.fleet import Fleet
 from runner.serve import LATENCY_BUCKETS
 from runner.fnlogs import FunctionLogs
@@ -42,6 +43,11 @@ class Runner(AgentDaemon):
             raise SettingsError(f"runtime = {self.settings.runtime}: {exc}") from None
         self.fleet: Fleet | None = None
         self._gid = gid
+        try:
+            self.budget = MemoryBudget(budget_bytes(self.settings.container_memory_budget))
+        except (OSError, ValueError) as exc:
+            raise SettingsError(f"container_memory_budget = 0 needs the host's MemTotal: "
+                                f"{exc}; set it in bytes") from None
 
     def handlers(self) -> dict[str, Handler]:
         return {**super().handlers(), "image_add": self.op_image_add,
@@ -52,10 +58,12 @@ class Runner(AgentDaemon):
         # (runner/container.py), to be reaped here and not by pid 1.
         adopt_orphans()
         logs = FunctionLogs(os.path.join(self.settings.root, "logs", "functions"), self._gid)
-        self.fleet = Fleet(self.settings.root, self.settings.run, self.runtime, logs, self.log)
+        self.fleet = Fleet(self.settings.root, self.settings.run, self.runtime, logs, self.log,
+                           self.budget)
         removed = await self.remove_leftover_containers()
         self.log.info("recovered", containers=removed, **self.store.recover(),
                       **self.fleet.recover())
+        self.log.info("memory_budget", bytes=self.budget.limit)
 
     async def remove_leftover_containers(self) -> int:
         """Containers of a previous run: deleted (killed first) through the runtime."""
@@ -83,7 +91,8 @@ class Runner(AgentDaemon):
     async def op_stats(self, args: dict[str, Any]) -> dict[str, Any]:
         """Every function's pool and counters since this runner started serving it."""
         assert self.fleet is not None
-        return {"functions": self.fleet.snapshot(), "buckets": list(LATENCY_BUCKETS)}
+        return {"functions": self.fleet.snapshot(), "buckets": list(LATENCY_BUCKETS),
+                "memory": self.budget.snapshot()}
 
     async def converge(self, state: dict[str, Any]) -> None:
         assert self.fleet is not None

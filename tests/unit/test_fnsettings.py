@@ -27,9 +27,23 @@ def test_apply_parses_sizes_bools_and_env():
 @pytest.mark.parametrize("changes", [
     {"memory": "lots"}, {"memory": "1K"}, {"cpu": "0"}, {"pids": "-1"}, {"reuse": "maybe"},
     {"colour": "blue"}, {"env.FAAS_CONTROL_SOCKET": "/x"}, {"env.1X": "y"},
-    {"env.A": "a\x00b"}, {"timeout": "nan"},
+    {"env.A": "a\x00b"}, {"timeout": "nan"}, {"per_client": "some"}, {"per_client": "-1"},
+    {"per_client": "65537"}, {"first_byte_timeout": "-1"},
 ])
 def test_bad_values_are_refused_whole(changes):
     with pytest.raises(FaasError) as info:
         fnsettings.apply({}, {"min_warm": "3", **changes})
     assert info.value.code is Code.BAD_REQUEST
+
+
+def test_admission_settings_parse_and_per_client_auto_and_off():
+    d = fnsettings.defaults()
+    assert (d["first_byte_timeout"], d["per_client"]) == (5.0, 0)
+    out = fnsettings.apply({}, {"first_byte_timeout": "0", "per_client": "8"})
+    assert (out["first_byte_timeout"], out["per_client"]) == (0.0, 8)
+    assert fnsettings.apply(out, {"per_client": "off"})["per_client"] == 65536
+    assert fnsettings.apply(out, {"per_client": "auto"})["per_client"] == 0
+    # auto: half the slots, at least one, so one address never holds them all
+    assert fnsettings.per_client_limit(0, 16) == 8 and fnsettings.per_client_limit(0, 1) == 1
+    assert fnsettings.per_client_limit(3, 16) == 3
+    assert fnsettings.per_client_limit(fnsettings.PER_CLIENT_OFF, 16) == 0  # no cap
