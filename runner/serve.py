@@ -44,7 +44,8 @@ IPV6_FREEBIND = 78  # linux/in6.h; bind before netagent has put the address in p
 BACKLOG = 1024
 START_TIMEOUT = 10.0
 FIRST_BYTE_WAITING = 2  # connections that may wait for their first byte, per slot and
-# queue place; past it the one that has waited longest is closed
+FIRST_BYTE_MIN_WAITING = 256  # queue place, and at least this many; past it the one
+# that has waited longest is closed
 PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT  # an accepted socket is blocking (hand_over)
 
 
@@ -233,8 +234,8 @@ class Function:
         self._admit(req, req.started)
 
     def _wait_first_byte(self, req: Request) -> None:
-        if len(self.first_byte) >= FIRST_BYTE_WAITING * (self.settings.concurrency
-                                                         + self.settings.queue):
+        if len(self.first_byte) >= max(FIRST_BYTE_MIN_WAITING, FIRST_BYTE_WAITING * (
+                self.settings.concurrency + self.settings.queue)):
             self.stats.first_byte_dropped += 1
             self._close_early(next(iter(self.first_byte.values())))
         fd = req.conn.fileno()

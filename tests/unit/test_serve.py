@@ -18,6 +18,7 @@ from common.fnsettings import PER_CLIENT_OFF
 from common.log import EventLog
 from runner.budget import MemoryBudget
 from runner.container import ContainerFailed
+from runner import serve
 from runner.serve import Function, ServeSettings
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
@@ -458,7 +459,9 @@ def test_first_byte_timeout_0_hands_a_silent_connection_over_at_once():
     run(main())
 
 
-def test_past_the_waiting_cap_the_connection_that_waited_longest_is_closed():
+def test_past_the_waiting_cap_the_connection_that_waited_longest_is_closed(monkeypatch):
+    monkeypatch.setattr(serve, "FIRST_BYTE_MIN_WAITING", 0)
+
     async def main() -> None:
         h = Harness(concurrency=1, queue=0, first_byte_timeout=30)  # cap: 2 x (1 + 0)
         first, second = silent(h.port), silent(h.port)
