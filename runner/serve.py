@@ -348,9 +348,9 @@ class Function:
         container = self._within_budget()
         if container is None:
             self.stats.rejected_memory += 1
+            # the figures are for the operator (metrics), not for every client
             return self._refuse(req, f"{self.name}: the host's container memory budget is "
-                                f"in use ({self.budget.used >> 20} of "
-                                f"{self.budget.limit >> 20} MiB)", slot=True)
+                                "in use", slot=True)
         self._spawn(self._serve_cold(req, container))
 
     async def _serve_cold(self, req: Request, container: Container) -> None:

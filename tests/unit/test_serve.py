@@ -16,7 +16,7 @@ import pytest
 
 from common.fnsettings import PER_CLIENT_OFF
 from common.log import EventLog
-from runner.budget import MemoryBudget
+from runner.budget import MemoryBudget, budget_bytes, host_memory
 from runner.container import ContainerFailed
 from runner import serve
 from runner.serve import Function, ServeSettings
@@ -558,3 +558,16 @@ def test_a_warm_pool_fill_past_the_budget_waits():
         await until("the third start once there was room", lambda: len(h.containers) == 3, 4)
         await h.fn.close()
     run(main())
+
+
+def test_the_default_budget_is_three_quarters_of_the_host_memory(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemFree:   1000 kB\nMemTotal:  4096 kB\n")
+    assert host_memory(str(meminfo)) == 4096 * 1024
+    assert budget_bytes(1 << 30) == 1 << 30  # a value set is the value
+    assert budget_bytes(0) == int(host_memory() * 0.75) > 0
+    budget = MemoryBudget(limit=100)
+    assert budget.take("a", 60) and not budget.take("b", 50) and budget.used == 60
+    budget.give_back("a")
+    budget.give_back("a")  # twice: nothing more
+    assert budget.used == 0 and MemoryBudget().take("c", 1 << 50)  # 0: no limit
