@@ -21,6 +21,7 @@ ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 # ...): a function's env may not change what code its image runs.
 RESERVED_ENV = ("FAAS_", "LD_")
 MAX_ENV = 128
+PER_CLIENT_OFF = 65536  # per_client at this value: no per-address cap at all
 
 
 def _size(text: str) -> int:
@@ -35,6 +36,26 @@ def _bool(text: str) -> bool:
     if low not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
         raise ValueError("must be true or false")
     return low in ("true", "1", "yes", "on")
+
+
+def _per_client(text: str) -> int:
+    low = text.strip().lower()
+    if low == "auto":
+        return 0
+    if low == "off":
+        return PER_CLIENT_OFF
+    try:
+        return int(low)
+    except ValueError:
+        raise ValueError("must be a number of connections, auto (0) or off") from None
+
+
+def per_client_limit(per_client: int, concurrency: int) -> int:
+    """The cap in force: ``0`` (auto) is half the slots, at least one, so one address
+    can never hold every slot; 0 returned means no cap (``off``)."""
+    if per_client >= PER_CLIENT_OFF:
+        return 0
+    return per_client or max(1, concurrency // 2)
 
 
 @dataclass(frozen=True)
@@ -65,6 +86,12 @@ FN_SETTINGS: tuple[FnSetting, ...] = (
     FnSetting("min_warm", int, 0, 0, 256, "containers kept started and waiting"),
     FnSetting("reuse", _bool, False, 0, 1, "a container that answers done gets the next one"),
     FnSetting("idle_timeout", float, 60.0, 1, 86400, "seconds an idle reused container lives"),
+    FnSetting("first_byte_timeout", float, 5.0, 0, 3600, "seconds a new connection may take "
+              "to send its first byte, holding no slot meanwhile; 0: hand over at once "
+              "(protocols where the server speaks first)"),
+    FnSetting("per_client", _per_client, 0, 0, PER_CLIENT_OFF, "connections one client "
+              "address may hold (waiting, queued, served); past it: 503. 0 or auto: half "
+              "of concurrency, at least 1; off (65536): no cap"),
 )
 BY_KEY = {s.key: s for s in FN_SETTINGS}
 

@@ -162,7 +162,8 @@ REMOVE = Op("rm", "Remove function NAME and every version; frees images no versi
 SET = Op(
     "set",
     "Change settings of function NAME: KEY=VALUE ... (memory, cpu, pids, timeout, "
-    "concurrency, queue, min_warm, reuse, idle_timeout, env.NAME; env.NAME= removes). "
+    "concurrency, queue, min_warm, reuse, idle_timeout, first_byte_timeout, per_client, "
+    "env.NAME; env.NAME= removes). "
     "Connections in flight are not dropped.",
     Record(fields={
         "name": FunctionName(),
@@ -247,6 +248,7 @@ FUNCTION_SETTINGS = Record(fields={
     "memory": Int(min=1), "cpu": Float(min=0.01), "pids": Int(min=1),
     "timeout": Float(min=0.01), "concurrency": Int(min=1), "queue": Int(),
     "min_warm": Int(), "reuse": Bool(), "idle_timeout": Float(min=0.01),
+    "first_byte_timeout": Float(max=3600), "per_client": Int(max=65536),
     "env": MapOf(key=Str(max_len=128), value=Str(max_len=4096), max_items=128),
 })
 # No image config (command, user, env, workdir): the runner takes those from its own

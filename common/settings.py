@@ -166,6 +166,10 @@ SETTINGS: tuple[Setting, ...] = (
             _between(0, 1 << 20)),
     Setting("max_min_warm", int, 64, "most containers a function keeps started and waiting",
             _between(0, 4096)),
+    Setting("container_memory_budget", int, 0,
+            "bytes of memory limits all running containers together may have; a container "
+            "past it is not started (503). 0: 75 % of the host's MemTotal",
+            _between(0, 1 << 50)),
 )
 
 _BY_KEY = {s.key: s for s in SETTINGS}

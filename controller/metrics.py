@@ -44,6 +44,17 @@ class Snapshot:
         yield up
         if self.stats is not None:
             yield from self._functions(self.stats["functions"], self.stats["buckets"])
+            if "memory" in self.stats:
+                yield from self._memory(self.stats["memory"])
+
+    def _memory(self, memory: dict[str, int]) -> Iterator[Metric]:
+        used = GaugeMetricFamily("faasd_container_memory_bytes", "memory limits of the "
+                                 "containers started and not yet exited, all functions")
+        used.add_metric([], memory["used"])
+        budget = GaugeMetricFamily("faasd_container_memory_budget_bytes", "the host's "
+                                   "container memory budget (container_memory_budget)")
+        budget.add_metric([], memory["budget"])
+        yield from (used, budget)
 
     def _agents(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("faasd_agent_up", "1 when the agent answers its pings",
@@ -72,6 +83,17 @@ class Snapshot:
         rejected = CounterMetricFamily("faasd_rejected", "connections answered 503 by the "
                                        "runner (concurrency and queue full)",
                                        labels=["function"])
+        refused = {k: CounterMetricFamily(f"faasd_{k}", text, labels=["function"])
+                   for k, text in (
+            ("rejected_client", "of faasd_rejected: the client address held per_client "
+             "connections"),
+            ("rejected_memory", "of faasd_rejected: a new container would have gone past "
+             "the container memory budget"),
+            ("first_byte_timeouts", "connections closed unanswered: no byte within "
+             "first_byte_timeout"),
+            ("first_byte_dropped", "connections closed unanswered: too many were waiting "
+             "for their first byte"),
+        )}
         failed = CounterMetricFamily("faasd_failed", "connections answered 502/504 before "
                                      "a hand-over (container failed to start or connect)",
                                      labels=["function"])
@@ -81,6 +103,7 @@ class Snapshot:
             ("pool_idle", "containers ready and waiting for a connection"),
             ("containers_running", "containers idle, busy or starting"),
             ("queue_length", "connections waiting for a concurrency slot"),
+            ("first_byte_waiting", "connections accepted whose first byte has not come"),
         )}
         for f in functions:
             name = f["name"]
@@ -91,6 +114,8 @@ class Snapshot:
             timeouts.add_metric([name], f["timeouts"])
             rejected.add_metric([name], f["rejected"])
             failed.add_metric([name], f["failed"])
+            for key, family in refused.items():
+                family.add_metric([name], f.get(key, 0))
             cumulative, total = [], 0
             for bound, n in zip([*map(str, buckets), "+Inf"], f["latency_counts"]):
                 total += n
@@ -99,8 +124,9 @@ class Snapshot:
             gauges["pool_idle"].add_metric([name], f["idle"])
             gauges["containers_running"].add_metric([name], f["idle"] + f["busy"] + f["starting"])
             gauges["queue_length"].add_metric([name], f["waiting"])
-        yield from (invocations, handovers, timeouts, rejected, failed, latency,
-                    *gauges.values())
+            gauges["first_byte_waiting"].add_metric([name], f.get("first_byte_waiting", 0))
+        yield from (invocations, handovers, timeouts, rejected, *refused.values(), failed,
+                    latency, *gauges.values())
 
 
 class Metrics:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 
 from common.log import EventLog
 from common.paths import root_dir
+from runner.budget import MemoryBudget
 from runner.bundle import BundleError, FunctionSettings, build_config
 from runner.container import Container
 from runner.fnlogs import FunctionLogs
@@ -25,7 +26,8 @@ class Fleet:
     """The runner's functions."""
 
     def __init__(self, root: str, run: str, runtime: Runtime, logs: FunctionLogs,
-                 log: EventLog, image_config: Callable[[str], Mapping[str, Any] | None]):
+                 log: EventLog, image_config: Callable[[str], Mapping[str, Any] | None],
+                 budget: MemoryBudget | None = None):
         self.images = os.path.join(root, "images")
         self.bundles = os.path.join(root, "bundles")
         self.ctl = os.path.join(run, "ctl")
@@ -33,6 +35,7 @@ class Fleet:
         self.logs = logs
         self.log = log
         self.image_config = image_config  # the runner's own record, by digest
+        self.budget = budget if budget is not None else MemoryBudget()  # every function's
         self.functions: dict[str, Function] = {}
         self.specs: dict[str, dict[str, Any]] = {}
         self.closing: set[asyncio.Future[None]] = set()  # dropped functions finishing
@@ -78,7 +81,8 @@ class Fleet:
             factory = self._factory(spec, self.owners.setdefault(name, object()))
             if fn is None:
                 self.functions[name] = Function(name, spec["address"],
-                                                settings_from(spec["settings"]), factory, self.log)
+                                                settings_from(spec["settings"]), factory, self.log,
+                                                budget=self.budget)
                 self.log.info("serving", function=name, address=spec["address"],
                               digest=spec["digest"])
             else:

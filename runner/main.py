@@ -20,6 +20,7 @@ from common.proc import adopt_orphans
 from common.settings import SettingsError
 from common.rpc import Handler
 from runner.bounds import check_state
+from runner.budget import MemoryBudget, budget_bytes
 from runner.fleet import Fleet
 from runner.serve import LATENCY_BUCKETS
 from runner.fnlogs import FunctionLogs
@@ -54,6 +55,11 @@ class Runner(AgentDaemon):
         # The bounds of every sync, from root's settings file (runner/bounds.py).
         self.function_prefix = ipaddress.IPv6Network(self.settings.function_prefix)
         self.maxima = fnsettings.host_maxima(self.settings)
+        try:
+            self.budget = MemoryBudget(budget_bytes(self.settings.container_memory_budget))
+        except (OSError, ValueError) as exc:
+            raise SettingsError(f"container_memory_budget = 0 needs the host's MemTotal: "
+                                f"{exc}; set it in bytes") from None
 
     def handlers(self) -> dict[str, Handler]:
         return {**super().handlers(), "image_add": self.op_image_add,
@@ -65,10 +71,11 @@ class Runner(AgentDaemon):
         adopt_orphans()
         logs = FunctionLogs(os.path.join(self.settings.root, "logs", "functions"), self._gid)
         self.fleet = Fleet(self.settings.root, self.settings.run, self.runtime, logs, self.log,
-                           self.store.config_of)
+                           self.store.config_of, self.budget)
         removed = await self.remove_leftover_containers()
         self.log.info("recovered", containers=removed, **self.store.recover(),
                       **self.fleet.recover())
+        self.log.info("memory_budget", bytes=self.budget.limit)
 
     async def remove_leftover_containers(self) -> int:
         """Containers of a previous run: deleted (killed first) through the runtime."""
@@ -96,7 +103,8 @@ class Runner(AgentDaemon):
     async def op_stats(self, args: dict[str, Any]) -> dict[str, Any]:
         """Every function's pool and counters since this runner started serving it."""
         assert self.fleet is not None
-        return {"functions": self.fleet.snapshot(), "buckets": list(LATENCY_BUCKETS)}
+        return {"functions": self.fleet.snapshot(), "buckets": list(LATENCY_BUCKETS),
+                "memory": self.budget.snapshot()}
 
     async def converge(self, state: dict[str, Any]) -> None:
         assert self.fleet is not None

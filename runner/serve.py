@@ -8,6 +8,12 @@ and ends with ``done``, the container's exit, or the timeout (then the container
 killed and the client's connection closes with it). The pool is refilled to
 ``min_warm`` in the background.
 
+Before any of that a connection is admitted (docs/containers.md, "Admission"): one
+client address may hold at most ``per_client`` connections, and a connection whose
+first byte has not arrived yet holds no slot and no queue place: it waits, at most
+``first_byte_timeout``, in a set of its own that one timer per function watches. A
+container is started only if its memory limit fits the host's budget (runner/budget.py).
+
 A request that finds a container ready runs on callbacks only: the listener's reader
 accepts, hands the socket over at once, and the container calls back when the request
 ends, which hands the slot, and often the same container, to the next connection in the
@@ -26,8 +32,10 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+from common.fnsettings import per_client_limit
 from common.log import EventLog, request_id
 from common.protocol import new_id
+from runner.budget import MemoryBudget
 from runner.container import Container, ContainerFailed
 
 # Upper bounds (seconds) of the request-latency histogram's buckets; one more for +Inf.
@@ -35,6 +43,10 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 IPV6_FREEBIND = 78  # linux/in6.h; bind before netagent has put the address in place
 BACKLOG = 1024
 START_TIMEOUT = 10.0
+FIRST_BYTE_WAITING = 2  # connections that may wait for their first byte, per slot and
+FIRST_BYTE_MIN_WAITING = 256  # queue place, and at least this many; past it the one
+# that has waited longest is closed
+PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT  # an accepted socket is blocking (hand_over)
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,9 @@ class ServeSettings:
     min_warm: int = 0
     reuse: bool = False
     idle_timeout: float = 60.0
+    first_byte_timeout: float = 5.0
+    per_client: int = 0  # 0: auto (common.fnsettings.per_client_limit)
+    memory: int = 512 << 20  # a container's limit, counted against the host's budget
 
 
 @dataclass
@@ -57,7 +72,11 @@ class Stats:
     cold: int = 0
     warm: int = 0
     reused: int = 0
-    rejected: int = 0  # 503
+    rejected: int = 0  # 503, for any of the reasons below
+    rejected_client: int = 0  # 503: the client address holds per_client connections
+    rejected_memory: int = 0  # 503: a new container would go past the memory budget
+    first_byte_timeouts: int = 0  # closed: no byte within first_byte_timeout
+    first_byte_dropped: int = 0  # closed: too many waiting for their first byte
     failed: int = 0  # 502/504 before hand-over
     timeouts: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
@@ -93,32 +112,41 @@ def http_error(status: int, reason: str, text: str, retry_after: int | None = No
 class Request:
     """One client connection, from accept() to its end."""
 
-    __slots__ = ("conn", "remote", "id", "started", "queued_until")
+    __slots__ = ("conn", "remote", "id", "started", "queued_until", "counted")
 
     def __init__(self, conn: socket.socket, remote: str, started: float):
         self.conn = conn
         self.remote = remote
         self.id = new_id()
         self.started = started  # loop time
-        self.queued_until = 0.0
+        self.queued_until = 0.0  # in the queue; waiting for the first byte: until then
+        self.counted = False  # in Function.clients
 
 
 class Function:
     """A deployed function as the runner serves it."""
 
     def __init__(self, name: str, address: str, settings: ServeSettings,
-                 new_container: Callable[[], Container], log: EventLog, port: int = 80):
+                 new_container: Callable[[], Container], log: EventLog, port: int = 80,
+                 budget: MemoryBudget | None = None):
         self.name = name
         self.address = address
         self.settings = settings
         self.new_container = new_container  # a container of the current version
         self.log = log
+        self.budget = budget if budget is not None else MemoryBudget()
         self.loop = asyncio.get_running_loop()
         self.sock = listen(address, port)
         self.active = 0  # slots taken: requests being served or their container started
         self.pending: deque[Request] = deque()  # waiting for a slot, oldest first
         self._expiry: asyncio.TimerHandle | None = None  # of the oldest pending request
         self._expiry_busy: asyncio.TimerHandle | None = None  # of requests in flight
+        # accepted, no byte received yet, by fd; oldest first (dicts keep their order)
+        self.first_byte: dict[int, Request] = {}
+        self._expiry_first: asyncio.TimerHandle | None = None  # of the oldest of those
+        self.clients: dict[str, int] = {}  # connections held, by client address
+        self.per_client = per_client_limit(settings.per_client, settings.concurrency)
+        self._over_budget = False  # a warm start was refused: logged once
         self.idle: list[Container] = []  # ready, connected, waiting for a conn; the
         # last one is used first, so a pool larger than the load shrinks from the front
         self.busy: set[Container] = set()
@@ -144,6 +172,7 @@ class Function:
         idle ones are replaced."""
         self.new_container = new_container
         self.settings = settings
+        self.per_client = per_client_limit(settings.per_client, settings.concurrency)
         self.generation += 1
         while self.idle:
             self._spawn(self.idle.pop().stop())
@@ -180,9 +209,89 @@ class Function:
                 self._accepting = False
                 self._resume_accept = self.loop.call_later(0.1, self._accept)
                 return
-            self._admit(Request(conn, addr[0], now))
+            self._arrive(Request(conn, addr[0], now))
 
-    def _admit(self, req: Request) -> None:
+    def _arrive(self, req: Request) -> None:
+        """A connection just accepted: count it for its address, then admit it if its
+        first byte is there (usually: it came with the handshake's last ACK), else let
+        it wait for it without a slot."""
+        if self.per_client:
+            held = self.clients.get(req.remote, 0)
+            if held >= self.per_client:
+                self.stats.rejected_client += 1
+                return self._refuse(req, f"{self.name}: too many connections from "
+                                    f"{req.remote} (per_client {self.per_client})")
+            self.clients[req.remote] = held + 1
+            req.counted = True
+        if self.settings.first_byte_timeout > 0:
+            try:
+                if not req.conn.recv(1, PEEK):  # closed without sending anything
+                    return self._close_early(req)
+            except (BlockingIOError, InterruptedError):
+                return self._wait_first_byte(req)
+            except OSError:  # reset already
+                return self._close_early(req)
+        self._admit(req, req.started)
+
+    def _wait_first_byte(self, req: Request) -> None:
+        if len(self.first_byte) >= max(FIRST_BYTE_MIN_WAITING, FIRST_BYTE_WAITING * (
+                self.settings.concurrency + self.settings.queue)):
+            self.stats.first_byte_dropped += 1
+            self._close_early(next(iter(self.first_byte.values())))
+        fd = req.conn.fileno()
+        req.queued_until = req.started + self.settings.first_byte_timeout
+        self.first_byte[fd] = req
+        self.loop.add_reader(fd, self._first_byte_in, req)
+        if self._expiry_first is None:
+            self._expiry_first = self.loop.call_at(req.queued_until, self._expire_first)
+
+    def _first_byte_in(self, req: Request) -> None:
+        """A waiting connection is readable: its first byte (then it is admitted), or
+        its end."""
+        try:
+            if not req.conn.recv(1, PEEK):
+                return self._close_early(req)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return self._close_early(req)
+        fd = req.conn.fileno()
+        self.loop.remove_reader(fd)
+        del self.first_byte[fd]
+        self._admit(req, self.loop.time())
+
+    def _expire_first(self) -> None:
+        """Connections that sent nothing for ``first_byte_timeout`` are closed, with no
+        answer (the client may not speak HTTP; browsers' unused preconnects end so)."""
+        self._expiry_first = None
+        now = self.loop.time()
+        while self.first_byte:
+            req = next(iter(self.first_byte.values()))
+            if req.queued_until > now:
+                self._expiry_first = self.loop.call_at(req.queued_until, self._expire_first)
+                return
+            self.stats.first_byte_timeouts += 1
+            self._close_early(req)
+
+    def _close_early(self, req: Request) -> None:
+        """Close a connection that has not been admitted: nothing to answer, nothing to
+        account but its address's count."""
+        fd = req.conn.fileno()
+        if self.first_byte.pop(fd, None) is not None:
+            self.loop.remove_reader(fd)
+        req.conn.close()
+        self._release(req)
+
+    def _release(self, req: Request) -> None:
+        if req.counted:
+            req.counted = False
+            held = self.clients[req.remote] - 1
+            if held:
+                self.clients[req.remote] = held
+            else:
+                del self.clients[req.remote]
+
+    def _admit(self, req: Request, now: float) -> None:
         if self.active < self.settings.concurrency:
             self.active += 1
             self.drained.clear()
@@ -190,7 +299,7 @@ class Function:
         elif len(self.pending) >= self.settings.queue:
             self._refuse(req)
         else:
-            req.queued_until = req.started + self.settings.timeout
+            req.queued_until = now + self.settings.timeout
             self.pending.append(req)
             self.drained.clear()
             if self._expiry is None:
@@ -207,10 +316,11 @@ class Function:
         else:
             self._check_drained()
 
-    def _refuse(self, req: Request) -> None:
+    def _refuse(self, req: Request, why: str = "", slot: bool = False) -> None:
         self.stats.rejected += 1
         self._answer(req, http_error(503, "Service Unavailable",
-                                     f"{self.name} is at capacity", 1), "rejected")
+                                     why or f"{self.name} is at capacity", 1), "rejected",
+                     slot=slot)
 
     def _next(self) -> None:
         """Give free slots to waiting connections."""
@@ -235,12 +345,18 @@ class Function:
                 return self._hand_over(req, container,
                                        "reused" if container.served else "warm")
             self._spawn(container.stop(0))
-        self._spawn(self._serve_cold(req))
+        container = self._within_budget()
+        if container is None:
+            self.stats.rejected_memory += 1
+            # the figures are for the operator (metrics), not for every client
+            return self._refuse(req, f"{self.name}: the host's container memory budget is "
+                                "in use", slot=True)
+        self._spawn(self._serve_cold(req, container))
 
-    async def _serve_cold(self, req: Request) -> None:
+    async def _serve_cold(self, req: Request, container: Container) -> None:
         token = request_id.set(req.id)
         try:
-            container = await self._start()
+            await self._start(container)
         except ContainerFailed as exc:
             self.stats.failed += 1
             self.log.warning("container_failed", function=self.name, error=str(exc))
@@ -317,6 +433,9 @@ class Function:
         self.refill()
 
     def _account(self, req: Request, outcome: str) -> None:
+        """The request is over: counted, logged, and no longer its address's."""
+        if req.counted:
+            self._release(req)
         self.stats.outcomes[outcome] = self.stats.outcomes.get(outcome, 0) + 1
         elapsed = self.loop.time() - req.started
         self.stats.observe(elapsed)
@@ -341,8 +460,17 @@ class Function:
 
     # --- the pool --------------------------------------------------------------------
 
-    async def _start(self) -> Container:
+    def _within_budget(self) -> Container | None:
+        """A new container, its memory counted against the budget; None if it would not
+        fit (decided here, synchronously, so concurrent starts cannot overshoot)."""
+        if not self.budget.fits(self.settings.memory):
+            return None
         container = self.new_container()
+        self.budget.take(container.id, self.settings.memory)
+        return container
+
+    async def _start(self, container: Container) -> None:
+        """Start a container from :meth:`_within_budget` and wait until it is ready."""
         container.generation = self.generation
         self.starting += 1
         try:
@@ -351,24 +479,44 @@ class Function:
             except OSError as exc:  # no fds, no space, no runtime binary...
                 raise ContainerFailed(f"cannot start a container: {exc}") from None
             await container.ready(min(START_TIMEOUT, self.settings.timeout))
-            return container
         except BaseException:
             self._spawn(container.stop(0))
             raise
         finally:
             self.starting -= 1
+            self._give_back_at_exit(container)
+
+    def _give_back_at_exit(self, container: Container) -> None:
+        """The container's memory counts against the budget until it has exited."""
+        exited = container.exited
+        if exited is None:  # the runtime never ran
+            self.budget.give_back(container.id)
+        else:
+            exited.add_done_callback(lambda _: self.budget.give_back(container.id))
 
     def refill(self) -> None:
-        """Start containers until ``min_warm`` are ready or on their way."""
+        """Start containers until ``min_warm`` are ready or on their way; a start past
+        the memory budget waits for a later call (the janitor makes one every second)."""
         if self.closed:
             return
         for _ in range(self.settings.min_warm - len(self.idle) - self.starting):
-            self._spawn(self._warm_one())
+            container = self._within_budget()
+            if container is None:
+                if not self._over_budget:
+                    self._over_budget = True
+                    self.log.warning("warm_start_waits", function=self.name,
+                                     reason="container memory budget",
+                                     **self.budget.snapshot())
+                return
+            self._over_budget = False
+            self.starting += 1  # counted now: the next refill must not start it twice
+            self._spawn(self._warm_one(container, self.new_container))
 
-    async def _warm_one(self) -> None:
-        factory = self.new_container
+    async def _warm_one(self, container: Container, factory: Callable[[], Container]
+                        ) -> None:
+        self.starting -= 1  # _start counts it from here
         try:
-            container = await self._start()
+            await self._start(container)
         except ContainerFailed as exc:
             self.log.warning("warm_start_failed", function=self.name, error=str(exc))
             await asyncio.sleep(1)  # a broken image must not spin
@@ -411,6 +559,7 @@ class Function:
         """Pool and counters, for status and metrics."""
         return {"name": self.name, "idle": len(self.idle), "busy": len(self.busy),
                 "starting": self.starting, "waiting": self.waiting,
+                "first_byte_waiting": len(self.first_byte),
                 **{k: v for k, v in vars(self.stats).items()}}
 
     def stop_accepting(self) -> None:
@@ -421,6 +570,11 @@ class Function:
             self._accepting = False
         if self._resume_accept is not None:
             self._resume_accept.cancel()
+        for req in list(self.first_byte.values()):  # they have sent nothing to finish
+            self._close_early(req)
+        if self._expiry_first is not None:
+            self._expiry_first.cancel()
+            self._expiry_first = None
         self.janitor.cancel()
         self.sock.close()
 

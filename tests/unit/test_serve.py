@@ -14,8 +14,11 @@ from typing import Any, Callable
 
 import pytest
 
+from common.fnsettings import PER_CLIENT_OFF
 from common.log import EventLog
+from runner.budget import MemoryBudget, budget_bytes, host_memory
 from runner.container import ContainerFailed
+from runner import serve
 from runner.serve import Function, ServeSettings
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
@@ -39,8 +42,10 @@ class FakeContainer:
         self.conns: list[socket.socket] = []  # what was handed over, as the handler has it
         self.ids: list[str] = []
         self._result: Callable[[str], None] | None = None
+        self.exited: asyncio.Future[int] | None = None
 
     async def start(self) -> None:
+        self.exited = asyncio.get_running_loop().create_future()
         await asyncio.sleep(self.start_seconds)
         if self.fail_start is not None:
             raise self.fail_start
@@ -86,21 +91,26 @@ class FakeContainer:
     async def stop(self, grace: float = 1.0) -> None:
         self.stopped = True
         self.alive = False
+        if self.exited is not None and not self.exited.done():
+            self.exited.set_result(0)
         for conn in self.conns:  # its processes die: the handler's copies close
             conn.close()
         self.end("exited")
 
 
 class Harness:
-    """A Function on ::1 (an ephemeral port) whose containers are fakes."""
+    """A Function on ::1 (an ephemeral port) whose containers are fakes. Every client is
+    ::1, so per_client is off unless a test sets it."""
 
-    def __init__(self, **settings: Any):
+    def __init__(self, budget: MemoryBudget | None = None, address: str = "::1",
+                 **settings: Any):
+        settings.setdefault("per_client", PER_CLIENT_OFF)
         self.containers: list[FakeContainer] = []
         self.make: dict[str, Any] = {}
         self.out = io.StringIO()
         self.log = EventLog("runner", stream=self.out)
-        self.fn = Function("fake", "::1", ServeSettings(**settings), self.new, self.log,
-                           port=0)
+        self.fn = Function("fake", address, ServeSettings(**settings), self.new, self.log,
+                           port=0, budget=budget)
         self.port = self.fn.sock.getsockname()[1]
 
     def new(self) -> FakeContainer:
@@ -108,10 +118,10 @@ class Harness:
         self.containers.append(c)
         return c
 
-    async def send(self) -> asyncio.Task[bytes]:
+    async def send(self, source: str = "::1") -> asyncio.Task[bytes]:
         """A client's request, answered whenever: its whole answer."""
         async def client() -> bytes:
-            reader, writer = await asyncio.open_connection("::1", self.port)
+            reader, writer = await asyncio.open_connection(source, self.port)
             writer.write(b"GET / HTTP/1.1\r\nHost: fake\r\n\r\n")
             await writer.drain()
             try:
@@ -307,7 +317,7 @@ def test_a_larger_concurrency_takes_waiting_connections_at_once():
         h = Harness(concurrency=1)
         clients = [await h.send() for _ in range(3)]
         await until("two waiting", lambda: h.fn.waiting == 2)
-        h.fn.update(ServeSettings(concurrency=3), h.new)
+        h.fn.update(ServeSettings(concurrency=3, per_client=PER_CLIENT_OFF), h.new)
         await until("all three in containers",
                     lambda: sum(c.waiting for c in h.containers) == 3)
         for c in h.containers:
@@ -322,7 +332,7 @@ def test_a_container_of_the_old_settings_is_not_reused_after_an_update():
         h = Harness(reuse=True)
         first = await h.send()
         old = await h.serving("a request in flight")
-        h.fn.update(ServeSettings(reuse=True, timeout=20), h.new)
+        h.fn.update(ServeSettings(reuse=True, timeout=20, per_client=PER_CLIENT_OFF), h.new)
         old.answer()  # finishes, in the container of the old settings
         assert (await first).endswith(b"ok")
         await until("the old container stopped", lambda: old.stopped)
@@ -363,3 +373,201 @@ def test_access_lines_are_batched_and_keep_their_order():
         log.batched("info", "request", "r3")
         await until("the batch written by its timer", lambda: "r3" in out.getvalue(), 2)
     run(main())
+
+
+# --- admission: the first byte, per_client, the memory budget ---------------------------
+
+def silent(port: int, host: str = "::1") -> socket.socket:
+    """A client that connects and sends nothing (yet)."""
+    sock = socket.create_connection((host, port))
+    sock.setblocking(False)
+    return sock
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """The server closed ``sock`` (end of file, or a reset)."""
+    try:
+        return sock.recv(4096) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_a_connection_takes_no_slot_before_its_first_byte():
+    async def main() -> None:
+        h = Harness(concurrency=1, queue=0, first_byte_timeout=5)
+        quiet = silent(h.port)
+        await until("the silent one waiting", lambda: len(h.fn.first_byte) == 1)
+        assert h.fn.active == 0 and h.containers == []
+        served = await h.send()  # gets the only slot: the silent one holds nothing
+        c = await h.serving("the talking client served")
+        c.answer("exited")
+        assert (await served).endswith(b"ok")
+        quiet.setblocking(True)
+        quiet.sendall(b"GET / HTTP/1.1\r\n\r\n")  # now it speaks: admitted, served
+        await until("the late one admitted", lambda: not h.fn.first_byte)
+        (await h.serving("the late one served")).answer("exited")
+        assert quiet.recv(4096).endswith(b"ok")
+        quiet.close()
+        await h.fn.close()
+    run(main())
+
+
+def test_silence_past_first_byte_timeout_closes_the_connection_without_a_container():
+    async def main() -> None:
+        h = Harness(first_byte_timeout=0.2, per_client=4)
+        quiet = [silent(h.port) for _ in range(3)]
+        await until("three waiting", lambda: len(h.fn.first_byte) == 3)
+        assert h.fn.clients == {"::1": 3}  # waiting ones count for their address
+        started = time.monotonic()
+        for sock in quiet:
+            await until("closed by the runner", lambda: closed_by_server(sock), 3)
+            sock.close()
+        assert time.monotonic() - started < 1.5
+        snap = h.fn.snapshot()
+        assert snap["first_byte_timeouts"] == 3 and snap["first_byte_waiting"] == 0
+        assert h.containers == [] and h.fn.clients == {} and h.fn._expiry_first is None
+        await h.fn.close()
+    run(main())
+
+
+def test_a_client_that_leaves_before_its_first_byte_starts_nothing():
+    async def main() -> None:
+        h = Harness(first_byte_timeout=5, per_client=4)
+        quiet = silent(h.port)
+        await until("waiting", lambda: len(h.fn.first_byte) == 1)
+        quiet.close()
+        await until("forgotten", lambda: not h.fn.first_byte and not h.fn.clients)
+        assert h.containers == [] and h.fn.snapshot()["outcomes"] == {}
+        await h.fn.close()
+    run(main())
+
+
+def test_first_byte_timeout_0_hands_a_silent_connection_over_at_once():
+    async def main() -> None:
+        h = Harness(first_byte_timeout=0)
+        quiet = silent(h.port)
+        c = await h.serving("the silent connection in a container")
+        assert not h.fn.first_byte
+        c.conns[-1].sendall(b"hello")  # a server-speaks-first protocol
+        quiet.setblocking(True)
+        assert quiet.recv(5) == b"hello"
+        quiet.close()
+        c.end("exited")
+        await h.fn.close()
+    run(main())
+
+
+def test_past_the_waiting_cap_the_connection_that_waited_longest_is_closed(monkeypatch):
+    monkeypatch.setattr(serve, "FIRST_BYTE_MIN_WAITING", 0)
+
+    async def main() -> None:
+        h = Harness(concurrency=1, queue=0, first_byte_timeout=30)  # cap: 2 x (1 + 0)
+        first, second = silent(h.port), silent(h.port)
+        await until("two waiting", lambda: len(h.fn.first_byte) == 2)
+        third = silent(h.port)
+        await until("the first closed", lambda: closed_by_server(first))
+        assert h.fn.snapshot()["first_byte_dropped"] == 1 and len(h.fn.first_byte) == 2
+        assert not closed_by_server(second) and not closed_by_server(third)
+        for sock in (first, second, third):
+            sock.close()
+        await h.fn.close()
+    run(main())
+
+
+def test_per_client_refuses_one_address_while_another_is_served():
+    async def main() -> None:
+        # on ::, so that 127.0.0.1 (::ffff:127.0.0.1) is a second client address
+        h = Harness(address="::", concurrency=4, per_client=2, first_byte_timeout=5)
+        quiet = silent(h.port)  # waiting for its first byte: counts
+        first = await h.send()
+        await until("one in a container", lambda: any(c.waiting for c in h.containers))
+        refused = await (await h.send())
+        assert refused.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1\r\n" in refused
+        assert b"per_client 2" in refused
+        other = await h.send("127.0.0.1")
+        await until("the other address served",
+                    lambda: sum(c.waiting for c in h.containers) == 2)
+        assert h.fn.clients == {"::1": 2, "::ffff:127.0.0.1": 1}
+        for c in h.containers:
+            c.answer("exited")
+        assert (await first).endswith(b"ok") and (await other).endswith(b"ok")
+        snap = h.fn.snapshot()
+        assert snap["rejected_client"] == 1 and snap["rejected"] == 1
+        quiet.close()
+        await until("every address released", lambda: not h.fn.clients)
+        await h.fn.close()
+    run(main())
+
+
+def test_per_client_auto_is_half_the_slots():
+    async def main() -> None:
+        h = Harness(concurrency=4, queue=8, per_client=0)
+        clients = [await h.send() for _ in range(3)]
+        refused = await clients[2]
+        assert refused.startswith(b"HTTP/1.1 503 ") and b"per_client 2" in refused
+        await until("two served", lambda: sum(c.waiting for c in h.containers) == 2)
+        h.fn.update(ServeSettings(concurrency=8, queue=8), h.new)
+        assert h.fn.per_client == 4
+        for c in h.containers:
+            c.answer("exited")
+        await asyncio.gather(*clients[:2])
+        await h.fn.close()
+    run(main())
+
+
+def test_past_the_memory_budget_a_new_container_is_refused_with_503():
+    async def main() -> None:
+        budget = MemoryBudget(limit=2 * (64 << 20))
+        h = Harness(budget=budget, concurrency=4, memory=64 << 20)
+        first, second = await h.send(), await h.send()
+        await until("two in containers", lambda: sum(c.waiting for c in h.containers) == 2)
+        assert budget.used == 128 << 20
+        third = await (await h.send())
+        assert third.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1\r\n" in third
+        assert b"memory budget" in third
+        assert len(h.containers) == 2  # the third was never made
+        snap = h.fn.snapshot()
+        assert snap["rejected_memory"] == 1 and snap["rejected"] == 1
+        await until("the refused request's slot free", lambda: h.fn.active == 2)
+        h.containers[0].answer("exited")  # one-shot: stopped, its memory given back
+        await first
+        await until("memory given back", lambda: budget.used == 64 << 20)
+        fourth = await h.send()
+        await until("the next one served", lambda: len(h.containers) == 3 and
+                    h.containers[-1].waiting)
+        h.containers[-1].answer("exited")
+        h.containers[1].answer("exited")
+        assert (await fourth).endswith(b"ok") and (await second).endswith(b"ok")
+        await h.fn.close()
+        await until("every container's memory given back", lambda: budget.used == 0)
+    run(main())
+
+
+def test_a_warm_pool_fill_past_the_budget_waits():
+    async def main() -> None:
+        budget = MemoryBudget(limit=2 * (64 << 20))
+        h = Harness(budget=budget, min_warm=3, reuse=True, memory=64 << 20)
+        await until("two warm", lambda: len(h.fn.idle) == 2)
+        await asyncio.sleep(0.1)
+        assert len(h.containers) == 2 and budget.used == 128 << 20
+        assert [e for e in h.log_lines() if e["event"] == "warm_start_waits"]
+        h.fn.idle[0].alive = False  # dies: the janitor stops it, the pool refills
+        await h.fn.idle[0].stop(0)
+        await until("the third start once there was room", lambda: len(h.containers) == 3, 4)
+        await h.fn.close()
+    run(main())
+
+
+def test_the_default_budget_is_three_quarters_of_the_host_memory(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemFree:   1000 kB\nMemTotal:  4096 kB\n")
+    assert host_memory(str(meminfo)) == 4096 * 1024
+    assert budget_bytes(1 << 30) == 1 << 30  # a value set is the value
+    assert budget_bytes(0) == int(host_memory() * 0.75) > 0
+    budget = MemoryBudget(limit=100)
+    assert budget.take("a", 60) and not budget.take("b", 50) and budget.used == 60
+    budget.give_back("a")
+    budget.give_back("a")  # twice: nothing more
+    assert budget.used == 0 and MemoryBudget().take("c", 1 << 50)  # 0: no limit
