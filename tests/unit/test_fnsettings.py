@@ -37,6 +37,77 @@ def test_bad_values_are_refused_whole(changes):
     assert info.value.code is Code.BAD_REQUEST
 
 
-    {"env.A": "a\x00b"}, {"timeout": "nan"}, {"env.LD_PRELOAD": "/tmp/x.so"},
-    {"env.LD_LIBRARY_PATH": "/tmp"}, {"per_client": "some"}, {"per_client": "-1"},
-    {"per_client": "65537"}, {"first_byte_timeout": "-1"},
+def _host(**over):
+    from common.settings import load
+    return load({"FAAS_CONFIG": "/dev/null", **{f"FAAS_{k.upper()}": str(v)
+                                                 for k, v in over.items()}})
+
+
+def test_host_maxima_default_to_this_machine():
+    import os
+    maxima = fnsettings.host_maxima(_host())
+    assert maxima["cpu"] == min(64, os.cpu_count())
+    assert maxima["memory"] == min(64 << 30, os.sysconf("SC_PAGE_SIZE") *
+                                   os.sysconf("SC_PHYS_PAGES"))
+    assert (maxima["pids"], maxima["concurrency"], maxima["min_warm"]) == (4096, 1024, 64)
+    assert fnsettings.host_maxima(_host(max_cpus=0.5, max_pids=100))["cpu"] == 0.5
+
+
+def test_set_above_a_host_maximum_names_the_maximum():
+    maxima = fnsettings.host_maxima(_host(max_pids=100))
+    with pytest.raises(FaasError) as info:
+        fnsettings.apply({}, {"pids": "101"}, maxima)
+    assert info.value.code is Code.BAD_REQUEST
+    assert "maximum 100 (max_pids" in info.value.message
+    assert fnsettings.apply({}, {"pids": "100"}, maxima)["pids"] == 100
+    # a stored value above a lowered maximum does not block changing something else
+    assert fnsettings.apply({"pids": 500}, {"timeout": "3"}, maxima)["timeout"] == 3.0
+
+
+@pytest.mark.parametrize("key,value,code", [
+    ("memory", 32 << 40, Code.FORBIDDEN), ("cpu", 1000.0, Code.FORBIDDEN),
+    ("pids", 1 << 20, Code.FORBIDDEN), ("timeout", 86400.0, Code.FORBIDDEN),
+    ("concurrency", 4096, Code.FORBIDDEN), ("queue", 65536, Code.FORBIDDEN),
+    ("min_warm", 256, Code.FORBIDDEN), ("memory", 1, Code.BAD_REQUEST),
+    ("idle_timeout", 1e9, Code.BAD_REQUEST),
+])
+def test_check_values_against_host_maxima(key, value, code):
+    maxima = fnsettings.host_maxima(_host(max_memory=1 << 30, max_cpus=1))
+    values = {**fnsettings.defaults(), key: value}
+    fnsettings.check_values(fnsettings.defaults(), maxima, "fn")
+    with pytest.raises(FaasError) as info:
+        fnsettings.check_values(values, maxima, "fn")
+    assert info.value.code is code and info.value.details["field"] == f"fn.{key}"
+
+
+@pytest.mark.parametrize("name,code", [("LD_PRELOAD", Code.FORBIDDEN),
+                                       ("LD_AUDIT", Code.FORBIDDEN),
+                                       ("FAAS_CONTROL_SOCKET", Code.FORBIDDEN),
+                                       ("1X", Code.BAD_REQUEST), ("A=B", Code.BAD_REQUEST)])
+def test_check_values_refuses_env_names_not_values(name, code):
+    values = {**fnsettings.defaults(), "env": {name: "s3cret-value"}}
+    with pytest.raises(FaasError) as info:
+        fnsettings.check_values(values, fnsettings.host_maxima(_host()), "fn")
+    assert info.value.code is code and "s3cret" not in str(info.value)
+
+
+def test_defaults_fit_the_host():
+    """A function nobody set gets no value the runner would refuse on this host."""
+    maxima = fnsettings.host_maxima(_host(max_pids=64, max_cpus=0.5))
+    out = fnsettings.apply({}, {}, maxima)
+    assert (out["pids"], out["cpu"], out["timeout"]) == (64, 0.5, 30.0)
+    fnsettings.check_values(out, maxima, "fn")
+    assert fnsettings.apply({"pids": 100}, {}, maxima)["pids"] == 100  # a set value stays
+
+
+def test_admission_settings_parse_and_per_client_auto_and_off():
+    d = fnsettings.defaults()
+    assert (d["first_byte_timeout"], d["per_client"]) == (5.0, 0)
+    out = fnsettings.apply({}, {"first_byte_timeout": "0", "per_client": "8"})
+    assert (out["first_byte_timeout"], out["per_client"]) == (0.0, 8)
+    assert fnsettings.apply(out, {"per_client": "off"})["per_client"] == 65536
+    assert fnsettings.apply(out, {"per_client": "auto"})["per_client"] == 0
+    # auto: half the slots, at least one, so one address never holds them all
+    assert fnsettings.per_client_limit(0, 16) == 8 and fnsettings.per_client_limit(0, 1) == 1
+    assert fnsettings.per_client_limit(3, 16) == 3
+    assert fnsettings.per_client_limit(fnsettings.PER_CLIENT_OFF, 16) == 0  # no cap
