@@ -571,3 +571,43 @@ def test_the_default_budget_is_three_quarters_of_the_host_memory(tmp_path):
     budget.give_back("a")
     budget.give_back("a")  # twice: nothing more
     assert budget.used == 0 and MemoryBudget().take("c", 1 << 50)  # 0: no limit
+
+
+def test_the_memory_budget_returns_to_zero_after_every_kind_of_end():
+    """Every path a container can end by gives its memory back: a start that fails, a
+    hand-over the handler refuses, a request past its timeout, a one-shot and a reused
+    container, a warm pool replaced by a settings change, a warm start still running
+    when the function is removed. Nothing may stay counted once they are all gone."""
+    async def main() -> None:
+        budget = MemoryBudget(limit=8 * (64 << 20))
+        h = Harness(budget=budget, concurrency=4, memory=64 << 20, timeout=0.3)
+        h.make = {"fail_start": ContainerFailed("container exited (1)")}
+        assert b" 502 " in await (await h.send())
+        h.make = {"refuse": True}
+        assert b" 502 " in await (await h.send())
+        h.make = {}
+        timed_out = await h.send()
+        await h.serving("a request that will time out")
+        await timed_out  # the deadline ends it: the container is stopped
+        one_shot = await h.send()
+        (await h.serving("a one-shot request")).answer("exited")
+        await one_shot
+        await until("four ends given back", lambda: budget.used == 0)
+        h.fn.update(ServeSettings(per_client=PER_CLIENT_OFF, memory=64 << 20, reuse=True,
+                                  min_warm=2), h.new)
+        await until("a warm pool", lambda: len(h.fn.idle) == 2)
+        reused = await h.send()
+        (await h.serving("a warm container")).answer()
+        await reused
+        h.fn.update(ServeSettings(per_client=PER_CLIENT_OFF, memory=32 << 20, reuse=True,
+                                  min_warm=1), h.new)  # the pool is replaced
+        await until("the old pool stopped", lambda: sum(not c.stopped for c in h.containers)
+                    == 1 and len(h.fn.idle) == 1)
+        assert budget.used == 32 << 20
+        h.make = {"start_seconds": 0.5}
+        h.fn.idle[0].alive = False  # dies idle; the refill is still starting at removal
+        await until("a start in progress", lambda: h.fn.starting == 1)
+        await h.fn.close()
+        await until("every container's memory given back", lambda: budget.used == 0)
+        assert budget.snapshot()["containers"] == 0
+    run(main())
