@@ -5,6 +5,7 @@ the test plays the handler. The end-to-end tests run the same paths with runc an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -610,4 +611,35 @@ def test_the_memory_budget_returns_to_zero_after_every_kind_of_end():
         await h.fn.close()
         await until("every container's memory given back", lambda: budget.used == 0)
         assert budget.snapshot()["containers"] == 0
+    run(main())
+
+
+def test_a_flood_of_refused_connections_holds_no_more_than_refusing_max_fds(monkeypatch):
+    """Each 503 holds its connection up to a second while the request is read away; a
+    client opening connections faster than that (one address past per_client) must not
+    pile them up until the runner has no fds left for any function: past REFUSING_MAX
+    being answered, a refusal is closed at once. Once the flood is over, 503s are
+    answered again."""
+    monkeypatch.setattr(serve, "REFUSING_MAX", 20, raising=False)
+
+    async def main() -> None:
+        h = Harness(concurrency=2, queue=0, per_client=1)
+        flood = []
+        for _ in range(200):  # connect and send, never read nor close
+            s = socket.socket(socket.AF_INET6)
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(("::1", h.port))
+            flood.append(s)
+        await until("every extra connection refused", lambda: h.fn.stats.rejected_client
+                    == 199)
+        assert len(h.fn.tasks) <= 20  # each 503 being written is a task holding its fd
+        for s in flood:
+            s.close()
+        await until("the refusals written", lambda: not h.fn.tasks)
+        first, extra = await h.send(), await h.send()
+        assert (await extra).startswith(b"HTTP/1.1 503 ")  # answered again
+        (await h.serving()).answer()
+        assert (await first).endswith(b"ok")
+        await h.fn.close()
     run(main())
