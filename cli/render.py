@@ -44,6 +44,12 @@ def escape_controls(text: str) -> str:
     return text.translate(_CONTROLS)
 
 
+def _command(argv: list[str]) -> str:
+    """An image's command as list, info and versions show it: its author wrote it, so
+    its control characters are escaped like a function's log lines (--json keeps them)."""
+    return escape_controls(" ".join(argv))
+
+
 def render_log_line(line: dict[str, Any], terminal: bool) -> str:
     """One function log line as ``faasctl logs`` prints it: time, request id, text; on a
     terminal the function's control characters are escaped, never interpreted."""
@@ -88,7 +94,7 @@ def render_list(result: dict[str, Any], out: TextIO) -> None:
     rows = [["NAME", "ADDRESS", "VERSION", "IMAGE", "COMMAND"]]
     for f in result["functions"]:
         rows.append([f["name"], f["address"], str(f["version"]), f["digest"][7:19],
-                     " ".join(f["command"])])
+                     _command(f["command"])])
     table(rows, out) if len(rows) > 1 else out.write("no functions; deploy one with "
                                                      "faasctl new NAME\n")
 
@@ -99,7 +105,7 @@ def _versions(rows_in: list[dict[str, Any]], current: int, out: TextIO) -> None:
         mark = "*" if v["version"] == current else " "
         rows.append([f"{mark}{v['version']}", v["digest"][7:19], _mib(v["size"]),
                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["created"])),
-                     " ".join(v["command"])])
+                     _command(v["command"])])
     table(rows, out)
 
 
@@ -107,7 +113,7 @@ def render_info(result: dict[str, Any], out: TextIO) -> None:
     """faasctl info NAME."""
     for key in ("name", "address", "version", "digest"):
         out.write(f"{key + ':':9} {result[key]}\n")
-    out.write(f"{'command:':9} {' '.join(result['command'])}\n")
+    out.write(f"{'command:':9} {_command(result['command'])}\n")
     _settings(result["settings"], out)
     out.write("\n")
     _versions(result["versions"], result["version"], out)

@@ -255,6 +255,12 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
             raise SettingsError(f"bad setting {s.key} ({source}): {exc}. {s.key} is: {s.help}"
                                 ) from None
         values[s.key], sources[s.key] = value, source
+    functions, vpn = (ipaddress.IPv6Network(values[k]) for k in ("function_prefix", "vpn_prefix"))
+    if functions.overlaps(vpn):  # else a function address could be a peer's or the server's
+        raise SettingsError(f"function_prefix {functions} and vpn_prefix {vpn} overlap "
+                            f"({sources['function_prefix']}; {sources['vpn_prefix']}): the "
+                            "root daemons hold function addresses to function_prefix, so it "
+                            "must not contain the VPN's addresses")
     return Settings(values, sources)
 
 

@@ -232,6 +232,7 @@ class HttpApi:
         self.metrics = metrics
         self.max_connections = max_connections
         self.open = 0  # connections now open, on every listener together
+        self.others = 0  # of those, connections of callers who are not operators
         self.refused = Storm(log, "http_connections_refused")
         self.servers: list[asyncio.AbstractServer] = []
         self.managers: list[_Server] = []  # each listener's connections
@@ -507,14 +508,23 @@ class _Refuse(asyncio.Protocol):
 
 class _Connection(RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._manager.api.open += 1  # type: ignore[union-attr]
+        api = self._manager.api  # type: ignore[union-attr]
+        api.open += 1
         self._counted = self._manager
+        self._other = not _operator_at(api, self._manager.site, transport)  # type: ignore
+        if self._other:
+            api.others += 1
         super().connection_made(transport)
+        if self._other and api.others > api.max_connections - _kept(api.max_connections):
+            api.refused.hit(max=api.max_connections)
+            self.force_close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         counted = getattr(self, "_counted", None)
         if counted is not None:
             counted.api.open -= 1
+            if self._other:
+                counted.api.others -= 1
             self._counted = None
         super().connection_lost(exc)
 
@@ -535,6 +545,29 @@ class _Connection(RequestHandler):
             "Content-Type": answer.ctype, "X-Request-Id": new_id()})
         resp.force_close()
         return resp
+
+
+def _kept(max_connections: int) -> int:
+    """Connections only operators may use: a quarter of the cap, at least one."""
+    return max(1, max_connections // 4)
+
+
+def _operator_at(api: HttpApi, site: str, transport: asyncio.BaseTransport) -> bool:
+    """Whether a new connection is an operator's, asked of the kernel at accept (what
+    the request's own check will ask again): anyone else's idle connections must not
+    fill every place, or one local user would lock the operators out of the API."""
+    try:
+        if site == UNIX:
+            return api.operators.check(*access.unix_peer(transport.get_extra_info("socket")))[0]
+        if site != LOCAL:
+            return False
+        local, remote = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
+        if not access.is_loopback(remote[0]):
+            return False
+        uid = access.peer_uid(local, remote)
+        return uid is not None and api.operators.check(uid)[0]
+    except (OSError, TypeError, ValueError):  # gone already, or no addresses to ask about
+        return False
 
 
 def _freebind_socket(host: str, port: int) -> socket.socket:

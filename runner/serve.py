@@ -43,6 +43,10 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 IPV6_FREEBIND = 78  # linux/in6.h; bind before netagent has put the address in place
 BACKLOG = 1024
 START_TIMEOUT = 10.0
+# 503s being written at once, over every function: each holds its connection up to a
+# second (the request is read away first). Past this a refusal is closed unanswered, so a
+# client opening connections faster than they are refused cannot use up the runner's fds.
+REFUSING_MAX = 256
 FIRST_BYTE_WAITING = 2  # connections that may wait for their first byte, per slot and
 FIRST_BYTE_MIN_WAITING = 256  # queue place, and at least this many; past it the one
 # that has waited longest is closed
@@ -125,6 +129,8 @@ class Request:
 
 class Function:
     """A deployed function as the runner serves it."""
+
+    refusing = 0  # 503s being written now, by every function of the runner (REFUSING_MAX)
 
     def __init__(self, name: str, address: str, settings: ServeSettings,
                  new_container: Callable[[], Container], log: EventLog, port: int = 80,
@@ -318,9 +324,23 @@ class Function:
 
     def _refuse(self, req: Request, why: str = "", slot: bool = False) -> None:
         self.stats.rejected += 1
-        self._answer(req, http_error(503, "Service Unavailable",
-                                     why or f"{self.name} is at capacity", 1), "rejected",
-                     slot=slot)
+        if Function.refusing >= REFUSING_MAX:  # a flood: closed now, holding nothing
+            req.conn.close()
+            self._account(req, "rejected")
+            if slot:
+                self.active -= 1
+                self._next()
+            self._check_drained()
+            return
+        Function.refusing += 1
+        self._spawn(self._refuse_reply(req, http_error(
+            503, "Service Unavailable", why or f"{self.name} is at capacity", 1), slot))
+
+    async def _refuse_reply(self, req: Request, data: bytes, slot: bool) -> None:
+        try:
+            await self._reply_and_end(req, data, "rejected", slot)
+        finally:
+            Function.refusing -= 1
 
     def _next(self) -> None:
         """Give free slots to waiting connections."""

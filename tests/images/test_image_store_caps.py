@@ -14,6 +14,7 @@ import pytest
 
 from runner.images.errors import ImageError
 from runner.images.extract import extract
+from runner.images.layers import NODE_BYTES
 from runner.images.limits import Limits, MiB
 from runner.store import ImageStore
 from tests.imagebuild import File, Layer, build_image
@@ -56,7 +57,7 @@ def test_a_gzip_layer_of_zeros_is_stopped_by_the_expansion_ratio(scratch) -> Non
     # the floor is what keeps a small real image clear of the ratio
     result = extract(scratch.archive(), scratch.images, limits=Limits(expand_ratio=20,
                                                                       expand_floor=32 * MiB))
-    assert result.expanded_bytes == 24 * MiB
+    assert result.expanded_bytes == 24 * MiB + 3 * NODE_BYTES
 
 
 def test_the_expanded_size_cap_holds_for_an_uncompressed_image_too(scratch) -> None:
@@ -116,10 +117,11 @@ def test_the_store_counts_what_its_images_take(tmp_path) -> None:
         build_image(spool / f"{upload}.tar", [[File("data", bytes(8 * MiB)),
                                                File("marker", marker)]])
         return asyncio.run(store.add(upload, None))
+    one = 8 * MiB + 1 + 2 * NODE_BYTES  # two files' data, and their inodes
     first = add("u1", b"1")
-    assert store.used == 8 * MiB + 1
+    assert store.used == one
     add("u2", b"2")
-    assert store.used == 2 * (8 * MiB + 1)
+    assert store.used == 2 * one
     assert add("u3", b"2")["reused"] is True  # the same image again costs nothing
     with pytest.raises(Exception) as err:
         add("u4", b"3")  # a third would pass 20 MiB
@@ -128,7 +130,7 @@ def test_the_store_counts_what_its_images_take(tmp_path) -> None:
         [".incoming"] + [d.removeprefix("sha256:") for d in store.sizes])
     store.pinned.clear()
     store.keep([first["digest"]])
-    assert store.used == 8 * MiB + 1
+    assert store.used == one
     config = tmp_path / "images" / first["digest"][7:] / "config.json"
     record = json.loads(config.read_text())
     del record["expanded_bytes"]  # an image extracted before sizes were recorded
@@ -136,3 +138,22 @@ def test_the_store_counts_what_its_images_take(tmp_path) -> None:
     again = ImageStore(str(tmp_path), os.getuid())
     assert again.recover()["image_bytes"] == 8 * MiB + 1
     add("u5", b"3")  # room again
+
+
+def test_empty_directories_and_files_count_against_the_caps(scratch) -> None:
+    """An image of nothing but empty entries: each takes an inode (a directory a block
+    too), so each counts NODE_BYTES; else 500,000 of them (a few MB of gzip) would take
+    2 GB and 500,000 inodes while the quota and the ratio counted 0 bytes."""
+    def empties():
+        for i in range(3000):
+            info = tarfile.TarInfo(f"d{i}" if i % 2 else f"f{i}")
+            info.type = tarfile.DIRTYPE if i % 2 else tarfile.REGTYPE
+            yield info.tobuf(tarfile.USTAR_FORMAT)
+        yield bytes(1024)
+    build_image(scratch.archive(), [Layer(chunks=empties)], fmt="oci", compression="gzip")
+    err = refused(scratch, Limits(store_max_bytes=20 * MiB, store_used_bytes=10 * MiB),
+                  "would pass image_store_max_bytes")
+    assert err.details["limit"] == "image_store_max_bytes"
+    refused(scratch, Limits(expand_ratio=20, expand_floor=4 * MiB), "image_expand_ratio")
+    result = extract(scratch.archive(), scratch.images, limits=Limits(store_max_bytes=20 * MiB))
+    assert result.expanded_bytes >= 3000 * 4096

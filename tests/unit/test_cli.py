@@ -224,3 +224,21 @@ def test_faasctl_logs_escapes_on_a_terminal_keeps_json_and_pipes_raw(tmp_path):
     assert json.loads(as_json)["line"] == HOSTILE  # JSON escapes them its own way
     piped = _faasctl_logs_against(tmp_path, terminal=False).decode()
     assert piped.rstrip("\n").endswith(HOSTILE)
+
+
+def test_an_images_command_is_shown_with_its_controls_escaped():
+    """The command comes from the image's config, written by the image's author: in
+    list, info and versions it must not retitle or clear the operator's terminal."""
+    from cli.render import render_info, render_list
+    hostile = ["/app", "\x1b]0;pwned\x07\x1b[2J\r\x9b31m"]
+    version = {"version": 1, "digest": "sha256:" + "a" * 64, "size": 1, "created": 0.0,
+               "command": hostile, "current": True}
+    out = io.StringIO()
+    render_list({"functions": [{"name": "f", "address": "fd00::a", "version": 1,
+                                "digest": version["digest"], "command": hostile}]}, out)
+    render_info({"name": "f", "address": "fd00::a", "version": 1, "digest": version["digest"],
+                 "command": hostile, "settings": {"memory": 1, "env": {}},
+                 "versions": [version]}, out)
+    text = out.getvalue()
+    assert not any(c in text for c in "\x1b\x07\r\x9b"), repr(text)
+    assert "\\x1b]0;pwned\\x07\\x1b[2J\\x0d\\x9b31m" in text

@@ -455,6 +455,38 @@ def test_connections_are_capped_and_refusals_logged_once(server, logged):
     assert status == 200
 
 
+HOLD = r"""
+import socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+held = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+print("ready", flush=True)
+sys.stdin.read()  # holds them until the test closes our stdin
+"""
+
+
+def test_a_user_outside_the_group_cannot_take_the_operators_connections(server):
+    """Idle connections of a local user who may not use the API fill only the share of
+    http_max_connections that is not kept for operators: root is still served, and the
+    same user's next connection is closed at once."""
+    holder = subprocess.Popen(["setpriv", f"--reuid={NOBODY}", f"--regid={NOGROUP}",
+                               "--clear-groups", sys.executable, "-c", HOLD,
+                               str(server.port), "8"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "ready\n"
+        deadline = time.monotonic() + 5
+        while server.open != 6:  # 8 - 2 kept for operators: the other 2 are closed
+            assert time.monotonic() < deadline, server.open
+            time.sleep(0.01)
+        [(status, _)] = run_as(None, [req(server, "GET", "/api/list")])
+        assert status == 200
+        [(status, _)] = run_as(None, [req(server, "GET", "/api/list", unix=True)])
+        assert status == 200
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+
+
 def test_a_storm_is_logged_once_per_interval_with_its_count():
     out = io.StringIO()
 

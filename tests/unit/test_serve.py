@@ -5,6 +5,7 @@ the test plays the handler. The end-to-end tests run the same paths with runc an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -571,3 +572,74 @@ def test_the_default_budget_is_three_quarters_of_the_host_memory(tmp_path):
     budget.give_back("a")
     budget.give_back("a")  # twice: nothing more
     assert budget.used == 0 and MemoryBudget().take("c", 1 << 50)  # 0: no limit
+
+
+def test_the_memory_budget_returns_to_zero_after_every_kind_of_end():
+    """Every path a container can end by gives its memory back: a start that fails, a
+    hand-over the handler refuses, a request past its timeout, a one-shot and a reused
+    container, a warm pool replaced by a settings change, a warm start still running
+    when the function is removed. Nothing may stay counted once they are all gone."""
+    async def main() -> None:
+        budget = MemoryBudget(limit=8 * (64 << 20))
+        h = Harness(budget=budget, concurrency=4, memory=64 << 20, timeout=0.3)
+        h.make = {"fail_start": ContainerFailed("container exited (1)")}
+        assert b" 502 " in await (await h.send())
+        h.make = {"refuse": True}
+        assert b" 502 " in await (await h.send())
+        h.make = {}
+        timed_out = await h.send()
+        await h.serving("a request that will time out")
+        await timed_out  # the deadline ends it: the container is stopped
+        one_shot = await h.send()
+        (await h.serving("a one-shot request")).answer("exited")
+        await one_shot
+        await until("four ends given back", lambda: budget.used == 0)
+        h.fn.update(ServeSettings(per_client=PER_CLIENT_OFF, memory=64 << 20, reuse=True,
+                                  min_warm=2), h.new)
+        await until("a warm pool", lambda: len(h.fn.idle) == 2)
+        reused = await h.send()
+        (await h.serving("a warm container")).answer()
+        await reused
+        h.fn.update(ServeSettings(per_client=PER_CLIENT_OFF, memory=32 << 20, reuse=True,
+                                  min_warm=1), h.new)  # the pool is replaced
+        await until("the old pool stopped", lambda: sum(not c.stopped for c in h.containers)
+                    == 1 and len(h.fn.idle) == 1)
+        assert budget.used == 32 << 20
+        h.make = {"start_seconds": 0.5}
+        h.fn.idle[0].alive = False  # dies idle; the refill is still starting at removal
+        await until("a start in progress", lambda: h.fn.starting == 1)
+        await h.fn.close()
+        await until("every container's memory given back", lambda: budget.used == 0)
+        assert budget.snapshot()["containers"] == 0
+    run(main())
+
+
+def test_a_flood_of_refused_connections_holds_no_more_than_refusing_max_fds(monkeypatch):
+    """Each 503 holds its connection up to a second while the request is read away; a
+    client opening connections faster than that (one address past per_client) must not
+    pile them up until the runner has no fds left for any function: past REFUSING_MAX
+    being answered, a refusal is closed at once. Once the flood is over, 503s are
+    answered again."""
+    monkeypatch.setattr(serve, "REFUSING_MAX", 20, raising=False)
+
+    async def main() -> None:
+        h = Harness(concurrency=2, queue=0, per_client=1)
+        flood = []
+        for _ in range(200):  # connect and send, never read nor close
+            s = socket.socket(socket.AF_INET6)
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(("::1", h.port))
+            flood.append(s)
+        await until("every extra connection refused", lambda: h.fn.stats.rejected_client
+                    == 199)
+        assert len(h.fn.tasks) <= 20  # each 503 being written is a task holding its fd
+        for s in flood:
+            s.close()
+        await until("the refusals written", lambda: not h.fn.tasks)
+        first, extra = await h.send(), await h.send()
+        assert (await extra).startswith(b"HTTP/1.1 503 ")  # answered again
+        (await h.serving()).answer()
+        assert (await first).endswith(b"ok")
+        await h.fn.close()
+    run(main())

@@ -76,6 +76,16 @@ def test_bad_value_in_environment_names_the_key(var, value):
     assert f"bad setting {key} ({var}=" in str(info.value)
 
 
+def test_function_and_vpn_prefixes_may_not_overlap(tmp_path):
+    """The runner and netagent hold function addresses to function_prefix; one that
+    contains the VPN would let a sync as faas serve on the server's VPN address or take
+    a peer's address."""
+    with pytest.raises(SettingsError, match="function_prefix fd00:faa5::/48 and vpn_prefix "
+                       "fd00:faa5:0:100::/64 overlap"):
+        load(write(tmp_path, "function_prefix = 'fd00:faa5::/48'\n"))
+    load(write(tmp_path, "function_prefix = 'fd00:faa5:2::/64'\n"))
+
+
 def test_unknown_key_and_bad_toml(tmp_path):
     with pytest.raises(SettingsError, match="unknown key.*ping_intervall"):
         load(write(tmp_path, "ping_intervall = 1\n"))
