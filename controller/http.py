@@ -18,6 +18,7 @@ Bodies are streamed into the upload spool in CHUNK_SIZE pieces; answers are JSON
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import socket
@@ -148,6 +149,10 @@ class Endpoints:
     unix: str | None = None
     unix_gid: int = -1
     vpn: str | None = None
+    # On 127.0.0.1 also listen on [::1] at the same port: `localhost` may resolve to
+    # ::1 first, and an operator's `curl localhost:PORT` must not reach whatever other
+    # user could otherwise bind [::1]:PORT and collect its tokens and bodies.
+    loopback_twin: bool = True
 
 
 @dataclass(frozen=True)
@@ -258,6 +263,8 @@ class HttpApi:
         self.servers.append(tcp)
         self.port = tcp.sockets[0].getsockname()[1]  # the real one when port was 0
         self.log.info("http_listening", host=self.host, port=self.port)
+        if self.endpoints.loopback_twin and self.host in ("127.0.0.1", "localhost"):
+            await self._start_twin()
         if self.endpoints.unix:
             self.servers.append(await self._start_unix(self.endpoints.unix))
         if self.endpoints.vpn:
@@ -265,6 +272,26 @@ class HttpApi:
             self.servers.append(await loop.create_server(self._server(VPN), sock=sock))
             self.log.info("http_listening", host=self.endpoints.vpn, port=self.port,
                           tokens_only=True)
+
+    async def _start_twin(self) -> None:
+        """[::1] at the port of 127.0.0.1. Taken by someone else already: said loudly
+        (the operator should use 127.0.0.1 or http.sock until that process is gone),
+        and the API still serves on 127.0.0.1, which that process cannot take from us."""
+        try:
+            twin = await asyncio.get_running_loop().create_server(
+                self._server(LOCAL), "::1", self.port, reuse_address=True)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                self.log.error("http_twin_taken", host="::1", port=self.port,
+                               error=f"another process holds [::1]:{self.port}: a client "
+                               f"of localhost:{self.port} may reach it instead of faasd; "
+                               f"use http://127.0.0.1:{self.port} or http.sock, and find "
+                               f"it with ss -ltnp 'sport = :{self.port}'")
+            else:  # no IPv6 loopback on this host: nobody can bind it either
+                self.log.info("http_twin_skipped", host="::1", error=str(exc))
+            return
+        self.servers.append(twin)
+        self.log.info("http_listening", host="::1", port=self.port)
 
     async def _start_unix(self, path: str) -> asyncio.AbstractServer:
         """The unix socket, group-owned and 0660 from its first instant (umask)."""

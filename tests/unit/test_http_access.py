@@ -90,7 +90,8 @@ def server(fake, store, logged):
     thread.start()
     with_metrics(fake)
     api = HttpApi(handlers_of(fake), Endpoints("127.0.0.1:0", unix=f"{run_dir}/http.sock",
-                                               unix_gid=FAAS_GID, vpn="::1"),
+                                               unix_gid=FAAS_GID, vpn="::1",
+                                               loopback_twin=False),  # ::1 plays the VPN
                   EventLog("controller", stream=logged), operators=Operators("faas"),
                   tokens=Tokens(store.rows.get, lambda name, now: store.used.append(name)),
                   metrics=metrics_of(fake), max_connections=8)
@@ -517,3 +518,65 @@ def test_the_api_gets_a_handler_table_not_the_controller():
     with pytest.raises(ValueError):  # a table that is not the protocol's is refused
         HttpApi({"list": handlers_of(FakeController())["list"]}, Endpoints("127.0.0.1:0"),
                 EventLog("controller", stream=io.StringIO()), operators=Operators("faas"))
+
+
+def _serve(api: HttpApi):
+    """Run ``api`` on a loop in a thread; returns a function that stops it."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(api.start(), loop).result(5)
+    api.loop = loop  # type: ignore[attr-defined]
+
+    def stop() -> None:
+        asyncio.run_coroutine_threadsafe(api.stop(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+    return stop
+
+
+def test_localhost_on_ipv6_reaches_the_api_too(fake):
+    """On 127.0.0.1 the API also holds [::1] at the same port, where `localhost` may
+    resolve first: no other user can listen there and catch an operator's requests."""
+    api = HttpApi(handlers_of(fake), Endpoints("127.0.0.1:0"),
+                  EventLog("controller", stream=io.StringIO()), operators=Operators("faas"))
+    stop = _serve(api)
+    try:
+        [(status, _)] = run_as(None, [req(api, "GET", "/api/list", host="::1")])
+        assert status == 200
+        [(status, body)] = run_as(NOBODY, [req(api, "GET", "/api/list", host="::1")])
+        assert status == 403, body
+        squat = socket.socket(socket.AF_INET6)
+        with pytest.raises(OSError):  # taken: nobody else may listen there
+            squat.bind(("::1", api.port))
+        squat.close()
+    finally:
+        stop()
+
+
+def test_a_squatted_ipv6_loopback_port_is_reported_and_ipv4_still_served(fake):
+    squat = socket.socket(socket.AF_INET6)
+    squat.bind(("::1", 0))
+    squat.listen()
+    port = squat.getsockname()[1]
+    logged = io.StringIO()
+    try:
+        api = HttpApi(handlers_of(fake), Endpoints(f"127.0.0.1:{port}"),
+                      EventLog("controller", stream=logged), operators=Operators("faas"))
+    except OSError:
+        pytest.fail("could not build the API")
+    try:
+        stop = _serve(api)
+    except OSError as exc:  # 127.0.0.1 at that port taken by chance: nothing to test
+        squat.close()
+        pytest.fail(f"127.0.0.1:{port} is taken by another process: {exc}")
+    try:
+        [(status, _)] = run_as(None, [req(api, "GET", "/api/list")])
+        assert status == 200
+        assert "http_twin_taken" in logged.getvalue()
+        assert f"ss -ltnp 'sport = :{port}'" in logged.getvalue()
+    finally:
+        stop()
+        squat.close()
+
