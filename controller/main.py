@@ -14,7 +14,7 @@ import asyncio
 import json
 import os
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 from common import protocol, rpc, wgconf
 from common.daemon import VERSION, Daemon, run_main
@@ -31,6 +31,7 @@ from controller.state import State
 from controller.uploads import UNKNOWN_CALLER, Uploads
 
 
+T = TypeVar("T")
 LOG_CHUNK = 256 << 10
 
 
@@ -125,6 +126,13 @@ class Controller(Daemon):
         finally:
             janitor.cancel()
             await self.http.stop()
+
+    async def changed(self, result: T, event: str, **fields: Any) -> T:
+        """After a change of the desired state: tell the agents, log the event, answer.
+        An agent the push misses is synced at its next ping."""
+        await self.monitor.push()
+        self.log.info(event, **fields)
+        return result
 
     # --- status ----------------------------------------------------------------------
 
@@ -251,17 +259,16 @@ class Controller(Daemon):
     async def op_rollback(self, args: dict[str, Any]) -> dict[str, Any]:
         """Serve an earlier version."""
         result = self.state.rollback(args["name"], args["version"])
-        await self.monitor.push()
-        self.log.info("rolled_back", name=args["name"], version=result["version"])
-        return result
+        return await self.changed(result, "rolled_back", name=args["name"],
+                                  version=result["version"])
 
     async def op_set(self, args: dict[str, Any]) -> dict[str, Any]:
         """Change a function's settings; the runner applies them without dropping
         connections in flight."""
         settings = self.state.set(args["name"], args["settings"])
-        await self.monitor.push()
-        self.log.info("settings_changed", name=args["name"], changes=sorted(args["settings"]))
-        return {"name": args["name"], "settings": settings}
+        return await self.changed({"name": args["name"], "settings": settings},
+                                  "settings_changed", name=args["name"],
+                                  changes=sorted(args["settings"]))
 
     async def op_logs(self, args: dict[str, Any]) -> dict[str, Any]:
         """Lines of a function's log from ``offset`` (at most LOG_CHUNK bytes of them).
@@ -294,10 +301,7 @@ class Controller(Daemon):
 
     async def op_rm(self, args: dict[str, Any]) -> dict[str, Any]:
         """Remove a function; the runner frees images no version uses on its next sync."""
-        removed = self.state.remove(args["name"])
-        await self.monitor.push()
-        self.log.info("removed", name=args["name"])
-        return removed
+        return await self.changed(self.state.remove(args["name"]), "removed", name=args["name"])
 
 
     # --- figures ------------------------------------------------------------------------
@@ -355,22 +359,16 @@ class Controller(Daemon):
         return {"peers": rows}
 
     async def op_vpn_rm(self, args: dict[str, Any]) -> dict[str, Any]:
-        peer = self.state.remove_peer(args["name"])
-        await self.monitor.push()
-        self.log.info("peer_removed", name=args["name"])
-        return peer
+        return await self.changed(self.state.remove_peer(args["name"]), "peer_removed",
+                                  name=args["name"])
 
     async def op_vpn_disable(self, args: dict[str, Any]) -> dict[str, Any]:
-        peer = self.state.set_peer_state(args["name"], "disabled")
-        await self.monitor.push()
-        self.log.info("peer_disabled", name=args["name"])
-        return peer
+        return await self.changed(self.state.set_peer_state(args["name"], "disabled"),
+                                  "peer_disabled", name=args["name"])
 
     async def op_vpn_enable(self, args: dict[str, Any]) -> dict[str, Any]:
-        peer = self.state.set_peer_state(args["name"], "enabled")
-        await self.monitor.push()
-        self.log.info("peer_enabled", name=args["name"])
-        return peer
+        return await self.changed(self.state.set_peer_state(args["name"], "enabled"),
+                                  "peer_enabled", name=args["name"])
 
     # --- HTTP API tokens ----------------------------------------------------------------
 
