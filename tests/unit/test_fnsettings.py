@@ -111,3 +111,37 @@ def test_admission_settings_parse_and_per_client_auto_and_off():
     assert fnsettings.per_client_limit(0, 16) == 8 and fnsettings.per_client_limit(0, 1) == 1
     assert fnsettings.per_client_limit(3, 16) == 3
     assert fnsettings.per_client_limit(fnsettings.PER_CLIENT_OFF, 16) == 0  # no cap
+
+
+def _section(doc: str, title: str) -> str:
+    start = doc.index(f"\n## {title}\n")
+    end = doc.find("\n## ", start + 1)
+    return doc[start:end if end != -1 else len(doc)]
+
+
+def test_the_doc_table_is_generated_from_the_table():
+    """docs/settings.md's per-function table is exactly markdown_table(), nothing more."""
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "settings.md").read_text()
+    rows = [line for line in _section(doc, "Per-function settings").splitlines()
+            if line.startswith("|")]
+    assert rows == fnsettings.markdown_table().splitlines(), \
+        "regenerate: python -m common.fnsettings"
+
+
+def test_every_setting_is_in_the_generated_docs_and_help():
+    table, help_text = fnsettings.markdown_table(), fnsettings.cli_help()
+    for s in fnsettings.FN_SETTINGS:
+        assert f"| `{s.key}` | `{s.show(s.default)}` | {s.range()} |".replace("|  |", "| |") \
+            in table
+        assert f"  {s.key} " in help_text and s.help.split()[0] in help_text
+    assert "| `env.NAME` |" in table and "  env.NAME " in help_text
+    assert "16M – 64G" in table and "0.05 – 64" in table and "8 – 32768" in table
+    assert "auto" in table and "off (stored as 65536)" in table
+
+
+def test_each_setting_parses_to_its_type_and_shows_as_it_parses():
+    for s in fnsettings.FN_SETTINGS:
+        assert type(s.default) is s.type
+        for value in (s.default, *(() if s.type is bool else (s.lo, s.hi))):
+            assert s.value(s.show(value)) == value, (s.key, value)
