@@ -145,3 +145,35 @@ def test_each_setting_parses_to_its_type_and_shows_as_it_parses():
         assert type(s.default) is s.type
         for value in (s.default, *(() if s.type is bool else (s.lo, s.hi))):
             assert s.value(s.show(value)) == value, (s.key, value)
+
+
+def test_the_runner_schema_is_built_from_the_table():
+    """Types and ranges on the wire are the table's: the top of a host-capped setting is
+    the runner's check (forbidden above root's maximum), every other bound the schema's."""
+    from common import protocol
+    from common.schema import Bool, Float, Int, MapOf
+    fields = protocol.FUNCTION_SETTINGS.fields
+    assert list(fields) == [*fnsettings.BY_KEY, "env"]
+    kinds = {bool: Bool, int: Int, float: Float}
+    for s in fnsettings.FN_SETTINGS:
+        f = fields[s.key]
+        assert type(f) is kinds[s.type] and f.required, s.key
+        if s.type is not bool:
+            assert f.min == s.lo, s.key
+            if s.key in fnsettings.HOST_MAXIMA:
+                assert f.max > s.hi, s.key  # runner/bounds.py: forbidden above root's max
+            else:
+                assert f.max == s.hi, s.key
+    env = fields["env"]
+    assert isinstance(env, MapOf) and env.max_items == fnsettings.MAX_ENV
+    assert (env.key.max_len, env.value.max_len) == (fnsettings.ENV_NAME_MAX,
+                                                    fnsettings.VALUE_MAX)
+    protocol.FUNCTION_SETTINGS.check(fnsettings.defaults(), "s")
+    with pytest.raises(FaasError):  # cpu 0.01 passed the old schema's own minimum
+        protocol.FUNCTION_SETTINGS.check({**fnsettings.defaults(), "cpu": 0.01}, "s")
+
+
+def test_the_set_op_names_every_key():
+    from common import protocol
+    doc = " ".join(protocol.SET.doc.split())
+    assert fnsettings.keys_text() in doc and protocol.SET.epilog == fnsettings.cli_help()
