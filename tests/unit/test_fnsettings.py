@@ -177,3 +177,31 @@ def test_the_set_op_names_every_key():
     from common import protocol
     doc = " ".join(protocol.SET.doc.split())
     assert fnsettings.keys_text() in doc and protocol.SET.epilog == fnsettings.cli_help()
+
+
+def test_the_runner_takes_its_defaults_names_and_ranges_from_the_table():
+    """Every setting reaches the runner under its own name and default: serving
+    (runner/serve.py) or the container's config (runner/bundle.py), whose last check
+    refuses exactly what the table refuses."""
+    from dataclasses import fields
+
+    from runner.bundle import BundleError, FunctionSettings
+    from runner.serve import ServeSettings, settings_from
+    serve, bundle = ServeSettings(), FunctionSettings()
+    for s in fnsettings.FN_SETTINGS:
+        where = [o for o in (serve, bundle) if s.key in {f.name for f in fields(o)}]
+        assert where, f"{s.key}: read by neither runner/serve.py nor runner/bundle.py"
+        assert all(getattr(o, s.key) == s.default for o in where), s.key
+    for key in ("memory", "cpu", "pids"):
+        s = fnsettings.BY_KEY[key]
+        FunctionSettings(**{key: s.lo}).validate()
+        FunctionSettings(**{key: s.hi}).validate()
+        for bad in (s.lo - (1 if s.type is int else 0.01), s.hi + 1):
+            with pytest.raises(BundleError, match=key):
+                FunctionSettings(**{key: s.type(bad)}).validate()
+    values = fnsettings.apply({}, {"memory": "64M", "cpu": "0.5", "pids": "32",
+                                   "reuse": "true", "timeout": "3", "env.A": "b"})
+    limits = FunctionSettings.of(values)
+    assert (limits.memory, limits.cpu, limits.pids) == (64 << 20, 0.5, 32)
+    assert limits.env == {"A": "b", "FAAS_REUSE": "1"}
+    assert (settings_from(values).timeout, settings_from(values).memory) == (3.0, 64 << 20)
