@@ -205,3 +205,25 @@ def test_the_runner_takes_its_defaults_names_and_ranges_from_the_table():
     assert (limits.memory, limits.cpu, limits.pids) == (64 << 20, 0.5, 32)
     assert limits.env == {"A": "b", "FAAS_REUSE": "1"}
     assert (settings_from(values).timeout, settings_from(values).memory) == (3.0, 64 << 20)
+
+
+def test_the_openapi_settings_schema_agrees_with_the_table():
+    """docs/openapi.json's Settings (what GET and PATCH .../settings answer) has every
+    setting with the table's type and range, and its SettingsChanges names every key."""
+    from tests import openapi_check as oc
+    spec = oc.load()
+    schema = spec["components"]["schemas"]["Settings"]
+    props = schema["properties"]
+    assert list(props) == schema["required"] == [*fnsettings.BY_KEY, "env"]
+    kinds = {bool: "boolean", int: "integer", float: "number"}
+    for s in fnsettings.FN_SETTINGS:
+        p = props[s.key]
+        assert p["type"] == kinds[s.type], s.key
+        if s.type is not bool:
+            assert (p["minimum"], p["maximum"]) == (s.lo, s.hi), s.key
+    assert props["env"]["additionalProperties"]["maxLength"] == fnsettings.VALUE_MAX
+    oc.validate(spec, schema, fnsettings.defaults())
+    with pytest.raises(oc.SchemaError):
+        oc.validate(spec, schema, {**fnsettings.defaults(), "cpu": 0.01})
+    changes = " ".join(spec["components"]["schemas"]["SettingsChanges"]["description"].split())
+    assert fnsettings.keys_text() in changes
