@@ -24,7 +24,7 @@ from common.errors import Code, FaasError
 _SIZE = re.compile(r"([0-9]+)([KMG]i?B?|B)?", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 ENV_NAME_MAX = 128  # characters of an env.NAME's NAME
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,%d}" % (ENV_NAME_MAX - 1))
+ENV_NAME = re.compile(rf"[A-Za-z_][A-Za-z0-9_]{{0,{ENV_NAME_MAX - 1}}}")
 VALUE_MAX = 4096  # characters of a value as sent, and of an environment variable's value
 # The runner's own variables, and the dynamic loader's (LD_PRELOAD, LD_LIBRARY_PATH,
 # ...): a function's env may not change what code its image runs.
