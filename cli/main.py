@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import sys
+import textwrap
 import time
 from typing import Any
 
@@ -113,7 +114,12 @@ async def _logs(client: Client, ns: argparse.Namespace) -> None:
 
 
 def _add_op(sub: Any, op: protocol.Op) -> None:
-    cmd = sub.add_parser(op.command, help=op.doc, description=op.doc)
+    # An epilog (set's table of keys) keeps its lines; the description is filled here,
+    # as argparse would, since the raw formatter leaves both as written.
+    cmd = sub.add_parser(op.command, help=op.doc, epilog=op.epilog or None,
+                         description=textwrap.fill(op.doc, 79) if op.epilog else op.doc,
+                         formatter_class=argparse.RawDescriptionHelpFormatter if op.epilog
+                         else argparse.HelpFormatter)
     cmd.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                      help="print the raw result as JSON")
     for name, field in op.args.fields.items():

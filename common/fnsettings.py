@@ -1,14 +1,21 @@
-"""Per-function settings, declared once: name, parser, default, range, help.
+"""Per-function settings, declared once: name, type, parser, default, range, help.
 
 ``faasctl set NAME KEY=VALUE ...`` sends raw strings; the controller parses them here,
 stores the typed values, and the runner reads them with the same defaults. ``env.X=V``
 sets an environment variable of the function's containers (``env.X=`` removes it).
+
+Everything else is derived from :data:`FN_SETTINGS`: the runner's wire schema
+(``common.protocol.FUNCTION_SETTINGS``), the ``set`` op's help and ``faasctl set --help``
+(:func:`cli_help`), the table in docs/settings.md (:func:`markdown_table`, printed by
+``python -m common.fnsettings``) and the runner's defaults and bounds (``runner/serve.py``,
+``runner/bundle.py``).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -16,7 +23,9 @@ from common.errors import Code, FaasError
 
 _SIZE = re.compile(r"([0-9]+)([KMG]i?B?|B)?", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+ENV_NAME_MAX = 128  # characters of an env.NAME's NAME
+ENV_NAME = re.compile(rf"[A-Za-z_][A-Za-z0-9_]{{0,{ENV_NAME_MAX - 1}}}")
+VALUE_MAX = 4096  # characters of a value as sent, and of an environment variable's value
 # The runner's own variables, and the dynamic loader's (LD_PRELOAD, LD_LIBRARY_PATH,
 # ...): a function's env may not change what code its image runs.
 RESERVED_ENV = ("FAAS_", "LD_")
@@ -29,6 +38,14 @@ def _size(text: str) -> int:
     if not m:
         raise ValueError("must be a size such as 512M, 1G or 268435456")
     return int(m.group(1)) * _UNITS[(m.group(2) or "")[:1].lower()]
+
+
+def _size_text(n: int) -> str:
+    """A size as :func:`_size` reads it, in the largest unit that divides it."""
+    for unit in "GMK":
+        if n and n % _UNITS[unit.lower()] == 0:
+            return f"{n // _UNITS[unit.lower()]}{unit}"
+    return str(n)
 
 
 def _bool(text: str) -> bool:
@@ -60,9 +77,11 @@ def per_client_limit(per_client: int, concurrency: int) -> int:
 
 @dataclass(frozen=True)
 class FnSetting:
-    """One per-function setting."""
+    """One per-function setting: ``type`` is what :meth:`value` returns (int, float or
+    bool), ``lo`` and ``hi`` its range (none for a bool)."""
 
     key: str
+    type: type
     parse: Callable[[str], Any]
     default: Any
     lo: float
@@ -75,23 +94,40 @@ class FnSetting:
             raise ValueError(f"must be between {self.lo:g} and {self.hi:g}")
         return v
 
+    def show(self, value: Any) -> str:
+        """A value as ``faasctl set`` takes it: a size in K/M/G, a bool as true/false."""
+        if self.type is bool:
+            return "true" if value else "false"
+        if self.parse is _size:
+            return _size_text(value)
+        return f"{value:g}"
+
+    def range(self, dash: str = " – ") -> str:
+        """``lo – hi`` as :meth:`show` writes values; empty for a bool."""
+        return "" if self.type is bool else f"{self.show(self.lo)}{dash}{self.show(self.hi)}"
+
 
 FN_SETTINGS: tuple[FnSetting, ...] = (
-    FnSetting("memory", _size, 512 << 20, 16 << 20, 64 << 30, "memory limit of a container"),
-    FnSetting("cpu", float, 1.0, 0.05, 64, "CPUs a container may use"),
-    FnSetting("pids", int, 128, 8, 32768, "processes and threads a container may have"),
-    FnSetting("timeout", float, 30.0, 0.1, 3600, "seconds a connection may take"),
-    FnSetting("concurrency", int, 16, 1, 4096, "connections served at once"),
-    FnSetting("queue", int, 64, 0, 65536, "connections that may wait for a slot; past it: 503"),
-    FnSetting("min_warm", int, 0, 0, 256, "containers kept started and waiting"),
-    FnSetting("reuse", _bool, False, 0, 1, "a container that answers done gets the next one"),
-    FnSetting("idle_timeout", float, 60.0, 1, 86400, "seconds an idle reused container lives"),
-    FnSetting("first_byte_timeout", float, 5.0, 0, 3600, "seconds a new connection may take "
-              "to send its first byte, holding no slot meanwhile; 0: hand over at once "
-              "(protocols where the server speaks first)"),
-    FnSetting("per_client", _per_client, 0, 0, PER_CLIENT_OFF, "connections one client "
+    FnSetting("memory", int, _size, 512 << 20, 16 << 20, 64 << 30,
+              "memory limit of a container"),
+    FnSetting("cpu", float, float, 1.0, 0.05, 64, "CPUs a container may use"),
+    FnSetting("pids", int, int, 128, 8, 32768, "processes and threads a container may have"),
+    FnSetting("timeout", float, float, 30.0, 0.1, 3600, "seconds a connection may take"),
+    FnSetting("concurrency", int, int, 16, 1, 4096, "connections served at once"),
+    FnSetting("queue", int, int, 64, 0, 65536,
+              "connections that may wait for a slot; past it: 503"),
+    FnSetting("min_warm", int, int, 0, 0, 256, "containers kept started and waiting"),
+    FnSetting("reuse", bool, _bool, False, 0, 1,
+              "a container that answers done gets the next one"),
+    FnSetting("idle_timeout", float, float, 60.0, 1, 86400,
+              "seconds an idle reused container lives"),
+    FnSetting("first_byte_timeout", float, float, 5.0, 0, 3600, "seconds a new connection "
+              "may take to send its first byte, holding no slot meanwhile (then it is "
+              "closed, unanswered); 0: hand over at accept (protocols where the server "
+              "speaks first)"),
+    FnSetting("per_client", int, _per_client, 0, 0, PER_CLIENT_OFF, "connections one client "
               "address may hold (waiting, queued, served); past it: 503. 0 or auto: half "
-              "of concurrency, at least 1; off (65536): no cap"),
+              f"of concurrency, at least 1; off (stored as {PER_CLIENT_OFF}): no cap"),
 )
 BY_KEY = {s.key: s for s in FN_SETTINGS}
 
@@ -191,3 +227,39 @@ def check_values(values: Mapping[str, Any], maxima: Mapping[str, float], where: 
         if name.startswith(RESERVED_ENV):
             raise FaasError(Code.FORBIDDEN, f"{where}.env: {name} is reserved (FAAS_* is "
                             "faasd's, LD_* the dynamic loader's)", {"field": f"{where}.env"})
+
+
+# --- help and docs, derived from the table ---------------------------------------------
+
+ENV_HELP = (f"an environment variable of the containers (at most {MAX_ENV}; NAME: letters, "
+            "digits, _, not starting with FAAS_ or LD_); env.NAME= removes it")
+
+
+def keys_text() -> str:
+    """Every key ``set`` takes, for one-line help: ``memory, cpu, ..., env.NAME``."""
+    return ", ".join([*BY_KEY, "env.NAME"])
+
+
+def cli_help(width: int = 79) -> str:
+    """The keys with default, range and help, one entry each, for ``faasctl set --help``."""
+    lines = ["settings (KEY  default (range): what it is):"]
+    entries = [(s.key, s.show(s.default) + (f" ({s.range('..')})" if s.range() else "")
+                + f": {s.help}") for s in FN_SETTINGS]
+    for key, text in [*entries, ("env.NAME", ENV_HELP)]:
+        lines += textwrap.wrap(text, width, initial_indent=f"  {key:<20}",
+                               subsequent_indent=" " * 22)
+    return "\n".join(lines)
+
+
+def markdown_table() -> str:
+    """The per-function table of docs/settings.md (``python -m common.fnsettings``)."""
+    rows = ["| key | default | range | what it is |", "|---|---|---|---|"]
+    for s in FN_SETTINGS:
+        rows.append(f"| `{s.key}` | `{s.show(s.default)}` | {s.range()} | {s.help} |"
+                    .replace("|  |", "| |"))
+    rows.append(f"| `env.NAME` | | | {ENV_HELP} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")

@@ -20,6 +20,7 @@ from typing import Any
 
 import msgpack
 
+from common import fnsettings
 from common.errors import Code, FaasError
 from common.schema import Bool, Bytes, Field, Float, Int, IPv6, List, MapOf, Record, Str, WgKey
 
@@ -61,6 +62,7 @@ class Op:
     group: str = ""  # faasctl GROUP COMMAND: op "vpn_add" is `faasctl vpn add`
     # The least HTTP API token role that may call it (see ROLES); operators may call all.
     role: str = "admin"
+    epilog: str = ""  # shown as written after the arguments in `faasctl CMD --help`
 
     @property
     def command(self) -> str:
@@ -161,17 +163,16 @@ REMOVE = Op("rm", "Remove function NAME and every version; frees images no versi
 
 SET = Op(
     "set",
-    "Change settings of function NAME: KEY=VALUE ... (memory, cpu, pids, timeout, "
-    "concurrency, queue, min_warm, reuse, idle_timeout, first_byte_timeout, per_client, "
-    "env.NAME; env.NAME= removes). "
-    "Connections in flight are not dropped.",
+    f"Change settings of function NAME: KEY=VALUE ... ({fnsettings.keys_text()}; env.NAME= "
+    "removes). Connections in flight are not dropped.",
     Record(fields={
         "name": FunctionName(),
         "settings": MapOf(key=Str(max_len=140, pattern=r"(env\.)?[A-Za-z_][A-Za-z0-9_]*"),
-                          value=Str(max_len=4096), max_items=64, help="KEY=VALUE pairs"),
+                          value=Str(max_len=fnsettings.VALUE_MAX), max_items=64,
+                          help="KEY=VALUE pairs"),
     }),
     cli=True,
-    positional=("name", "settings"), role="deploy")
+    positional=("name", "settings"), role="deploy", epilog=fnsettings.cli_help())
 
 LOGS = Op(
     "logs",
@@ -244,12 +245,23 @@ WG_INFO = Op("wg_info", "The WireGuard interface's name, public key, listen port
 PEERS = Op("peers", "Every peer on the interface: key, allowed ips, endpoint, last "
            "handshake, bytes in and out.", timeout=5.0)
 
+
+def _setting_field(s: fnsettings.FnSetting) -> Field:
+    """The wire type of one per-function setting, with the table's range. The top of a
+    setting a host maximum caps is left to the runner's check (runner/bounds.py), so a
+    value above root's maximum is refused as forbidden, not as a malformed request."""
+    if s.type is bool:
+        return Bool(help=s.help)
+    capped = s.key in fnsettings.HOST_MAXIMA
+    if s.type is int:
+        return Int(min=int(s.lo), **({} if capped else {"max": int(s.hi)}), help=s.help)
+    return Float(min=s.lo, **({} if capped else {"max": s.hi}), help=s.help)
+
+
 FUNCTION_SETTINGS = Record(fields={
-    "memory": Int(min=1), "cpu": Float(min=0.01), "pids": Int(min=1),
-    "timeout": Float(min=0.01), "concurrency": Int(min=1), "queue": Int(),
-    "min_warm": Int(), "reuse": Bool(), "idle_timeout": Float(min=0.01),
-    "first_byte_timeout": Float(max=3600), "per_client": Int(max=65536),
-    "env": MapOf(key=Str(max_len=128), value=Str(max_len=4096), max_items=128),
+    **{s.key: _setting_field(s) for s in fnsettings.FN_SETTINGS},
+    "env": MapOf(key=Str(max_len=fnsettings.ENV_NAME_MAX),
+                 value=Str(max_len=fnsettings.VALUE_MAX), max_items=fnsettings.MAX_ENV),
 })
 # No image config (command, user, env, workdir): the runner takes those from its own
 # record of the image it extracted, so a sync cannot choose what a container runs or as

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.fnsettings import BY_KEY
 from runner import seccomp
 
 MiB = 1 << 20
@@ -54,30 +55,43 @@ class BundleError(Exception):
 
 @dataclass(frozen=True)
 class FunctionSettings:
-    """The per-function limits and environment of its containers."""
+    """The per-function limits and environment of its containers: ``memory``, ``cpu`` and
+    ``pids`` are the settings of common/fnsettings.py by their names, with their defaults
+    and ranges; ``nofile`` and ``tmp_bytes`` are faasd's own, the same for every function."""
 
-    memory_bytes: int = 512 * MiB
-    cpus: float = 1.0
-    pids: int = 128
+    memory: int = BY_KEY["memory"].default
+    cpu: float = BY_KEY["cpu"].default
+    pids: int = BY_KEY["pids"].default
     nofile: int = 1024
     tmp_bytes: int = 64 * MiB
     env: Mapping[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, settings: Mapping[str, Any]) -> FunctionSettings:
+        """The container's share of a function's settings as synced (typed by the wire
+        schema, bounded by runner/bounds.py)."""
+        return cls(memory=settings["memory"], cpu=settings["cpu"], pids=settings["pids"],
+                   # The handler protocol's hint: answering "done" is worth it (the SDK
+                   # reads it; any handler may).
+                   env={**settings["env"], "FAAS_REUSE": "1" if settings["reuse"] else "0"})
+
     def validate(self) -> None:
-        """Raise :class:`BundleError` naming the first bad value."""
+        """Raise :class:`BundleError` naming the first bad value: the last check before a
+        value reaches the kernel, with the table's ranges (the runner already refused a
+        sync outside them)."""
         checks = (
-            ("memory_bytes", self.memory_bytes, 8 * MiB, 1 << 50),
-            ("pids", self.pids, 1, 1 << 22),
-            ("nofile", self.nofile, 16, 1 << 20),  # 1 << 20 is the kernel's default nr_open
-            ("tmp_bytes", self.tmp_bytes, 64 * 1024, 1 << 50),
+            *((k, getattr(self, k), BY_KEY[k].type, BY_KEY[k].lo, BY_KEY[k].hi)
+              for k in ("memory", "cpu", "pids")),
+            ("nofile", self.nofile, int, 16, 1 << 20),  # 1 << 20: the kernel's nr_open
+            ("tmp_bytes", self.tmp_bytes, int, 64 * 1024, 1 << 50),
         )
-        for name, value, low, high in checks:
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise BundleError(f"{name} must be an integer in [{low}, {high}], not {value!r}")
-        # The CFS quota must be at least 1 ms per period: 0.01 CPU.
-        if isinstance(self.cpus, bool) or not isinstance(self.cpus, (int, float)) or \
-                not 0.01 <= self.cpus <= 1024:
-            raise BundleError(f"cpus must be a number in [0.01, 1024], not {self.cpus!r}")
+        for name, value, kind, low, high in checks:
+            # The CFS quota needs at least 1 ms per period (0.01 CPU): the table's minimum
+            # is above it. An int is a number of CPUs too; a bool is neither.
+            ok = (int, float) if kind is float else int
+            if isinstance(value, bool) or not isinstance(value, ok) or not low <= value <= high:
+                raise BundleError(f"{name} must be {'an integer' if kind is int else 'a number'}"
+                                  f" in [{low}, {high}], not {value!r}")
         check_env(self.env)
 
 
@@ -210,8 +224,8 @@ def resources(settings: FunctionSettings) -> dict[str, Any]:
     return {
         "devices": [{"allow": False, "access": "rwm"}],
         # swap is memory+swap: equal to the limit means the container never swaps.
-        "memory": {"limit": settings.memory_bytes, "swap": settings.memory_bytes},
-        "cpu": {"quota": max(1000, round(settings.cpus * CPU_PERIOD_US)),
+        "memory": {"limit": settings.memory, "swap": settings.memory},
+        "cpu": {"quota": max(1000, round(settings.cpu * CPU_PERIOD_US)),
                 "period": CPU_PERIOD_US},
         "pids": {"limit": settings.pids},
     }

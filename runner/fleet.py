@@ -111,11 +111,7 @@ class Fleet:
 
     def _factory(self, spec: dict[str, Any], owner: object) -> Callable[[], Container]:
         rootfs = os.path.join(self.images, spec["digest"].removeprefix("sha256:"), "rootfs")
-        s = spec["settings"]
-        limits = FunctionSettings(memory_bytes=s["memory"], cpus=s["cpu"], pids=s["pids"],
-                                  # The handler protocol's hint: answering "done" is
-                                  # worth it (the SDK reads it; any handler may).
-                                  env={**s["env"], "FAAS_REUSE": "1" if s["reuse"] else "0"})
+        limits = FunctionSettings.of(spec["settings"])
         name = spec["name"]
 
         def make_config(container_id: str, control_socket: str) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from common.fnsettings import per_client_limit
+from common.fnsettings import BY_KEY, per_client_limit
 from common.log import EventLog, request_id
 from common.protocol import new_id
 from runner.budget import MemoryBudget
@@ -55,17 +55,18 @@ PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT  # an accepted socket is blocking (
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """How the runner serves a function (the container's own limits live in its config)."""
+    """How the runner serves a function (the container's own limits live in its config):
+    the serving settings of common/fnsettings.py, by their names, with their defaults."""
 
-    timeout: float = 30.0
-    concurrency: int = 16
-    queue: int = 64
-    min_warm: int = 0
-    reuse: bool = False
-    idle_timeout: float = 60.0
-    first_byte_timeout: float = 5.0
-    per_client: int = 0  # 0: auto (common.fnsettings.per_client_limit)
-    memory: int = 512 << 20  # a container's limit, counted against the host's budget
+    timeout: float = BY_KEY["timeout"].default
+    concurrency: int = BY_KEY["concurrency"].default
+    queue: int = BY_KEY["queue"].default
+    min_warm: int = BY_KEY["min_warm"].default
+    reuse: bool = BY_KEY["reuse"].default
+    idle_timeout: float = BY_KEY["idle_timeout"].default
+    first_byte_timeout: float = BY_KEY["first_byte_timeout"].default
+    per_client: int = BY_KEY["per_client"].default  # 0: auto (fnsettings.per_client_limit)
+    memory: int = BY_KEY["memory"].default  # a container's limit, counted against the budget
 
 
 @dataclass

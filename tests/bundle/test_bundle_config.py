@@ -102,7 +102,7 @@ def test_resources_and_cgroup(tmp_path: Path) -> None:
 
 
 def test_settings_change_limits(tmp_path: Path) -> None:
-    settings = FunctionSettings(memory_bytes=128 * MiB, cpus=1.5, pids=32, nofile=4096,
+    settings = FunctionSettings(memory=128 * MiB, cpu=1.5, pids=32, nofile=4096,
                                 tmp_bytes=8 * MiB, env={"GREETING": "hi"})
     cfg = config(tmp_path, settings=settings, cgroup_parent="/other")
     res = cfg["linux"]["resources"]
@@ -169,8 +169,8 @@ def test_relative_rootfs_is_refused() -> None:
 
 
 @pytest.mark.parametrize("settings", [
-    {"memory_bytes": 1 * MiB}, {"memory_bytes": 1.5}, {"cpus": 0}, {"cpus": True},
-    {"cpus": 0.001}, {"pids": 0}, {"nofile": 1}, {"tmp_bytes": -1}, {"pids": True},
+    {"memory": 1 * MiB}, {"memory": 1.5}, {"cpu": 0}, {"cpu": True},
+    {"cpu": 0.001}, {"pids": 0}, {"nofile": 1}, {"tmp_bytes": -1}, {"pids": True},
 ])
 def test_bad_settings_are_refused(tmp_path: Path, settings: dict[str, Any]) -> None:
     with pytest.raises(BundleError):

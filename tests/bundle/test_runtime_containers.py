@@ -133,7 +133,7 @@ def test_pids_limit(containers: Containers) -> None:
 
 
 def test_memory_limit(containers: Containers) -> None:
-    small = FunctionSettings(memory_bytes=32 * MiB)
+    small = FunctionSettings(memory=32 * MiB)
     assert containers.run("alloc", "8", settings=small).json == {"allocated": 8}
     over = containers.run("alloc", "64", settings=small)
     assert over.returncode == 128 + 9, over  # killed by the OOM killer, not swapped
@@ -172,7 +172,7 @@ def _limits(pid: int) -> dict[str, str]:
 
 
 def test_cgroup_limits_and_create_start_delete(containers: Containers, scratch: Path) -> None:
-    settings = FunctionSettings(memory_bytes=64 * MiB, cpus=0.5, pids=32)
+    settings = FunctionSettings(memory=64 * MiB, cpu=0.5, pids=32)
     cid = containers.prepare("checks", settings=settings)
     runtime = containers.runtime
     with containers.control_socket(cid), open(scratch / f"{cid}.out", "w+b") as out:

@@ -242,3 +242,12 @@ def test_an_images_command_is_shown_with_its_controls_escaped():
     text = out.getvalue()
     assert not any(c in text for c in "\x1b\x07\r\x9b"), repr(text)
     assert "\\x1b]0;pwned\\x07\\x1b[2J\\x0d\\x9b31m" in text
+
+
+def test_set_help_lists_every_setting_from_the_table():
+    from common import fnsettings
+    out = subprocess.run([BIN / "faasctl", "set", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    assert fnsettings.cli_help() in out.stdout
+    for s in fnsettings.FN_SETTINGS:
+        assert f"\n  {s.key} " in out.stdout

@@ -111,3 +111,119 @@ def test_admission_settings_parse_and_per_client_auto_and_off():
     assert fnsettings.per_client_limit(0, 16) == 8 and fnsettings.per_client_limit(0, 1) == 1
     assert fnsettings.per_client_limit(3, 16) == 3
     assert fnsettings.per_client_limit(fnsettings.PER_CLIENT_OFF, 16) == 0  # no cap
+
+
+def _section(doc: str, title: str) -> str:
+    start = doc.index(f"\n## {title}\n")
+    end = doc.find("\n## ", start + 1)
+    return doc[start:end if end != -1 else len(doc)]
+
+
+def test_the_doc_table_is_generated_from_the_table():
+    """docs/settings.md's per-function table is exactly markdown_table(), nothing more."""
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "settings.md").read_text()
+    rows = [line for line in _section(doc, "Per-function settings").splitlines()
+            if line.startswith("|")]
+    assert rows == fnsettings.markdown_table().splitlines(), \
+        "regenerate: python -m common.fnsettings"
+
+
+def test_every_setting_is_in_the_generated_docs_and_help():
+    table, help_text = fnsettings.markdown_table(), fnsettings.cli_help()
+    for s in fnsettings.FN_SETTINGS:
+        assert f"| `{s.key}` | `{s.show(s.default)}` | {s.range()} |".replace("|  |", "| |") \
+            in table
+        assert f"  {s.key} " in help_text and s.help.split()[0] in help_text
+    assert "| `env.NAME` |" in table and "  env.NAME " in help_text
+    assert "16M – 64G" in table and "0.05 – 64" in table and "8 – 32768" in table
+    assert "auto" in table and "off (stored as 65536)" in table
+
+
+def test_each_setting_parses_to_its_type_and_shows_as_it_parses():
+    for s in fnsettings.FN_SETTINGS:
+        assert type(s.default) is s.type
+        for value in (s.default, *(() if s.type is bool else (s.lo, s.hi))):
+            assert s.value(s.show(value)) == value, (s.key, value)
+
+
+def test_the_runner_schema_is_built_from_the_table():
+    """Types and ranges on the wire are the table's: the top of a host-capped setting is
+    the runner's check (forbidden above root's maximum), every other bound the schema's."""
+    from common import protocol
+    from common.schema import Bool, Float, Int, MapOf
+    fields = protocol.FUNCTION_SETTINGS.fields
+    assert list(fields) == [*fnsettings.BY_KEY, "env"]
+    kinds = {bool: Bool, int: Int, float: Float}
+    for s in fnsettings.FN_SETTINGS:
+        f = fields[s.key]
+        assert type(f) is kinds[s.type] and f.required, s.key
+        if s.type is not bool:
+            assert f.min == s.lo, s.key
+            if s.key in fnsettings.HOST_MAXIMA:
+                assert f.max > s.hi, s.key  # runner/bounds.py: forbidden above root's max
+            else:
+                assert f.max == s.hi, s.key
+    env = fields["env"]
+    assert isinstance(env, MapOf) and env.max_items == fnsettings.MAX_ENV
+    assert (env.key.max_len, env.value.max_len) == (fnsettings.ENV_NAME_MAX,
+                                                    fnsettings.VALUE_MAX)
+    protocol.FUNCTION_SETTINGS.check(fnsettings.defaults(), "s")
+    with pytest.raises(FaasError):  # cpu 0.01 passed the old schema's own minimum
+        protocol.FUNCTION_SETTINGS.check({**fnsettings.defaults(), "cpu": 0.01}, "s")
+
+
+def test_the_set_op_names_every_key():
+    from common import protocol
+    doc = " ".join(protocol.SET.doc.split())
+    assert fnsettings.keys_text() in doc and protocol.SET.epilog == fnsettings.cli_help()
+
+
+def test_the_runner_takes_its_defaults_names_and_ranges_from_the_table():
+    """Every setting reaches the runner under its own name and default: serving
+    (runner/serve.py) or the container's config (runner/bundle.py), whose last check
+    refuses exactly what the table refuses."""
+    from dataclasses import fields
+
+    from runner.bundle import BundleError, FunctionSettings
+    from runner.serve import ServeSettings, settings_from
+    serve, bundle = ServeSettings(), FunctionSettings()
+    for s in fnsettings.FN_SETTINGS:
+        where = [o for o in (serve, bundle) if s.key in {f.name for f in fields(o)}]
+        assert where, f"{s.key}: read by neither runner/serve.py nor runner/bundle.py"
+        assert all(getattr(o, s.key) == s.default for o in where), s.key
+    for key in ("memory", "cpu", "pids"):
+        s = fnsettings.BY_KEY[key]
+        FunctionSettings(**{key: s.lo}).validate()
+        FunctionSettings(**{key: s.hi}).validate()
+        for bad in (s.lo - (1 if s.type is int else 0.01), s.hi + 1):
+            with pytest.raises(BundleError, match=key):
+                FunctionSettings(**{key: s.type(bad)}).validate()
+    values = fnsettings.apply({}, {"memory": "64M", "cpu": "0.5", "pids": "32",
+                                   "reuse": "true", "timeout": "3", "env.A": "b"})
+    limits = FunctionSettings.of(values)
+    assert (limits.memory, limits.cpu, limits.pids) == (64 << 20, 0.5, 32)
+    assert limits.env == {"A": "b", "FAAS_REUSE": "1"}
+    assert (settings_from(values).timeout, settings_from(values).memory) == (3.0, 64 << 20)
+
+
+def test_the_openapi_settings_schema_agrees_with_the_table():
+    """docs/openapi.json's Settings (what GET and PATCH .../settings answer) has every
+    setting with the table's type and range, and its SettingsChanges names every key."""
+    from tests import openapi_check as oc
+    spec = oc.load()
+    schema = spec["components"]["schemas"]["Settings"]
+    props = schema["properties"]
+    assert list(props) == schema["required"] == [*fnsettings.BY_KEY, "env"]
+    kinds = {bool: "boolean", int: "integer", float: "number"}
+    for s in fnsettings.FN_SETTINGS:
+        p = props[s.key]
+        assert p["type"] == kinds[s.type], s.key
+        if s.type is not bool:
+            assert (p["minimum"], p["maximum"]) == (s.lo, s.hi), s.key
+    assert props["env"]["additionalProperties"]["maxLength"] == fnsettings.VALUE_MAX
+    oc.validate(spec, schema, fnsettings.defaults())
+    with pytest.raises(oc.SchemaError):
+        oc.validate(spec, schema, {**fnsettings.defaults(), "cpu": 0.01})
+    changes = " ".join(spec["components"]["schemas"]["SettingsChanges"]["description"].split())
+    assert fnsettings.keys_text() in changes
