@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_ROOT = "/var/lib/faasd"
 DEFAULT_RUN = "/run/faasd"
@@ -204,6 +205,16 @@ class Layout:
 def of(settings: object) -> Layout:
     """The layout of a Settings (anything with ``root`` and ``run``)."""
     return Layout(getattr(settings, "root"), getattr(settings, "run"))
+
+
+def dir_spec(attr: str) -> Dir:
+    """The row of :data:`DIRS` for a Layout property."""
+    return next(d for d in DIRS if d.attr == attr)
+
+
+def ids(d: Dir, owners: dict[str, Any]) -> tuple[int, int]:
+    """uid and gid of ``d`` given ``owners`` {"root": (uid, gid), "faas": (uid, gid)}."""
+    return int(owners[d.owner][0]), int(owners[d.group][1])
 
 
 def ensure_dir(path: str, owner: tuple[int, int], mode: int) -> None:

@@ -24,6 +24,7 @@ import pytest
 from cli import backup as bk
 from common.errors import EXIT_STATUS, Code, FaasError
 from common.settings import load, vpn_server
+from controller import backup as controller_part
 from controller.state import MIGRATIONS, State
 from dnsagent import zone
 
@@ -250,7 +251,7 @@ def test_snapshot_is_consistent_while_another_connection_writes(tmp_path):
     try:
         for i in range(25):
             copy = str(tmp_path / f"copy{i}.db")
-            bk.snapshot_db(path, copy)
+            controller_part.snapshot_db(path, copy)
             c = sqlite3.connect(copy)
             assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
             assert c.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
