@@ -3,7 +3,7 @@
 Each daemon, the launcher and backup ask this module for a path instead of spelling it,
 so moving a file is a change here (and in docs/design.md "On disk", which a test keeps
 in agreement with :data:`DIRS` and :data:`FILES`). Which daemon owns what is in the
-tables below; only the owner reads or writes a file's contents.
+tables below; only the owner writes a file (and only it reads one that is private).
 
 Paths only, no I/O except :func:`ensure_dir`, which makes a directory with the owner and
 mode :data:`DIRS` gives it (the launcher at ``faasd up``, restore before it writes).
