@@ -29,10 +29,10 @@ class Fleet:
     def __init__(self, root: str, run: str, runtime: Runtime, logs: FunctionLogs,
                  log: EventLog, image_config: Callable[[str], Mapping[str, Any] | None],
                  budget: MemoryBudget | None = None):
-        paths = Layout(root, run)
-        self.images = paths.images
-        self.bundles = paths.bundles
-        self.ctl = paths.ctl
+        self.paths = Layout(root, run)
+        self.images = self.paths.images
+        self.bundles = self.paths.bundles
+        self.ctl = self.paths.ctl
         self.runtime = runtime
         self.logs = logs
         self.log = log
@@ -112,7 +112,7 @@ class Fleet:
             self.logs.forget(name)
 
     def _factory(self, spec: dict[str, Any], owner: object) -> Callable[[], Container]:
-        rootfs = os.path.join(self.images, spec["digest"].removeprefix("sha256:"), "rootfs")
+        rootfs = self.paths.image_rootfs(spec["digest"])
         s = spec["settings"]
         limits = FunctionSettings(memory_bytes=s["memory"], cpus=s["cpu"], pids=s["pids"],
                                   # The handler protocol's hint: answering "done" is
