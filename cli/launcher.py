@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+from common import layout
 from common.daemon import owner_ids
 from common.paths import root_dir
 from common.proc import alive
@@ -33,26 +34,15 @@ def prepare(settings: Settings) -> None:
     or replacing the root daemons' sockets. Others may not enter at all.
     """
     uid, gid = owner_ids(settings)
-    for path, owner, group, mode in (
-        (settings.root, 0, 0, 0o755),
-        (os.path.join(settings.root, "logs"), 0, gid, 0o750),
-        (os.path.join(settings.root, "state"), uid, gid, 0o700),  # controller's SQLite
-        (os.path.join(settings.root, "spool"), uid, gid, 0o700),  # uploads in progress
-        (os.path.join(settings.root, "images"), 0, 0, 0o700),  # runner's rootfs cache
-        (os.path.join(settings.root, "dns"), uid, gid, 0o755),  # dnsagent's zone, named reads
-        (settings.run, 0, gid, 0o1770),
-    ):
-        os.makedirs(path, exist_ok=True)
-        st = os.lstat(path)
-        if os.path.islink(path):
-            raise SettingsError(f"{path} is a symlink; faasd wants a real directory there")
-        if (st.st_uid, st.st_gid) != (owner, group):
-            os.chown(path, owner, group)
-        os.chmod(path, mode)
-    # Under $FAAS_RUN, which the faas group may write: the runner's control sockets and
-    # the OCI runtimes' state, made by root before any unprivileged daemon runs.
-    for name in ("ctl", "runc", "crun"):
-        root_dir(os.path.join(settings.run, name), 0o700)
+    ids = {"root": 0, "faas": uid}
+    gids = {"root": 0, "faas": gid}
+    paths = layout.of(settings)
+    for d in layout.DIRS:
+        path = getattr(paths, d.attr)
+        if d.root_only:
+            root_dir(path, d.mode)  # never one an unprivileged daemon planted first
+        else:
+            layout.ensure_dir(path, (ids[d.owner], gids[d.group]), d.mode)
 
 
 def _env(settings: Settings, args: argparse.Namespace) -> dict[str, str]:
@@ -77,7 +67,7 @@ def _supervisor_bin(name: str, env: dict[str, str]) -> str:
 def down(settings: Settings, conf: str, env: dict[str, str], timeout: float = 60) -> int:
     """Shut supervisord down, wait until it has gone (its programs stop first), then
     remove the interface and chains, which netagent leaves in place across restarts."""
-    pidfile = os.path.join(settings.run, "supervisord.pid")
+    pidfile = layout.of(settings).supervisord_pid
     try:
         with open(pidfile, encoding="ascii") as f:
             pid = int(f.read().strip() or 0)

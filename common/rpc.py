@@ -30,6 +30,7 @@ import zmq
 import zmq.asyncio
 
 from common import protocol
+from common.layout import Layout
 from common.errors import Code, FaasError
 from common.log import EventLog, request_id
 
@@ -75,7 +76,7 @@ def context() -> zmq.asyncio.Context:
 
 def socket_path(run_dir: str, service: str) -> str:
     """Where a service's endpoint lives."""
-    return os.path.join(run_dir, f"{service}.sock")
+    return Layout(run=run_dir).socket(service)
 
 
 def child_id() -> str:
@@ -130,7 +131,7 @@ class Server:
         self.service = service
         self.handlers = dict(handlers)
         self.path = socket_path(run_dir, service)
-        self.lock_path = os.path.join(run_dir, f"{service}.lock")
+        self.lock_path = Layout(run=run_dir).lock(service)
         self.log = log
         self.access = access
         self.sock: zmq.asyncio.Socket | None = None

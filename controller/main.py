@@ -16,7 +16,7 @@ import os
 import time
 from typing import Any, TypeVar
 
-from common import protocol, rpc, wgconf
+from common import layout, protocol, rpc, wgconf
 from common.daemon import VERSION, Daemon, run_main
 from common.errors import Code, FaasError
 from common.fnsettings import host_maxima
@@ -43,10 +43,10 @@ class Controller(Daemon):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        root = self.settings.root
-        self.state = State(os.path.join(root, "state", "state.db"), self.settings.function_prefix,
+        paths = layout.of(self.settings)
+        self.state = State(paths.state_db, self.settings.function_prefix,
                            self.settings.vpn_prefix, host_maxima(self.settings))
-        self.uploads = Uploads(os.path.join(root, "spool"), self.settings.upload_max_bytes,
+        self.uploads = Uploads(paths.spool, self.settings.upload_max_bytes,
                                self.settings.upload_idle_seconds, self.settings.upload_min_rate,
                                self.settings.upload_rate_window, self.settings.upload_slots,
                                self.settings.upload_slots_per_user)
@@ -64,7 +64,7 @@ class Controller(Daemon):
         """Loopback TCP, the unix socket in $FAAS_RUN and, if asked, the VPN address."""
         _, gid = self.socket_owner()
         return Endpoints(
-            self.settings.http_listen, unix=os.path.join(self.settings.run, "http.sock"),
+            self.settings.http_listen, unix=layout.of(self.settings).http_sock,
             unix_gid=gid,
             vpn=str(vpn_server(self.settings.vpn_prefix).ip) if self.settings.http_listen_vpn
             else None)
@@ -277,7 +277,7 @@ class Controller(Daemon):
         earlier function of the same name whose file the runner has not deleted yet."""
         created = self.state.function(args["name"])["created"]
         since = created if args["since"] is None else max(args["since"], created)
-        path = os.path.join(self.settings.root, "logs", "functions", f"{args['name']}.log")
+        path = layout.of(self.settings).function_log(args["name"])
         offset = args["offset"] or 0
         try:
             with open(path, "rb") as f:

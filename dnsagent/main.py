@@ -27,7 +27,8 @@ from common.daemon import AgentDaemon, run_main
 from common.errors import Code, FaasError
 from common.settings import vpn_server
 from dnsagent import zone
-from dnsagent.named import Layout, commit, find_tool, stage, write_atomic
+from common.layout import Layout
+from dnsagent.named import commit, find_tool, stage, write_atomic
 
 CHECKZONE_TIMEOUT = 10.0
 RNDC_TIMEOUT = 3.0  # rndc's own default is a minute; a sync's deadline is 10 s
@@ -86,7 +87,7 @@ class DnsAgent(AgentDaemon):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.layout = Layout(self.settings.root)
+        self.layout = Layout(self.settings.root, self.settings.run)
         self.function_prefix = ipaddress.IPv6Network(self.settings.function_prefix)
         self.ns = vpn_server(self.settings.vpn_prefix).ip
         self.today: Callable[[], date] = utc_today  # tests move the clock

@@ -33,9 +33,9 @@ import secrets
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
 
 from common.daemon import owner_ids
+from common.layout import Layout
 from common.settings import EX_CONFIG, Settings, SettingsError, load, vpn_server
 from dnsagent import zone
 
@@ -51,45 +51,6 @@ MAX_CACHE = "64m"  # the forwarding cache; BIND's default is 90% of the machine'
 EX_NOPERM = 77
 # The faas user's PATH under supervisord may lack the sbin directories.
 TOOL_DIRS = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where one instance keeps its DNS files, all derived from ``$FAAS_ROOT``."""
-
-    root: str
-
-    @property
-    def dns_dir(self) -> str:
-        return os.path.join(self.root, "dns")
-
-    @property
-    def zone_file(self) -> str:
-        return os.path.join(self.dns_dir, "faas.db")
-
-    @property
-    def serial_file(self) -> str:
-        return os.path.join(self.dns_dir, "serial")
-
-    @property
-    def rndc_conf(self) -> str:
-        return os.path.join(self.dns_dir, "rndc.conf")
-
-    @property
-    def named_dir(self) -> str:
-        return os.path.join(self.root, "named")
-
-    @property
-    def named_conf(self) -> str:
-        return os.path.join(self.named_dir, "named.conf")
-
-    @property
-    def key_file(self) -> str:
-        return os.path.join(self.named_dir, "rndc.key")
-
-    @property
-    def work_dir(self) -> str:
-        return os.path.join(self.named_dir, "work")
 
 
 def find_tool(name: str) -> str | None:
@@ -183,7 +144,7 @@ def render_named_conf(settings: Settings, layout: Layout, rndc_port: int = RNDC_
     """named.conf for this instance: authoritative for faas., listening on the VPN
     server address only, forwarding to the upstreams for VPN clients, no transfers."""
     ns = vpn_server(settings.vpn_prefix).ip
-    work = layout.work_dir
+    work = layout.named_work
     options = [
         f"directory {_quoted(work)};",
         f"pid-file {_quoted(os.path.join(work, 'named.pid'))};",
@@ -219,7 +180,7 @@ def render_named_conf(settings: Settings, layout: Layout, rndc_port: int = RNDC_
         "// Rendered by faas-named from faasd's settings at every start; edits are lost.",
         "options {", *(f"\t{o}" for o in options), "};",
         "",
-        f"include {_quoted(layout.key_file)};",
+        f"include {_quoted(layout.rndc_key)};",
         (f"controls {{ inet {RNDC_HOST} port {int(rndc_port)} allow {{ {RNDC_HOST}; }} "
          f'keys {{ "{KEY_NAME}"; }}; }};'),
         "",
@@ -275,7 +236,7 @@ def prepare(settings: Settings, rndc_port: int = RNDC_PORT, bind_user: str = BIN
     Idempotent: run at every start, so a changed setting takes effect on restart and a
     damaged or missing file is rewritten.
     """
-    layout = Layout(settings.root)
+    layout = Layout(settings.root, settings.run)
     try:
         bind = pwd.getpwnam(bind_user)
     except KeyError:
@@ -284,13 +245,13 @@ def prepare(settings: Settings, rndc_port: int = RNDC_PORT, bind_user: str = BIN
     conf = render_named_conf(settings, layout, rndc_port).encode()
     _directory(layout.dns_dir, uid, gid, 0o755)  # as the launcher makes it
     _directory(layout.named_dir, 0, bind.pw_gid, 0o750)
-    _directory(layout.work_dir, bind.pw_uid, bind.pw_gid, 0o750)
-    secret = read_secret(layout.key_file)
+    _directory(layout.named_work, bind.pw_uid, bind.pw_gid, 0o750)
+    secret = read_secret(layout.rndc_key)
     if secret is None:
         secret = new_secret()
-        write_atomic(layout.key_file, render_key(secret).encode(), 0o640, (0, bind.pw_gid))
-    os.chown(layout.key_file, 0, bind.pw_gid)
-    os.chmod(layout.key_file, 0o640)
+        write_atomic(layout.rndc_key, render_key(secret).encode(), 0o640, (0, bind.pw_gid))
+    os.chown(layout.rndc_key, 0, bind.pw_gid)
+    os.chmod(layout.rndc_key, 0o640)
     write_atomic(layout.named_conf, conf, 0o640, (0, bind.pw_gid))
     # Into the faas user's directory: stage() opens a fresh O_EXCL name and commit()
     # renames over whatever sits at rndc.conf, so a planted symlink is never followed.

@@ -29,6 +29,7 @@ import os
 import sys
 from typing import Any
 
+from common import layout
 from common.daemon import AgentDaemon, run_main
 from common.errors import Code, FaasError
 from common.files import atomic_write
@@ -55,8 +56,8 @@ class NetAgent(AgentDaemon):
         self.function_prefix = ipaddress.IPv6Network(self.settings.function_prefix)
         self.vpn_prefix = ipaddress.IPv6Network(self.settings.vpn_prefix)
         self.server = vpn_server(self.vpn_prefix)
-        self.key_path = os.path.join(self.settings.root, "wireguard", "private.key")
-        self.endpoints_path = os.path.join(self.settings.root, "wireguard", "endpoints.json")
+        self.key_path = layout.of(self.settings).wg_private_key
+        self.endpoints_path = layout.of(self.settings).wg_endpoints
         self.endpoints = self.load_endpoints()
         self._lock = asyncio.Lock()
         # the last state converged to: the drift check holds the interface to it

@@ -12,6 +12,7 @@ import os
 import shutil
 from typing import Any, Callable, Mapping
 
+from common.layout import Layout
 from common.log import EventLog
 from common.paths import root_dir
 from runner.budget import MemoryBudget
@@ -28,9 +29,10 @@ class Fleet:
     def __init__(self, root: str, run: str, runtime: Runtime, logs: FunctionLogs,
                  log: EventLog, image_config: Callable[[str], Mapping[str, Any] | None],
                  budget: MemoryBudget | None = None):
-        self.images = os.path.join(root, "images")
-        self.bundles = os.path.join(root, "bundles")
-        self.ctl = os.path.join(run, "ctl")
+        self.paths = Layout(root, run)
+        self.images = self.paths.images
+        self.bundles = self.paths.bundles
+        self.ctl = self.paths.ctl
         self.runtime = runtime
         self.logs = logs
         self.log = log
@@ -110,7 +112,7 @@ class Fleet:
             self.logs.forget(name)
 
     def _factory(self, spec: dict[str, Any], owner: object) -> Callable[[], Container]:
-        rootfs = os.path.join(self.images, spec["digest"].removeprefix("sha256:"), "rootfs")
+        rootfs = self.paths.image_rootfs(spec["digest"])
         limits = FunctionSettings.of(spec["settings"])
         name = spec["name"]
 

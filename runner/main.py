@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
-import os
 from typing import Any
 
-from common import fnsettings
+from common import fnsettings, layout
 from common.daemon import AgentDaemon, owner_ids, run_main
 from common.proc import adopt_orphans
 from common.settings import SettingsError
@@ -38,14 +37,14 @@ class Runner(AgentDaemon):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         uid, gid = owner_ids(self.settings)
-        root, run = self.settings.root, self.settings.run
+        root = self.settings.root
         self.store = ImageStore(root, uid, dataclasses.replace(
             DEFAULT_LIMITS, image_max_bytes=self.settings.image_max_bytes,
             expand_ratio=self.settings.image_expand_ratio,
             store_max_bytes=self.settings.image_store_max_bytes,
             min_free_bytes=self.settings.min_free_bytes))
         self.runtime = Runtime(self.settings.runtime,
-                               os.path.join(run, os.path.basename(self.settings.runtime)))
+                               layout.of(self.settings).runtime_state(self.settings.runtime))
         try:
             self.runtime.check()
         except RuntimeUnavailable as exc:
@@ -69,7 +68,7 @@ class Runner(AgentDaemon):
         # Containers are started detached: their init processes become our children
         # (runner/container.py), to be reaped here and not by pid 1.
         adopt_orphans()
-        logs = FunctionLogs(os.path.join(self.settings.root, "logs", "functions"), self._gid)
+        logs = FunctionLogs(layout.of(self.settings).function_logs, self._gid)
         self.fleet = Fleet(self.settings.root, self.settings.run, self.runtime, logs, self.log,
                            self.store.config_of, self.budget)
         removed = await self.remove_leftover_containers()

@@ -26,6 +26,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
+from common.layout import DEFAULT_RUN, Layout
 from common.paths import root_dir
 from common.settings import SettingsError
 
@@ -119,8 +120,8 @@ class Runtime:
                  timeout: float = DEFAULT_TIMEOUT):
         self.binary = binary
         self.name = os.path.basename(binary)
-        run_dir = os.environ.get("FAAS_RUN", "/run/faasd")
-        self.root = root or os.path.join(run_dir, self.name)
+        run_dir = os.environ.get("FAAS_RUN", DEFAULT_RUN)
+        self.root = root or Layout(run=run_dir).runtime_state(self.name)
         self.timeout = timeout
         self.hide_unified = self.name == "crun" and crun_refuses_host()
         # Whether a caller that keeps containers running should start them detached.

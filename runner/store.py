@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.errors import Code, FaasError
+from common.layout import Layout
 from runner.images.errors import ImageError
 from runner.images.extract import DEFAULT_LIMITS, cleanup_staging, extract, remove_image
 from runner.images.limits import Limits
@@ -49,8 +50,8 @@ class ImageStore:
     """Images under ``root/images``; uploads taken from ``root/spool``."""
 
     def __init__(self, root: str, spool_uid: int, limits: Limits = DEFAULT_LIMITS):
-        self.images = os.path.join(root, "images")
-        self.spool = os.path.join(root, "spool")
+        self.images = Layout(root).images
+        self.spool = Layout(root).spool
         self.incoming = os.path.join(self.images, INCOMING)
         self.spool_uid = spool_uid
         self.limits = limits  # its store_used_bytes is filled in per extraction

@@ -231,14 +231,14 @@ def test_prepare_owners_modes_and_a_key_made_once():
     try:
         settings = load(settings_for(root))
         layout = named.prepare(settings)
-        secret = named.read_secret(layout.key_file)
+        secret = named.read_secret(layout.rndc_key)
         assert secret and secret in Path(layout.rndc_conf).read_text()
         bind, faas = pwd.getpwnam("bind"), pwd.getpwnam("faas")
         expect = {
             layout.named_dir: (0, bind.pw_gid, 0o750),
-            layout.work_dir: (bind.pw_uid, bind.pw_gid, 0o750),
+            layout.named_work: (bind.pw_uid, bind.pw_gid, 0o750),
             layout.named_conf: (0, bind.pw_gid, 0o640),
-            layout.key_file: (0, bind.pw_gid, 0o640),
+            layout.rndc_key: (0, bind.pw_gid, 0o640),
             layout.rndc_conf: (faas.pw_uid, None, 0o600),
             layout.dns_dir: (faas.pw_uid, None, 0o755),
         }
@@ -247,7 +247,7 @@ def test_prepare_owners_modes_and_a_key_made_once():
             assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (uid, mode), path
             assert gid is None or st.st_gid == gid, path
         named.prepare(settings)  # a restart keeps the key
-        assert named.read_secret(layout.key_file) == secret
+        assert named.read_secret(layout.rndc_key) == secret
     finally:
         shutil.rmtree(root)
 

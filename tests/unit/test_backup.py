@@ -21,9 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from cli import archive as ar
 from cli import backup as bk
+from common import parts
 from common.errors import EXIT_STATUS, Code, FaasError
 from common.settings import load, vpn_server
+from controller import backup as controller_part
 from controller.state import MIGRATIONS, State
 from dnsagent import zone
 
@@ -250,7 +253,7 @@ def test_snapshot_is_consistent_while_another_connection_writes(tmp_path):
     try:
         for i in range(25):
             copy = str(tmp_path / f"copy{i}.db")
-            bk.snapshot_db(path, copy)
+            controller_part.snapshot_db(path, copy)
             c = sqlite3.connect(copy)
             assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
             assert c.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
@@ -332,6 +335,49 @@ def test_force_replaces_state_removes_its_wal_and_keeps_the_newer_serial(host, a
 def test_an_empty_state_needs_no_force(archive, fresh):
     State(os.path.join(fresh.root, "state", "state.db"), fresh.function_prefix).close()
     restore(archive, fresh)
+
+
+def test_an_archive_assembled_by_hand_to_format_1_restores(tmp_path, fresh):
+    """Users keep their archives: one put together member by member as docs/backup.md
+    describes format 1, not by this faasd's backup, restores."""
+    src = tmp_path / "hand"
+    src.mkdir()
+    state = State(str(src / "state.db"), fresh.function_prefix, fresh.vpn_prefix)
+    state.add_version("gamma", DIGEST_A, CONFIG, 10)
+    state.close()
+    db = sqlite3.connect(src / "state.db")
+    db.execute("PRAGMA journal_mode=DELETE")
+    db.close()
+    key = wg_key() + "\n"
+    files = {"wireguard/private.key": key.encode(), "state.db": (src / "state.db").read_bytes()}
+    manifest = {
+        "format": 1, "faasd_version": "0.1.0", "created": 0.0,
+        "created_utc": "2024-05-02T10:00:00Z", "hostname": "old-host",
+        "schema": len(MIGRATIONS), "server_public_key": None,
+        "settings": {"function_prefix": fresh.function_prefix, "vpn_prefix": fresh.vpn_prefix,
+                     "wg_interface": fresh.wg_interface, "wg_port": 51820},
+        "functions": [], "peers": [], "images": [],
+        "files": {n: {"size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
+                  for n, d in files.items()}}
+    path = write_tar(tmp_path / "hand.tar.gz",
+                     [regular("manifest.json", json.dumps(manifest).encode()),
+                      *(regular(n, d) for n, d in files.items())])
+    out = restore(path, fresh)
+    assert "from the backup of old-host" in out and DIGEST_A in out
+    assert "faasctl new gamma -f IMAGE.tar" in out
+    assert (Path(fresh.root) / "wireguard" / "private.key").read_text() == key
+
+
+def test_the_private_key_never_crosses_the_part_boundary(host, tmp_path):
+    """netagent's part hands the key over as a file in faasctl's private directory;
+    its answer on stdout holds the public half only."""
+    work = tmp_path / "work"
+    work.mkdir(mode=0o700)
+    got = parts.call("netagent", "export", host.settings, work=str(work),
+                     members=ar.caps_of("netagent"))
+    assert host.key.strip() not in json.dumps(got)
+    assert (work / "private.key").read_text() == host.key
+    assert set(got["files"]) == {"wireguard/private.key", "wireguard/endpoints.json"}
 
 
 # --- restore: refusing while the platform runs --------------------------------------------
