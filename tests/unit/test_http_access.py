@@ -28,9 +28,10 @@ import pytest
 from common import protocol
 from common.errors import Code, FaasError
 from common.log import EventLog
-from controller import access, http
+from controller import access, http, routes
 from controller.access import Caller, Operators
-from controller.http import ROUTES, Endpoints, HttpApi, Storm, Tokens
+from controller.http import Endpoints, HttpApi, Storm, Tokens
+from controller.routes import ROUTES
 from tests import openapi_check as oc
 from tests.unit.test_http_api import GOOD, FakeController, handlers_of, metrics_of, with_metrics
 
@@ -153,7 +154,7 @@ def req(api: HttpApi, method: str, path: str, body: bytes | None = None,
         headers: dict[str, str] | None = None, *, host: str = "127.0.0.1",
         unix: bool = False, token: str | None = None) -> dict[str, Any]:
     hdrs = {"Host": f"{host if ':' not in host else f'[{host}]'}:{api.port}"}
-    if method in http.CHANGING and path != "/api/new":
+    if method in routes.CHANGING and path != "/api/new":
         hdrs["Content-Type"] = "application/json"
     if token is not None:
         hdrs["Authorization"] = f"Bearer {token}"

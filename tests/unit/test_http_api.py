@@ -28,10 +28,11 @@ import pytest
 from common import fnsettings, protocol, rpc
 from common.errors import Code, FaasError
 from common.log import EventLog
-from controller import http
+from controller import routes
 from controller.health import AgentHealth
 from controller.access import Operators
-from controller.http import MAX_HEADER, MAX_JSON, METRICS_TYPE, ROUTES, Endpoints, HttpApi
+from controller.http import MAX_HEADER, METRICS_TYPE, Endpoints, HttpApi
+from controller.routes import MAX_JSON, ROUTES
 from controller.main import Controller
 from tests import openapi_check as oc
 
@@ -347,7 +348,7 @@ def exchange(api: HttpApi, raw: bytes, timeout: float = 10, head: bool = False) 
 def request(api: HttpApi, method: str, path: str, body: bytes | None = None,
             headers: dict[str, str] | None = None, chunked: bool = False) -> Reply:
     head = {"Host": f"127.0.0.1:{api.port}", "Connection": "close", **(headers or {})}
-    if method in http.CHANGING and path != "/api/new":
+    if method in routes.CHANGING and path != "/api/new":
         head.setdefault("Content-Type", "application/json")
     payload = b""
     if chunked:
@@ -770,14 +771,14 @@ def test_documented_inputs_are_the_op_arguments():
         assert all(p["in"] == "header" for p in params if p["in"] not in ("path", "query"))
         assert bool([p for p in params if p["in"] == "query"]) == route.query
         body = documented.get("requestBody")
-        assert (body is not None) == (route.body != http.NO_BODY), route.path
+        assert (body is not None) == (route.body != routes.NO_BODY), route.path
         if route.path == "/api/new":
             headers = {p["name"] for p in params if p["in"] == "header"}
             assert headers == {"X-Image-Name", "X-Image-Tag"}
             names |= {"name", "tag"}
         elif body is not None:
             schema = oc.resolve(SPEC, body["content"]["application/json"]["schema"])
-            assert body["required"] == (route.body == http.JSON_BODY)
+            assert body["required"] == (route.body == routes.JSON_BODY)
             if route.body_field:
                 names.add(route.body_field)
             else:
@@ -812,12 +813,12 @@ def test_error_codes_and_statuses_are_documented():
     rows = re.findall(r"^\| (`[a-z_]+`(?:, `[a-z_]+`)*) \| (\d{3}) \|$", table, re.MULTILINE)
     in_doc = {code: int(status) for codes, status in rows for code in re.findall(r"`(\w+)`",
                                                                                   codes)}
-    assert in_doc == {c.value: s for c, s in http.HTTP_STATUS.items()}
+    assert in_doc == {c.value: s for c, s in routes.HTTP_STATUS.items()}
     for item in SPEC["paths"].values():
         for op in item.values():
             for status, response in op["responses"].items():
                 if status != "200":
-                    assert int(status) in http.HTTP_STATUS.values()
+                    assert int(status) in routes.HTTP_STATUS.values()
                     schema = oc.resolve(SPEC, response)["content"]["application/json"]
                     assert schema["schema"] == {"$ref": "#/components/schemas/Error"}
 
