@@ -11,6 +11,11 @@ half (``pubkey``).
 Every external command goes through :class:`System` (argv lists, never a shell), so tests
 fake it. Private keys never appear in an argv, where ``ps`` would show them: ``wg`` reads
 them from a 0600 file or from stdin.
+
+Why one module of this length: it is a small program of its own, run on machines that
+are not the server, whose steps (check, create, configure, record, undo) share one
+state record; the config format is :mod:`common.wgconf`'s, files and processes are
+:mod:`common.files`' and :mod:`common.proc`'s.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ A request is ``{"v": 1, "id": ..., "op": ..., "args": {...}}``; a reply is
 ``{"v": 1, "id": ..., "ok": false, "error": {"code", "message", "details"}}``.
 Bodies are msgpack, one ZeroMQ frame each. Operations are looked up in the static
 table ``OPS`` by (service, name); a name off the wire is only ever a dictionary key.
+
+Why one module of this length: the whole wire protocol in one place is the point (every
+message any daemon sends is here, and nowhere else); field types are
+``common/schema.py``'s, per-function settings ``common/fnsettings.py``'s.
 """
 
 from __future__ import annotations

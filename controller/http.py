@@ -13,6 +13,11 @@ the route, the Content-Type check for state-changing methods, the role check of 
 token against the op's ``role`` in ``protocol.OPS``; only then is a byte of body read.
 Bodies are streamed into the upload spool in CHUNK_SIZE pieces; answers are JSON, errors
 ``{"error": {"code", "message", "details"}}`` with a status that matches the code.
+
+Why one module of this length: every check above, the listeners they depend on and the
+connection cap are the boundary between local users and the API, and are read together
+when that boundary is reviewed; the route table and bodies are ``controller/routes.py``,
+the uid and token logic ``controller/access.py``.
 """
 
 from __future__ import annotations

@@ -19,6 +19,11 @@ accepts, hands the socket over at once, and the container calls back when the re
 ends, which hands the slot, and often the same container, to the next connection in the
 queue. No task, future or log write per request: that path is what bounds a reused
 function's throughput. Starting a container, and answering a client ourselves, are tasks.
+
+Why one module of this length: admission (first byte, per client, memory budget), slots,
+queue and pool are one state machine whose transitions share the per-request hot path;
+split over modules, each hand-over would cross them. Containers themselves live in
+``runner/container.py``, the memory budget in ``runner/budget.py``.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ selectors, collections), not ``json`` (~10 ms: re, enum), never ``http.server`` 
 ``email``. The control packets are flat JSON objects, read by a small parser that falls
 back to ``json`` for anything unusual; modules a path really needs (``json`` for a dict
 body, ``traceback`` for an error, ``io`` for WSGI) are imported where they are used.
+
+Why one module of this length: a handler author copies this one file into an image, with
+nothing but the standard library beside it.
 """
 
 import _socket  # the C socket type `socket.socket` wraps: same calls, none of its imports

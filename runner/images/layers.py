@@ -11,6 +11,10 @@ the tar, the applier remembers the paths this layer made (``created``): a whiteo
 path this layer made is ignored, and an opaque marker empties its directory except for
 paths this layer made. That gives the "opaque applies before the layer's own entries"
 result wherever the marker sits in the tar, for the price of a set of names.
+
+Why one module of this length: applying a layer (whiteouts, opaque markers, hard links,
+the disk caps) is one pass over a hostile tar whose rules are reviewed together; the
+filesystem calls that keep it inside the rootfs are ``runner/images/safefs.py``'s.
 """
 
 from __future__ import annotations
