@@ -53,6 +53,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests" / "integration")]
 from harness import BIN, Netns, Platform, poll, run  # noqa: E402
 
 from runner.bundle import CGROUP_PARENT, FunctionSettings, build_config, write_bundle  # noqa: E402
+from runner import handler_protocol  # noqa: E402
 from runner.images.extract import extract  # noqa: E402
 from runner.runtime import CGROUP_ROOT, runtime_for  # noqa: E402
 from runner.store import make_mountpoints  # noqa: E402
@@ -222,8 +223,7 @@ def serve_plain(port: int) -> None:
 
 def conn_packet(rid: str, remote: str) -> bytes:
     """The handler protocol's ``conn`` packet, as faasd's runner sends it."""
-    return json.dumps({"type": "conn", "id": rid, "remote": remote,
-                       "deadline": time.time() + 30}).encode()
+    return handler_protocol.conn_packet(rid, remote, time.time() + 30)
 
 
 def start_handler(spec: dict[str, Any], ctl_path: str, reuse: bool, log: Any

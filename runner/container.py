@@ -26,8 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import functools
-import json
 import os
 import secrets
 import select
@@ -37,9 +35,9 @@ import time
 from typing import Any, Callable
 
 from runner.bundle import BundleError, write_bundle
+from runner.handler_protocol import CONTROL_PACKET, conn_packet, done_packet, is_done
 from runner.runtime import Runtime, RuntimeFailed, Running
 
-CONTROL_PACKET = 4096
 PUMP_GRACE = 2.0  # seconds to read a stopped container's last output
 PUMP_PAUSE = 0.05  # after a read, a pipe is left alone this long (see LinePump)
 PUMP_READ = 65536
@@ -169,13 +167,11 @@ class Container:
         the handler shares, and a handler written from the protocol's text expects a
         plain blocking socket (a socket from accept() on Linux is one)."""
         assert self.conn is not None
-        # What json.dumps writes, without its cost; the id is hex, the address quoted.
-        packet = (f'{{"type": "conn", "id": "{request_id}", "remote": {_quoted(remote)}, '
-                  f'"deadline": {deadline!r}}}').encode()
+        packet = conn_packet(request_id, remote, deadline)
         self._drain()  # what it wrote while idle keeps the tag it had (none)
         self.request = request_id
-        self._done = f'{{"type": "done", "id": "{request_id}"}}'.encode()  # as the SDK and
-        self.idle_since = time.monotonic()  # most handlers write it: no JSON to parse
+        self._done = done_packet(request_id)  # as the SDK writes it: no JSON to parse
+        self.idle_since = time.monotonic()
         try:
             socket.send_fds(self.conn, [packet], [client.fileno()])
         except OSError as exc:  # a full queue means the handler is not reading
@@ -213,7 +209,7 @@ class Container:
                 self.leaving = True  # not to be handed anything, even before its exit
                 self._stop_reading()  # its exit (or the deadline) ends a request
                 return
-            if packet == self._done or _is_done(packet, self.request):
+            if packet == self._done or is_done(packet, self.request):
                 self._drain()  # what it wrote for this request, tagged with it
                 self.request = None
                 self.idle_since = time.monotonic()
@@ -295,20 +291,6 @@ class Container:
             os.unlink(self.ctl_path)
         except FileNotFoundError:
             pass
-
-
-@functools.lru_cache(maxsize=1024)
-def _quoted(text: str) -> str:
-    """A JSON string (clients come back: their addresses are quoted once)."""
-    return json.dumps(text)
-
-
-def _is_done(packet: bytes, request_id: str | None) -> bool:
-    try:
-        msg = json.loads(packet)
-    except ValueError:
-        return False
-    return isinstance(msg, dict) and msg.get("type") == "done" and msg.get("id") == request_id
 
 
 class LinePump:
