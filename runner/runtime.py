@@ -46,7 +46,7 @@ MS_REC = 0x4000
 MS_SLAVE = 0x80000
 MNT_DETACH = 0x2
 
-DEFAULT_TIMEOUT = 10.0  # seconds for list and state: they only touch local state
+DEFAULT_TIMEOUT = 10.0  # seconds for every call but run: they only touch local state
 POLL_EXIT = 0.1  # seconds between waitpid calls when no pidfd can be had
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -271,12 +271,18 @@ class Runtime:
         return proc.stdout.decode()
 
     async def _acall(self, argv: list[str], container: str) -> None:
-        """A verb on one container, without blocking the runner's loop. No timeout: a
-        runtime that hangs on kill or delete holds up only that container's removal."""
+        """A verb on one container, without blocking the runner's loop; the same timeout
+        as :meth:`_call` (a hung runtime is killed: the container is then left to the
+        next start's removal of leftovers, and the caller is not held up)."""
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE, preexec_fn=self.preexec_fn)
-        _, stderr = await proc.communicate()
+        try:
+            _, stderr = await asyncio.wait_for(proc.communicate(), self.timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise RuntimeFailed(argv, None, f"no answer within {self.timeout}s") from None
         self._raise_for(argv, proc.returncode, stderr, container)
 
     def _raise_for(self, argv: Sequence[str], returncode: int | None, stderr: bytes,

@@ -120,6 +120,9 @@ def test_a_hung_runtime_times_out(tmp_path: Path) -> None:
     runtime = Runtime(str(fake), root=str(tmp_path / "s"), timeout=0.3)
     with pytest.raises(RuntimeFailed, match="timed out"):
         runtime.list()
+    (tmp_path / "s" / "c1").mkdir(parents=True)
+    with pytest.raises(RuntimeFailed, match="timed out"):  # and the runtime is killed
+        asyncio.run(asyncio.wait_for(runtime.delete("c1"), 5))
 
 
 def test_crun_on_this_host(containers: Containers, tmp_path: Path) -> None:
