@@ -52,8 +52,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests" / "integration")]
 
 from harness import BIN, Netns, Platform, poll, run  # noqa: E402
 
-from runner.bundle import CGROUP_PARENT, FunctionSettings, build_config, write_bundle  # noqa: E402
 from runner import handler_protocol  # noqa: E402
+from runner.bundle import CGROUP_PARENT, FunctionSettings, build_config, write_bundle  # noqa: E402
 from runner.images.extract import extract  # noqa: E402
 from runner.runtime import CGROUP_ROOT, runtime_for  # noqa: E402
 from runner.store import make_mountpoints  # noqa: E402
