@@ -26,6 +26,7 @@ What each target is, exactly: docs/bench-invoke.md. Run as root:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import math
@@ -51,9 +52,10 @@ sys.path[:0] = [str(REPO), str(REPO / "tests" / "integration")]
 
 from harness import BIN, Netns, Platform, poll, run  # noqa: E402
 
+from runner import handler_protocol  # noqa: E402
 from runner.bundle import CGROUP_PARENT, FunctionSettings, build_config, write_bundle  # noqa: E402
 from runner.images.extract import extract  # noqa: E402
-from runner.runtime import CGROUP_ROOT, Runtime  # noqa: E402
+from runner.runtime import CGROUP_ROOT, runtime_for  # noqa: E402
 from runner.store import make_mountpoints  # noqa: E402
 from tests.imagebuild import Dir, File, build_image  # noqa: E402
 
@@ -221,8 +223,7 @@ def serve_plain(port: int) -> None:
 
 def conn_packet(rid: str, remote: str) -> bytes:
     """The handler protocol's ``conn`` packet, as faasd's runner sends it."""
-    return json.dumps({"type": "conn", "id": rid, "remote": remote,
-                       "deadline": time.time() + 30}).encode()
+    return handler_protocol.conn_packet(rid, remote, time.time() + 30)
 
 
 def start_handler(spec: dict[str, Any], ctl_path: str, reuse: bool, log: Any
@@ -314,7 +315,7 @@ class PerConnection:
         self.work = Path(spec["work"]) / (runtime or "process")
         (self.work / "ctl").mkdir(parents=True, exist_ok=True)
         (self.work / "bundles").mkdir(mode=0o700, exist_ok=True)
-        self.runtime = Runtime(runtime, root=str(self.work / "state")) if runtime else None
+        self.runtime = runtime_for(runtime, root=str(self.work / "state")) if runtime else None
         if self.runtime is not None:
             self.runtime.check()
         self.settings = FunctionSettings(env={"FAAS_REUSE": "0"})  # faasd's defaults
@@ -400,7 +401,8 @@ class PerConnection:
                 proc.kill()
                 proc.wait()
         if self.runtime is not None:
-            self.runtime.delete(started.cid, force=True)  # as faasd: `run` removed it already
+            # as faasd (the runner's own delete): `run` removed it already
+            asyncio.run(self.runtime.delete(started.cid))
             shutil.rmtree(started.bundle, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(started.ctl_path)
@@ -412,8 +414,9 @@ class PerConnection:
         write_bundle(str(bundle), build_config(
             self.spec["rootfs"], self.spec["config"], container_id=cid, hostname="bench",
             control_socket=ctl_path, settings=self.settings))
+        # The least code: `run` in the foreground, our blocking child, on either runtime.
         return subprocess.Popen(
-            self.runtime.command("run", "--bundle", str(bundle), cid),
+            self.runtime.run_argv(str(bundle), cid),
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
             preexec_fn=self.runtime.preexec_fn)  # noqa: PLW1509 (three syscalls, fork-safe)
 
@@ -668,9 +671,9 @@ def platform_in_namespace(runtime: str, work: Path
             print(f"  killed processes left in {ns.name}: {left}", file=sys.stderr)
         state = work / runtime / "state"  # the floors' containers, if any survived
         if state.is_dir():
-            rt = Runtime(runtime, root=str(state))
+            rt = runtime_for(runtime, root=str(state))
             for cid in rt.list():
-                rt.delete(cid, force=True)
+                asyncio.run(rt.delete(cid))
 
 
 def bench_runtime(runtime: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -707,7 +710,7 @@ def leak_counts(platform: BenchPlatform, runtime: str, pid: int) -> dict[str, in
     status = dict(line.split(":", 1) for line in (proc / "status").read_text().splitlines())
     cgroup_dir = CGROUP_PARENT.strip("/")
     return {
-        "containers": len(Runtime(runtime, root=str(platform.run_dir / runtime)).list()),
+        "containers": len(runtime_for(runtime, root=str(platform.run_dir / runtime)).list()),
         "bundles": len(os.listdir(platform.root / "bundles")),
         "control sockets": len(os.listdir(platform.run_dir / "ctl")),
         "cgroups": len(list(Path(CGROUP_ROOT).glob(f"*/{cgroup_dir}/{LEAK_FUNCTION}-*"))),

@@ -5,7 +5,9 @@ The runner listens on a SOCK_SEQPACKET socket per container (bind-mounted at
 as one packet of JSON with exactly one fd attached (SCM_RIGHTS); the handler answers
 ``done`` (reuse) or exits (one-shot).
 
-runc starts the container detached and exits: the container's init, orphaned, becomes
+The runtime is reached only through runner/runtime.py (``spawn_run``, ``kill``,
+``delete``), which chooses the argv and how a container starts. runc starts the
+container detached and exits: the container's init, orphaned, becomes
 the runner's child (the runner is a child subreaper), watched through a pidfd, and its
 stdout and stderr are pipes straight to the runner (``runc run`` in the foreground
 would copy them through itself: a Go wakeup per line). crun runs in the foreground, our
@@ -24,22 +26,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import functools
-import json
 import os
 import secrets
 import select
 import shutil
-import signal
 import socket
 import time
 from typing import Any, Callable
 
-from common.proc import die_with_parent
 from runner.bundle import BundleError, write_bundle
-from runner.runtime import Runtime
+from runner.handler_protocol import CONTROL_PACKET, conn_packet, done_packet, is_done
+from runner.runtime import Runtime, RuntimeFailed, Running
 
-CONTROL_PACKET = 4096
 PUMP_GRACE = 2.0  # seconds to read a stopped container's last output
 PUMP_PAUSE = 0.05  # after a read, a pipe is left alone this long (see LinePump)
 PUMP_READ = 65536
@@ -71,9 +69,8 @@ class Container:
         self.sink = sink  # (container id, stream, request id, lines)
         self.listener: socket.socket | None = None
         self.conn: socket.socket | None = None
+        self.running: Running | None = None  # from the runtime's spawn_run
         self.proc: asyncio.subprocess.Process | None = None  # the runtime's `run`
-        self.pid = 0  # of the container's init, once the runtime has started it
-        self._pidfd = -1
         self.request: str | None = None
         self.served = 0
         self.generation = 0  # of its function's settings, when it was started
@@ -105,16 +102,14 @@ class Container:
         except BundleError as exc:  # the image or settings cannot make a container
             raise ContainerFailed(exc.message) from None
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(2)]  # stdout, stderr
-        pidfile = os.path.join(self.bundle, "pid")
         try:
             for r, _ in pipes:
                 with contextlib.suppress(OSError):  # over the user's pipe quota: 64 KiB
                     fcntl.fcntl(r, F_SETPIPE_SZ, PIPE_SIZE)
-            detach = ("--detach", "--pid-file", pidfile) if self.runtime.detach else ()
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.runtime.command("run", *detach, "--bundle", self.bundle, self.id),
-                stdin=asyncio.subprocess.DEVNULL, stdout=pipes[0][1], stderr=pipes[1][1],
-                preexec_fn=self._preexec)
+            self.running = await self.runtime.spawn_run(
+                self.bundle, self.id, stdout=pipes[0][1], stderr=pipes[1][1],
+                pidfile=os.path.join(self.bundle, "pid"))
+            self.proc = self.running.proc
         except BaseException:
             for r, _ in pipes:
                 os.close(r)
@@ -127,62 +122,13 @@ class Container:
             self._pump_of[r] = self._pumps[-1]
             self._output.register(r, select.POLLIN)
         # One future for the container's whole life: ready() and every request wait on it
-        self.exited = asyncio.ensure_future(
-            self._watch(pidfile) if self.runtime.detach else self.proc.wait())
+        self.exited = asyncio.ensure_future(self.running.wait())
         self.exited.add_done_callback(self._on_exit)
 
-    async def _watch(self, pidfile: str) -> int:
-        """The container's exit status: the runtime's, if it failed to start it; else
-        its init's, which we adopted when the runtime exited (-1 if we could not)."""
-        assert self.proc is not None
-        code = await self.proc.wait()
-        if code != 0:
-            return code
-        try:
-            with open(pidfile, encoding="ascii") as f:
-                self.pid = int(f.read())
-        except (OSError, ValueError):  # the runtime said it started it: cannot happen
-            return -1
-        try:
-            self._pidfd = os.pidfd_open(self.pid)
-        except ProcessLookupError:  # gone already and reaped: by someone else
-            return -1
-        except OSError:  # out of fds: ask the kernel now and then instead
-            return await self._poll_exit()
-        loop = asyncio.get_running_loop()
-        gone: asyncio.Future[None] = loop.create_future()
-
-        def readable() -> None:  # the pidfd reads once the process has exited
-            loop.remove_reader(self._pidfd)
-            gone.set_result(None)
-        loop.add_reader(self._pidfd, readable)
-        try:
-            await gone
-        finally:
-            if not gone.done():
-                loop.remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = -1
-        try:
-            return os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
-        except ChildProcessError:  # not our child (not adopted): someone else reaps it
-            return -1
-
-    async def _poll_exit(self) -> int:
-        """The init's exit status, by waitpid every 0.1 s (no pidfd to wait on)."""
-        while True:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:  # not our child (not adopted): someone else reaps it
-                return -1
-            if pid:
-                return os.waitstatus_to_exitcode(status)
-            await asyncio.sleep(0.1)
-
-    def _preexec(self) -> None:
-        die_with_parent()
-        if self.runtime.preexec_fn is not None:
-            self.runtime.preexec_fn()
+    @property
+    def pid(self) -> int:
+        """The container's init, once a detached runtime has started it (else 0)."""
+        return self.running.pid if self.running is not None else 0
 
     def _lines(self, stream: str) -> Callable[[list[str]], None]:
         def emit(lines: list[str]) -> None:
@@ -221,13 +167,11 @@ class Container:
         the handler shares, and a handler written from the protocol's text expects a
         plain blocking socket (a socket from accept() on Linux is one)."""
         assert self.conn is not None
-        # What json.dumps writes, without its cost; the id is hex, the address quoted.
-        packet = (f'{{"type": "conn", "id": "{request_id}", "remote": {_quoted(remote)}, '
-                  f'"deadline": {deadline!r}}}').encode()
+        packet = conn_packet(request_id, remote, deadline)
         self._drain()  # what it wrote while idle keeps the tag it had (none)
         self.request = request_id
-        self._done = f'{{"type": "done", "id": "{request_id}"}}'.encode()  # as the SDK and
-        self.idle_since = time.monotonic()  # most handlers write it: no JSON to parse
+        self._done = done_packet(request_id)  # as the SDK writes it: no JSON to parse
+        self.idle_since = time.monotonic()
         try:
             socket.send_fds(self.conn, [packet], [client.fileno()])
         except OSError as exc:  # a full queue means the handler is not reading
@@ -265,7 +209,7 @@ class Container:
                 self.leaving = True  # not to be handed anything, even before its exit
                 self._stop_reading()  # its exit (or the deadline) ends a request
                 return
-            if packet == self._done or _is_done(packet, self.request):
+            if packet == self._done or is_done(packet, self.request):
                 self._drain()  # what it wrote for this request, tagged with it
                 self.request = None
                 self.idle_since = time.monotonic()
@@ -326,48 +270,27 @@ class Container:
 
     async def kill(self) -> None:
         """SIGKILL the container (through the runtime, so every process in it dies)."""
-        kill = await asyncio.create_subprocess_exec(
-            *self.runtime.command("kill", self.id, "KILL"),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        await kill.wait()
-        if self.exited is None:
+        with contextlib.suppress(RuntimeFailed):  # gone already, or not started yet:
+            await self.runtime.kill(self.id)  # the wait below says which
+        if self.exited is None or self.running is None:
             return
         try:
             await asyncio.wait_for(asyncio.shield(self.exited), 5)
             return
         except TimeoutError:  # the runtime is stuck starting it, or could not kill it
-            if self.proc is not None and self.proc.returncode is None:
-                self.proc.send_signal(signal.SIGKILL)
-            if self._pidfd >= 0:
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            self.running.kill_now()
         with contextlib.suppress(TimeoutError):  # (a process stuck in the kernel stays)
             await asyncio.wait_for(asyncio.shield(self.exited), 5)
 
     async def remove(self) -> None:
         """Delete the runtime's record, the bundle and the control socket."""
-        delete = await asyncio.create_subprocess_exec(
-            *self.runtime.command("delete", "--force", self.id),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        await delete.wait()
+        with contextlib.suppress(RuntimeFailed):  # a container the runtime could not
+            await self.runtime.delete(self.id)  # delete is deleted at the runner's next start
         shutil.rmtree(self.bundle, ignore_errors=True)
         try:
             os.unlink(self.ctl_path)
         except FileNotFoundError:
             pass
-
-
-@functools.lru_cache(maxsize=1024)
-def _quoted(text: str) -> str:
-    """A JSON string (clients come back: their addresses are quoted once)."""
-    return json.dumps(text)
-
-
-def _is_done(packet: bytes, request_id: str | None) -> bool:
-    try:
-        msg = json.loads(packet)
-    except ValueError:
-        return False
-    return isinstance(msg, dict) and msg.get("type") == "done" and msg.get("id") == request_id
 
 
 class LinePump:

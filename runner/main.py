@@ -23,7 +23,7 @@ from runner.budget import MemoryBudget, budget_bytes
 from runner.fleet import Fleet
 from runner.serve import LATENCY_BUCKETS
 from runner.fnlogs import FunctionLogs
-from runner.runtime import Runtime, RuntimeUnavailable
+from runner.runtime import RuntimeUnavailable, runtime_for
 from runner.images.extract import DEFAULT_LIMITS
 from runner.store import ImageStore
 
@@ -43,8 +43,8 @@ class Runner(AgentDaemon):
             expand_ratio=self.settings.image_expand_ratio,
             store_max_bytes=self.settings.image_store_max_bytes,
             min_free_bytes=self.settings.min_free_bytes))
-        self.runtime = Runtime(self.settings.runtime,
-                               layout.of(self.settings).runtime_state(self.settings.runtime))
+        self.runtime = runtime_for(self.settings.runtime,
+                                   layout.of(self.settings).runtime_state(self.settings.runtime))
         try:
             self.runtime.check()
         except RuntimeUnavailable as exc:
@@ -80,7 +80,7 @@ class Runner(AgentDaemon):
         """Containers of a previous run: deleted (killed first) through the runtime."""
         ids = await asyncio.to_thread(self.runtime.list)
         for cid in ids:
-            await asyncio.to_thread(self.runtime.delete, cid, True)
+            await self.runtime.delete(cid)
         return len(ids)
 
     async def teardown(self) -> None:

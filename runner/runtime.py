@@ -1,5 +1,12 @@
 """The seam over the OCI runtime binary (runc or crun): every call goes through here.
 
+The runner reaches a runtime only through :class:`Runtime`: it starts a container with
+:meth:`Runtime.spawn_run`, stops it with :meth:`Runtime.kill` and removes it with
+:meth:`Runtime.delete`. A runtime is one class: :class:`Runtime` speaks runc's command
+line (which crun and youki copy) and starts containers detached; a subclass changes what
+differs (:class:`Crun`: the foreground, a mount namespace) and is listed in
+:data:`RUNTIMES` under its binary's name.
+
 Argument lists, never a shell. Every call passes ``--root``: faasd keeps its containers'
 state in a directory of its own (``$FAAS_RUN/<runc|crun>``), so ``list`` shows only
 faasd's containers and nothing faasd does can touch another user of the same runtime.
@@ -17,17 +24,19 @@ appear to crun. runc handles hybrid mode itself and runs as is.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import json
 import os
 import shutil
+import signal
 import subprocess
-import tempfile
 from collections.abc import Callable, Sequence
-from typing import IO, Any
+from typing import Any
 
 from common.layout import DEFAULT_RUN, Layout
 from common.paths import root_dir
+from common.proc import die_with_parent
 from common.settings import SettingsError
 
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -39,11 +48,9 @@ MS_SLAVE = 0x80000
 MNT_DETACH = 0x2
 
 DEFAULT_TIMEOUT = 10.0  # seconds for every call but run: they only touch local state
+POLL_EXIT = 0.1  # seconds between waitpid calls when no pidfd can be had
 
 _libc = ctypes.CDLL(None, use_errno=True)
-
-Stdio = int | IO[Any] | None
-
 
 class RuntimeUnavailable(Exception):
     """This runtime cannot run faasd's containers on this host; the message says why."""
@@ -114,7 +121,18 @@ def hide_unified_hierarchy() -> None:
 
 
 class Runtime:
-    """One OCI runtime binary with faasd's state directory."""
+    """An OCI runtime with runc's command line, and faasd's state directory.
+
+    Containers start detached (``run --detach --pid-file``): runc in the foreground
+    copies the container's stdout and stderr through pipes of its own (a Go wakeup per
+    line); detached, it hands them over and exits. A subclass sets :attr:`detach` False
+    for a runtime that passes them straight through in the foreground (:class:`Crun`).
+    Use :func:`runtime_for` to get the class that fits a binary.
+    """
+
+    # Whether spawn_run starts containers detached. The caller must then be a child
+    # subreaper (common.proc.adopt_orphans): the orphaned init becomes its child.
+    detach = True
 
     def __init__(self, binary: str = "runc", root: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT):
@@ -123,24 +141,30 @@ class Runtime:
         run_dir = os.environ.get("FAAS_RUN", DEFAULT_RUN)
         self.root = root or Layout(run=run_dir).runtime_state(self.name)
         self.timeout = timeout
-        self.hide_unified = self.name == "crun" and crun_refuses_host()
-        # Whether a caller that keeps containers running should start them detached.
-        # runc in the foreground copies the container's stdout and stderr through pipes
-        # of its own (a Go wakeup per line); detached, it hands them over and exits.
-        # crun passes them straight through in the foreground, and detached it leaves
-        # an intermediate process of its own behind for whoever adopts it to reap.
-        self.detach = self.name != "crun"
+        self.hide_unified = self.needs_private_mounts()
 
-    # --- what a caller that spawns the runtime itself needs ----------------------------
+    def needs_private_mounts(self) -> bool:
+        """Whether this runtime must run without /sys/fs/cgroup/unified (module docstring)."""
+        return False
 
-    @property
-    def prefix(self) -> list[str]:
-        """The argv every call starts with: the binary and ``--root``."""
-        return [self.binary, "--root", self.root]
+    # --- argv: what a new runtime with another command line changes -------------------
 
     def command(self, *args: str) -> list[str]:
-        """The full argv of one runtime call."""
-        return [*self.prefix, *args]
+        """The full argv of one runtime call: the binary, ``--root``, ``args``."""
+        return [self.binary, "--root", self.root, *args]
+
+    def run_argv(self, bundle: str, container_id: str, pidfile: str | None = None
+                 ) -> list[str]:
+        """``run``: create and start a container; detached, writing the init's pid to
+        ``pidfile``, if one is given; else in the foreground (its exit is the container's)."""
+        detach = ("--detach", "--pid-file", pidfile) if pidfile is not None else ()
+        return self.command("run", *detach, "--bundle", bundle, container_id)
+
+    def kill_argv(self, container_id: str, signal: str) -> list[str]:
+        return self.command("kill", container_id, signal)
+
+    def delete_argv(self, container_id: str) -> list[str]:
+        return self.command("delete", "--force", container_id)
 
     @property
     def preexec_fn(self) -> Callable[[], None] | None:
@@ -179,80 +203,49 @@ class Runtime:
         except (RuntimeFailed, OSError) as exc:
             raise RuntimeUnavailable(f"{self.name} does not work here: {exc}") from None
 
-    # --- verbs --------------------------------------------------------------------------
+    # --- the container's life -------------------------------------------------------------
 
-    def run(self, bundle: str, container_id: str, *, stdin: Stdio = subprocess.DEVNULL,
-            stdout: Stdio = subprocess.PIPE, stderr: Stdio = subprocess.PIPE,
-            pass_fds: Sequence[int] = (), timeout: float | None = None
-            ) -> subprocess.CompletedProcess[bytes]:
-        """Create, start and wait for a container; its exit status is the returncode.
+    async def spawn_run(self, bundle: str, container_id: str, *, stdout: int, stderr: int,
+                        pidfile: str, pass_fds: Sequence[int] = ()) -> Running:
+        """Start the container: detached (``pidfile`` receives the init's pid) or in
+        the foreground, as :attr:`detach` says. Its stdin is /dev/null; ``stdout`` and
+        ``stderr`` (fds, pipes in the runner) become the container's own.
 
-        The container's stdio is the runtime's. No other fd reaches it: ``pass_fds``
-        only lets the runtime process inherit them, and runc and crun close every fd
-        above 2 in the container unless told ``--preserve-fds`` (never, here).
-        On ``timeout`` the container is killed and :class:`RuntimeFailed` raised.
+        No other fd reaches the container: ``pass_fds`` only lets the runtime process
+        inherit them, and runc and crun close every fd above 2 in the container unless
+        told ``--preserve-fds`` (never, here). The runtime process dies with its parent.
         """
-        argv = self.command("run", "--bundle", bundle, container_id)
-        try:
-            return subprocess.run(argv, stdin=stdin, stdout=stdout, stderr=stderr,
-                                  pass_fds=tuple(pass_fds), timeout=timeout,
-                                  preexec_fn=self.preexec_fn, check=False)
-        except subprocess.TimeoutExpired:
-            self.delete(container_id, force=True)
-            raise RuntimeFailed(argv, None, f"container ran longer than {timeout}s") from None
+        pidfile_or_none = pidfile if self.detach else None
+        proc = await asyncio.create_subprocess_exec(
+            *self.run_argv(bundle, container_id, pidfile_or_none),
+            stdin=asyncio.subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+            pass_fds=tuple(pass_fds), preexec_fn=self._run_preexec)
+        return Running(proc, pidfile_or_none)
 
-    def spawn(self, bundle: str, container_id: str, *, stdin: Stdio = subprocess.DEVNULL,
-              stdout: Stdio = subprocess.PIPE, stderr: Stdio = subprocess.PIPE,
-              pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
-        """Start ``run`` without waiting: the Popen's exit is the container's."""
-        return subprocess.Popen(self.command("run", "--bundle", bundle, container_id),
-                                stdin=stdin, stdout=stdout, stderr=stderr,
-                                pass_fds=tuple(pass_fds),
-                                preexec_fn=self.preexec_fn)  # noqa: PLW1509 (see preexec_fn)
+    def _run_preexec(self) -> None:
+        die_with_parent()
+        if self.hide_unified:
+            hide_unified_hierarchy()
 
-    def create(self, bundle: str, container_id: str, *, stdin: Stdio = subprocess.DEVNULL,
-               stdout: Stdio = subprocess.DEVNULL, stderr: Stdio = None,
-               pass_fds: Sequence[int] = ()) -> None:
-        """Create a container, stopped before its process is exec'd (see :meth:`start`).
-
-        The container keeps the runtime's stdio, so these must be files or fds, not
-        pipes that this call would wait on. ``stderr`` None: an unlinked temporary file
-        that the runtime's error message is read back from.
-        """
-        with tempfile.TemporaryFile() as errors:
-            sink = errors if stderr is None else stderr
-            argv = self.command("create", "--bundle", bundle, container_id)
-            try:
-                proc = subprocess.run(argv, stdin=stdin, stdout=stdout, stderr=sink,
-                                      pass_fds=tuple(pass_fds), timeout=self.timeout,
-                                      preexec_fn=self.preexec_fn, check=False)
-            except subprocess.TimeoutExpired:
-                self.delete(container_id, force=True)
-                raise RuntimeFailed(argv, None, "create timed out") from None
-            if proc.returncode != 0:
-                errors.seek(0)
-                raise RuntimeFailed(argv, proc.returncode, errors.read(4096).decode(
-                    errors="replace") or "(the runtime's stderr was the caller's)")
-
-    def start(self, container_id: str) -> None:
-        """Exec the process of a created container."""
-        self._call("start", container_id, container=container_id)
-
-    def kill(self, container_id: str, signal: str | int = "KILL") -> None:
+    async def kill(self, container_id: str, signal: str = "KILL") -> None:
         """Send a signal to the container's init (pid 1 of its pid namespace: when it
-        dies the kernel kills every other process of the container)."""
-        self._call("kill", container_id, str(signal), container=container_id)
+        dies the kernel kills every other process of the container);
+        :class:`ContainerNotFound` if there is no such container."""
+        await self._acall(self.kill_argv(container_id, signal), container_id)
 
-    def delete(self, container_id: str, force: bool = True) -> None:
-        """Remove the container (``force``: kill it first if it runs) and its cgroup.
-        Deleting a container that does not exist succeeds, as with both runtimes."""
+    async def delete(self, container_id: str) -> None:
+        """Remove the container (killing it first if it runs) and its cgroup.
+        Deleting a container that does not exist succeeds, as with both runtimes.
+        The one way faasd removes a container: the runner's containers, the leftovers
+        of its previous run, the bench's."""
         try:
-            self._call("delete", *(["--force"] if force else []), container_id,
-                       container=container_id)
+            await self._acall(self.delete_argv(container_id), container_id)
         except ContainerNotFound:
             # The container's own ``run`` process removes its state when the container
             # dies; crun's delete then fails to remove that state again. Gone is gone.
             pass
+
+    # --- queries ----------------------------------------------------------------------
 
     def list(self) -> list[str]:
         """The ids of the containers in faasd's state directory."""
@@ -261,10 +254,13 @@ class Runtime:
 
     def state(self, container_id: str) -> dict[str, Any]:
         """The runtime's state of one container (``status``: created, running, stopped;
-        ``pid``); :class:`ContainerNotFound` if there is none."""
+        ``pid``); :class:`ContainerNotFound` if there is none. For tests and diagnosis."""
         return json.loads(self._call("state", container_id, container=container_id))
 
+    # --- calls ------------------------------------------------------------------------
+
     def _call(self, *args: str, container: str | None = None) -> str:
+        """A query, blocking (start-up and tests): its stdout."""
         argv = self.command(*args)
         try:
             proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
@@ -272,12 +268,134 @@ class Runtime:
                                   check=False)
         except subprocess.TimeoutExpired:
             raise RuntimeFailed(argv, None, f"no answer within {self.timeout}s") from None
-        if proc.returncode != 0:
-            stderr = proc.stderr.decode(errors="replace")
-            missing = container is not None and not self._exists(container)
-            raise (ContainerNotFound if missing else RuntimeFailed)(argv, proc.returncode, stderr)
+        self._raise_for(argv, proc.returncode, proc.stderr, container)
         return proc.stdout.decode()
+
+    async def _acall(self, argv: list[str], container: str) -> None:
+        """A verb on one container, without blocking the runner's loop; the same timeout
+        as :meth:`_call` (a hung runtime is killed: the container is then left to the
+        next start's removal of leftovers, and the caller is not held up)."""
+        # Without the private mount namespace (no preexec_fn, so Python may vfork): the
+        # runtime finds a container's cgroups from the state it recorded at `run`, and
+        # the namespace would cost crun about 2 ms of CPU per call, once per container.
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE)
+        try:
+            _, stderr = await asyncio.wait_for(proc.communicate(), self.timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise RuntimeFailed(argv, None, f"no answer within {self.timeout}s") from None
+        self._raise_for(argv, proc.returncode, stderr, container)
+
+    def _raise_for(self, argv: Sequence[str], returncode: int | None, stderr: bytes,
+                   container: str | None) -> None:
+        """The one reading of a failed call: :class:`ContainerNotFound` when the
+        container's state is gone, else :class:`RuntimeFailed`."""
+        if returncode == 0:
+            return
+        missing = container is not None and not self._exists(container)
+        raise (ContainerNotFound if missing else RuntimeFailed)(
+            argv, returncode, stderr.decode(errors="replace"))
 
     def _exists(self, container_id: str) -> bool:
         # runc and crun both keep a container's state in <root>/<id>/.
         return os.path.isdir(os.path.join(self.root, container_id))
+
+
+class Runc(Runtime):
+    """runc: runc's command line; detached; handles cgroup hybrid mode itself."""
+
+
+class Crun(Runtime):
+    """crun: runc's command line, in the foreground (it passes the container's stdout
+    and stderr straight through, and detached it would leave an intermediate process of
+    its own behind for whoever adopts it to reap); on a host whose cgroup layout it
+    refuses, in a mount namespace of its own (module docstring)."""
+
+    detach = False
+
+    def needs_private_mounts(self) -> bool:
+        return crun_refuses_host()
+
+
+# The class of each runtime faasd knows, by its binary's name; any other binary is taken
+# to speak runc's command line (Runtime).
+RUNTIMES: dict[str, type[Runtime]] = {"runc": Runc, "crun": Crun}
+
+
+def runtime_for(binary: str, root: str | None = None, timeout: float = DEFAULT_TIMEOUT
+                ) -> Runtime:
+    """The runtime for ``binary`` (a name or a path), of the class its name selects."""
+    return RUNTIMES.get(os.path.basename(binary), Runtime)(binary, root, timeout)
+
+
+class Running:
+    """A container started by :meth:`Runtime.spawn_run`, until its exit.
+
+    Detached, the runtime exits once the container runs: its init, orphaned, becomes
+    our child (we are a child subreaper), watched through a pidfd. In the foreground,
+    the runtime's exit is the container's.
+    """
+
+    def __init__(self, proc: asyncio.subprocess.Process, pidfile: str | None):
+        self.proc = proc  # the runtime's `run`
+        self.pidfile = pidfile
+        self.pid = 0  # of the container's init, once the detached runtime has started it
+        self._pidfd = -1
+
+    async def wait(self) -> int:
+        """The container's exit status (call once): the runtime's, if it failed to start
+        it; else its init's, which we adopted when the runtime exited (-1 if we could not)."""
+        code = await self.proc.wait()
+        if self.pidfile is None or code != 0:
+            return code
+        try:
+            with open(self.pidfile, encoding="ascii") as f:
+                self.pid = int(f.read())
+        except (OSError, ValueError):  # the runtime said it started it: cannot happen
+            return -1
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:  # gone already and reaped: by someone else
+            return -1
+        except OSError:  # out of fds: ask the kernel now and then instead
+            return await self._poll_exit()
+        loop = asyncio.get_running_loop()
+        gone: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:  # the pidfd reads once the process has exited
+            loop.remove_reader(self._pidfd)
+            gone.set_result(None)
+        loop.add_reader(self._pidfd, readable)
+        try:
+            await gone
+        finally:
+            if not gone.done():
+                loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+        try:
+            return os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        except ChildProcessError:  # not our child (not adopted): someone else reaps it
+            return -1
+
+    async def _poll_exit(self) -> int:
+        """The init's exit status, by waitpid every POLL_EXIT s (no pidfd to wait on)."""
+        while True:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # not our child (not adopted): someone else reaps it
+                return -1
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            await asyncio.sleep(POLL_EXIT)
+
+    def kill_now(self) -> None:
+        """SIGKILL without the runtime (it is stuck, or could not kill): its own process
+        if it still runs, and the adopted init if we watch one."""
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGKILL)
+        if self._pidfd >= 0:
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)

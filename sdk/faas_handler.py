@@ -43,8 +43,9 @@ if TYPE_CHECKING:
     HeaderList = list[tuple[str, str]]
 
 __all__ = [  # serve() and wsgi() are the API; the rest are its parts, for other loops
-    "HTTPError", "Request", "Response", "connect", "done_packet", "environ", "main",
-    "parse_packet", "read_request", "receive", "render", "serve", "serve_connection", "wsgi",
+    "HTTPError", "Request", "Response", "conn_fields", "connect", "done_packet", "environ",
+    "main", "parse_conn", "parse_packet", "read_request", "receive", "render", "serve",
+    "serve_connection", "wsgi",
 ]
 __version__ = "1"
 
@@ -494,9 +495,10 @@ def _close(sock: "_socket.socket", drain: bool) -> None:
 def _answer(handler: "Handler", sock: "_socket.socket", msg: dict, reuse: bool,
             max_body: int) -> None:
     """Serve one HTTP request on ``sock``: read it, call the handler, send its response."""
-    sock.settimeout(_remaining(msg.get("deadline")))
-    fields = {"remote": str(msg.get("remote", "")), "id": str(msg.get("id", "")),
-              "deadline": msg.get("deadline"), "reuse": reuse, "sock": sock}
+    conn = _conn(msg)
+    sock.settimeout(_remaining(conn["deadline"]))
+    fields = {"remote": str(conn["remote"]), "id": str(conn["id"]),
+              "deadline": conn["deadline"], "reuse": reuse, "sock": sock}
     try:
         request = read_request(sock, max_body=max_body, **fields)
     except HTTPError as exc:
@@ -665,6 +667,30 @@ def _flat_value(text: str, i: int) -> tuple[object, int]:
         return None, -1
 
 
+# -- the handler protocol's packets: the one place this side reads ``conn`` and writes
+# ``done``. The runner's side: runner/handler_protocol.py; tests/fixtures/
+# handler_packets.json holds both sides to the same examples.
+
+
+def parse_conn(data: bytes) -> dict | None:
+    """The fields of a ``conn`` packet (``id``, ``remote``, ``deadline``), None for
+    anything else (unknown types are ignored, as the protocol says)."""
+    return conn_fields(parse_packet(data))
+
+
+def conn_fields(msg: dict | None) -> dict | None:
+    """``conn_fields`` of a parsed packet: None unless it is a ``conn``; fields it does
+    not know are ignored, fields it lacks have their defaults."""
+    if msg is None or msg.get("type") != "conn":
+        return None
+    return _conn(msg)
+
+
+def _conn(msg: dict) -> dict:
+    return {"id": msg.get("id", ""), "remote": msg.get("remote", ""),
+            "deadline": msg.get("deadline")}
+
+
 def done_packet(request_id: object) -> bytes:
     """The ``done`` packet for ``request_id``, in JSON built by hand (no json import)."""
     if not isinstance(request_id, str):
@@ -716,18 +742,19 @@ def serve(handler: "Handler", *, reuse: bool | None = None, max_body: int = MAX_
     try:
         while (packet := receive(ctl)) is not None:
             msg, fd = packet
-            if msg is None or msg.get("type") != "conn":  # unknown types are ignored
+            conn = conn_fields(msg)
+            if msg is None or conn is None:  # unknown types are ignored
                 if fd >= 0:
                     os.close(fd)
                 continue
             if fd < 0:
-                _log(f"request {msg.get('id')}: a conn packet without a descriptor; ignored")
+                _log(f"request {conn['id']}: a conn packet without a descriptor; ignored")
                 continue
             serve_connection(handler, fd, msg, reuse=reuse, max_body=max_body)
             if not reuse:
                 return
             try:
-                ctl.sendall(done_packet(msg.get("id", "")))
+                ctl.sendall(done_packet(conn["id"]))
             except OSError:  # the runner is gone: that is a stop too
                 return
     finally:

@@ -1,9 +1,8 @@
 """The extraction child: reads the untrusted archive under rlimits, writes the staging dir.
 
 Run by :mod:`runner.images.extract` as ``python -I _child_main.py``. Parameters arrive as one
-JSON object on stdin; every message goes back as one JSON line on stdout:
-``{"progress": [phase, done, total]}``, then exactly one of ``{"result": {...}}``,
-``{"error": ImageError.to_dict()}`` or ``{"crash": traceback}`` (a bug).
+JSON object on stdin; every message goes back as one JSON line on stdout: the messages
+and their form are :mod:`runner.images.child_protocol`, shared with the parent.
 
 Test hook: ``_FAASD_IMAGES_TEST_HOOK=crash:N`` (SIGKILL itself), ``hang:N`` (block
 forever) or ``spin:N`` (burn CPU) after the N-th tar entry, so tests can interrupt an
@@ -24,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from runner.images import child_protocol as protocol
 from runner.images.archive import LayerReader, read_archive
 from runner.images.errors import ImageError, too_large
 from runner.images.layers import Budget, apply_layer
@@ -33,8 +33,8 @@ from runner.images.safefs import SafeRoot, syncfs
 _PROGRESS_EVERY = 0.2  # seconds
 
 
-def _emit(message: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
+def _emit(line: str) -> None:
+    sys.stdout.write(line)
     sys.stdout.flush()
 
 
@@ -60,7 +60,7 @@ class _Progress:
         now = time.monotonic()
         if force or now - self._last >= _PROGRESS_EVERY:
             self._last = now
-            _emit({"progress": [phase, done, total]})
+            _emit(protocol.progress_line(phase, done, total))
 
     def add(self, n: int) -> None:
         self.set(self.phase, self.done + n, self.total)
@@ -133,21 +133,22 @@ def extract_into(params: dict[str, Any], limits: Limits) -> dict[str, Any]:
 
 def main() -> None:
     """Entry point: parameters on stdin, JSON lines on stdout."""
-    params = json.loads(sys.stdin.buffer.read())
+    params = protocol.decode_params(sys.stdin.buffer.read())
     limits = Limits.from_dict(params["limits"])
     try:
         _set_limits(limits)
-        _emit({"result": extract_into(params, limits)})
+        _emit(protocol.result_line(extract_into(params, limits)))
     except ImageError as exc:
-        _emit({"error": exc.to_dict()})
+        _emit(protocol.error_line(exc.to_dict()))
     except MemoryError:
-        _emit({"error": too_large(
+        _emit(protocol.error_line(too_large(
             f"extracting the image needed more than {limits.memory_bytes >> 20} MiB of memory: "
-            "it is malformed or too large", limit="memory_bytes").to_dict()})
+            "it is malformed or too large", limit="memory_bytes").to_dict()))
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            _emit({"crash": traceback.format_exc()[-4000:]})
+            _emit(protocol.crash_line(traceback.format_exc()))
             return
-        _emit({"error": too_large(f"no room to extract the image ({exc.strerror}): free disk space").to_dict()})
+        _emit(protocol.error_line(too_large(
+            f"no room to extract the image ({exc.strerror}): free disk space").to_dict()))
     except BaseException:  # noqa: BLE001 - a bug: the parent reports the traceback
-        _emit({"crash": traceback.format_exc()[-4000:]})
+        _emit(protocol.crash_line(traceback.format_exc()))

@@ -6,7 +6,8 @@ Layout under ``images_dir`` (``$FAAS_ROOT/images``, mode 0700)::
     <hex digest>/config.json    the checked, normalized config (ImageConfig.to_dict + digest)
     .staging-<random>/          work in progress; never used, removed on error and at start
 
-All reading of the untrusted archive happens in a child process (``_child.py``, started through ``_child_main.py``) with
+All reading of the untrusted archive happens in a child process (``_child.py``, started through ``_child_main.py``; its
+messages: ``child_protocol.py``) with
 CPU, memory and file-size rlimits; this process enforces the wall-clock limit and kills
 the child on expiry. The child builds ``rootfs`` and ``config.json`` inside the staging
 directory and syncs the filesystem; only then does this process rename the staging
@@ -15,7 +16,6 @@ directory to ``<hex digest>``, so a published directory is always complete.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import selectors
@@ -31,6 +31,7 @@ from typing import Any
 
 from common.proc import die_with_parent
 
+from . import child_protocol as protocol
 from .config import ImageConfig
 from .errors import ImageError, bad_image, too_large
 from .limits import Limits
@@ -79,14 +80,9 @@ def extract(
     images.mkdir(mode=0o700, parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=images))
     try:
-        params = {
-            "archive": os.path.abspath(archive_path),
-            "images_dir": str(images.resolve()),
-            "staging": str(staging.resolve()),
-            "tag": tag,
-            "limits": limits.to_dict(),
-            "sync": sync,
-        }
+        params = protocol.encode_params(
+            archive=os.path.abspath(archive_path), images_dir=str(images.resolve()),
+            staging=str(staging.resolve()), tag=tag, limits=limits.to_dict(), sync=sync)
         outcome = _run_child(params, limits, progress)
         return _publish(images, staging, outcome, sync)
     finally:
@@ -171,7 +167,7 @@ def _hex(digest: str) -> str:
 # -- the child ------------------------------------------------------------------------
 
 
-def _run_child(params: dict[str, Any], limits: Limits, progress: Progress | None) -> dict[str, Any]:
+def _run_child(params: bytes, limits: Limits, progress: Progress | None) -> dict[str, Any]:
     """Run the extraction child to completion (or kill it); return its result message."""
     with subprocess.Popen(
         [sys.executable, "-I", str(_CHILD)],
@@ -185,7 +181,7 @@ def _run_child(params: dict[str, Any], limits: Limits, progress: Progress | None
         try:
             assert proc.stdin is not None
             try:
-                proc.stdin.write(json.dumps(params).encode())
+                proc.stdin.write(params)
                 proc.stdin.close()
             except BrokenPipeError:
                 pass  # it died at once; its exit status says why
@@ -224,10 +220,10 @@ def _read_child(
                     out += chunk
                     *lines, out = out.split(b"\n")
                     for line in lines:
-                        msg = json.loads(line)
-                        if "progress" in msg:
+                        msg = protocol.parse_line(line)
+                        if protocol.PROGRESS in msg:
                             if progress is not None:
-                                progress(*msg["progress"])
+                                progress(*msg[protocol.PROGRESS])
                         else:
                             messages.append(msg)
     return messages, err, False
@@ -241,10 +237,10 @@ def _outcome(messages: list[Any], stderr: bytes, status: int, timed_out: bool, l
             limit="wall_seconds", value=limits.wall_seconds,
         )
     last = messages[-1] if messages else {}
-    if "error" in last:
-        raise ImageError.from_dict(last["error"])
-    if "result" in last and status == 0:
-        return last["result"]
+    if protocol.ERROR in last:
+        raise ImageError.from_dict(last[protocol.ERROR])
+    if protocol.RESULT in last and status == 0:
+        return last[protocol.RESULT]
     if status == -signal.SIGXCPU or (status == -signal.SIGKILL and not last):
         raise too_large(
             f"the extraction process was killed ({_signame(-status)}): the image needed more than "
@@ -256,7 +252,7 @@ def _outcome(messages: list[Any], stderr: bytes, status: int, timed_out: bool, l
             f"the extraction process died of {_signame(-status)} while reading the image",
             signal=_signame(-status),
         )
-    detail = last.get("crash") or stderr.decode(errors="replace")[-2000:]
+    detail = last.get(protocol.CRASH) or stderr.decode(errors="replace")[-2000:]
     raise RuntimeError(f"image extraction failed (exit status {status}): {detail}")
 
 

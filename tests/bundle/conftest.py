@@ -6,6 +6,8 @@ conftest.py files share that module name in this suite."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -21,8 +23,9 @@ from typing import Any
 
 import pytest
 
+from common.proc import adopt_orphans
 from runner.bundle import FunctionSettings, build_config, write_bundle
-from runner.runtime import Runtime, RuntimeFailed
+from runner.runtime import Runtime, RuntimeFailed, runtime_for
 
 HERE = Path(__file__).resolve().parent
 RUNTIMES = ("runc", "crun")
@@ -102,6 +105,17 @@ class Result:
         return json.loads(self.stdout)
 
 
+@contextlib.contextmanager
+def adopted() -> Iterator[None]:
+    """As the runner: a child subreaper while a detached container runs, so its init
+    becomes ours to wait for."""
+    adopt_orphans()
+    try:
+        yield
+    finally:
+        adopt_orphans(False)
+
+
 @dataclass
 class Containers:
     """Containers of the probe rootfs on one runtime; all removed at teardown."""
@@ -141,14 +155,39 @@ class Containers:
         write_bundle(self.bundle(cid), config)
         return cid
 
+    adopted = staticmethod(adopted)
+
     def run(self, *args: str, pass_fds: tuple[int, ...] = (), **kwargs: Any) -> Result:
         """Run ``probe ARGS`` in a new container to its end."""
         cid = self.prepare(*args, **kwargs)
         with self.control_socket(cid):
-            proc = self.runtime.run(self.bundle(cid), cid, pass_fds=pass_fds, timeout=30)
+            result = self.run_prepared(cid, pass_fds=pass_fds)
         self.remove(cid)
-        return Result(proc.returncode, proc.stdout.decode(errors="replace"),
-                      proc.stderr.decode(errors="replace"))
+        return result
+
+    def run_prepared(self, cid: str, runtime: Runtime | None = None,
+                     pass_fds: tuple[int, ...] = (), timeout: float = 30) -> Result:
+        """Run a prepared container to its end as the runner does (Runtime.spawn_run:
+        detached on runc, in the foreground on crun). A signal's death is 128 + signal,
+        as a runtime in the foreground reports it."""
+        runtime = runtime or self.runtime
+
+        async def to_end(out: int, err: int) -> int:
+            running = await runtime.spawn_run(self.bundle(cid), cid, stdout=out, stderr=err,
+                                              pidfile=os.path.join(self.bundle(cid), "pid"),
+                                              pass_fds=pass_fds)
+            try:
+                return await asyncio.wait_for(running.wait(), timeout)
+            except TimeoutError:
+                await runtime.delete(cid)
+                raise AssertionError(f"{cid} ran longer than {timeout}s") from None
+
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, self.adopted():
+            code = asyncio.run(to_end(out.fileno(), err.fileno()))
+            out.seek(0)
+            err.seek(0)
+            return Result(128 - code if code < 0 else code, out.read().decode(errors="replace"),
+                          err.read().decode(errors="replace"))
 
     def wait_for(self, cid: str, status: str, timeout: float = 20) -> None:
         """Poll the runtime until the container has ``status``."""
@@ -157,7 +196,7 @@ class Containers:
 
     def remove(self, cid: str) -> None:
         """Delete the container and its bundle."""
-        self.runtime.delete(cid, force=True)
+        asyncio.run(self.runtime.delete(cid))
         shutil.rmtree(self.bundle(cid), ignore_errors=True)
         (self.base / "ctl" / f"{cid}.sock").unlink(missing_ok=True)
 
@@ -178,7 +217,7 @@ def containers(request: pytest.FixtureRequest, probe_rootfs: Path, scratch: Path
                ) -> Iterator[Containers]:
     """Containers on runc and on crun (each must work here; neither is skipped)."""
     base = Path(tempfile.mkdtemp(prefix=f"{request.param}-", dir=scratch))
-    runtime = Runtime(request.param, root=str(base / "state"))
+    runtime = runtime_for(request.param, root=str(base / "state"))
     runtime.check()
     box = Containers(runtime, probe_rootfs, base)
     try:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import subprocess
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from runner.bundle import FunctionSettings, MiB
-from runner.runtime import cgroup_mode
+from runner.runtime import ContainerNotFound, Running, cgroup_mode
 
 if TYPE_CHECKING:
     from conftest import Containers
@@ -116,8 +117,8 @@ def test_only_stdio_reaches_the_container(containers: Containers, scratch: Path)
 def test_control_socket_reaches_the_runner(containers: Containers) -> None:
     cid = containers.prepare("checks")
     with containers.control_socket(cid) as listener:
-        proc = containers.runtime.run(containers.bundle(cid), cid, timeout=30)
-        assert proc.returncode == 0, proc.stderr
+        result = containers.run_prepared(cid)
+        assert result.returncode == 0, result.stderr
         listener.settimeout(10)
         conn, _ = listener.accept()
         with conn:
@@ -171,46 +172,65 @@ def _limits(pid: int) -> dict[str, str]:
             "pids": (_cgroup_dir(pid, "pids") / "pids.max").read_text().strip()}
 
 
-def test_cgroup_limits_and_create_start_delete(containers: Containers, scratch: Path) -> None:
+async def _paused(containers: Containers, cid: str, out: int) -> Running:
+    """Start ``probe pause`` as the runner starts a container; return once it runs."""
+    running = await containers.runtime.spawn_run(
+        containers.bundle(cid), cid, stdout=out, stderr=out,
+        pidfile=os.path.join(containers.bundle(cid), "pid"))
+    return running
+
+
+def test_cgroup_limits_and_delete(containers: Containers) -> None:
     settings = FunctionSettings(memory=64 * MiB, cpu=0.5, pids=32)
-    cid = containers.prepare("checks", settings=settings)
+    cid = containers.prepare("pause", settings=settings)
     runtime = containers.runtime
-    with containers.control_socket(cid), open(scratch / f"{cid}.out", "w+b") as out:
-        runtime.create(containers.bundle(cid), cid, stdout=out)
+
+    async def main(r: int, w: int) -> None:
+        running = await _paused(containers, cid, w)
+        os.close(w)
+        assert await asyncio.to_thread(os.read, r, 100) == b"ready\n"
         state = runtime.state(cid)
-        assert state["status"] == "created"
+        assert state["status"] == "running"
         memory_dir = _cgroup_dir(state["pid"], "memory")
         assert "/faasd/" + cid in str(memory_dir)
         assert _limits(state["pid"]) == {"memory": str(64 * MiB), "swap": "0",
                                          "cpu": "50000 100000", "pids": "32"}
-        runtime.start(cid)
-        containers.wait_for(cid, "stopped")
-        out.seek(0)
-        assert b'"Seccomp":"2"' in out.read()
-    runtime.delete(cid)
-    assert cid not in runtime.list()
-    assert not memory_dir.exists(), "delete removes the container's cgroup"
+        await runtime.delete(cid)
+        assert await asyncio.wait_for(running.wait(), 20) in (-9, 128 + 9)
+        assert cid not in runtime.list()
+        assert not memory_dir.exists(), "delete removes the container's cgroup"
+
+    r, w = os.pipe()
+    with containers.control_socket(cid), containers.adopted():
+        try:
+            asyncio.run(main(r, w))
+        finally:
+            os.close(r)
     containers.remove(cid)
 
 
-def test_delete_force_of_a_running_container(containers: Containers) -> None:
+def test_delete_of_a_running_container_and_kill(containers: Containers) -> None:
     cid = containers.prepare("pause")
     runtime = containers.runtime
-    with containers.control_socket(cid):
-        proc = runtime.spawn(containers.bundle(cid), cid)
+
+    async def main(r: int, w: int) -> None:
+        running = await _paused(containers, cid, w)
+        os.close(w)
+        assert await asyncio.to_thread(os.read, r, 100) == b"ready\n"
+        assert cid in runtime.list()
+        await runtime.kill(cid)  # KILL: an init ignores signals it has no handler for
+        assert await asyncio.wait_for(running.wait(), 20) in (-9, 128 + 9)
+        await runtime.delete(cid)
+        await runtime.delete(cid)  # idempotent
+        with pytest.raises(ContainerNotFound):
+            await runtime.kill(cid)
+
+    r, w = os.pipe()
+    with containers.control_socket(cid), containers.adopted():
         try:
-            assert proc.stdout is not None
-            assert proc.stdout.readline() == b"ready\n"
-            assert runtime.state(cid)["status"] == "running"
-            assert cid in runtime.list()
-            runtime.delete(cid, force=True)
-            assert proc.wait(timeout=20) == 128 + 9
+            asyncio.run(main(r, w))
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            proc.stdout.close()
-            proc.stderr.close()
+            os.close(r)
     assert cid not in runtime.list()
     assert runtime.list() == []
     containers.remove(cid)

@@ -16,6 +16,7 @@ import pytest
 from common.proc import adopt_orphans
 from runner import container as container_mod
 from runner.container import Container, LinePump
+from runner.runtime import Runtime
 
 HANDLER = r"""
 import json, os, socket, sys, time
@@ -51,25 +52,29 @@ open(sys.argv[1], "w").write(str(pid))
 """
 
 
-class PlainRuntime:
-    """The runtime's commands, with the handler as a plain process: started detached
-    (as runc is), or as the runtime's own process (as crun is)."""
-
-    preexec_fn = None
+class PlainRuntime(Runtime):
+    """The production Runtime (spawn_run, kill, delete) with the handler as a plain
+    process in place of the runtime's argv: started detached (as runc is), or as the
+    runtime's own process (as crun is)."""
 
     def __init__(self, ctl_dir: Path, detach: bool = True):
+        super().__init__("plain", root=str(ctl_dir / "state"))
         self.ctl_dir = ctl_dir
         self.detach = detach
 
-    def command(self, verb: str, *args: str) -> list[str]:
-        ctl = str(self.ctl_dir / f"{args[-1]}.sock")
-        if verb == "run" and self.detach:
-            assert args[:2] == ("--detach", "--pid-file")
-            return [sys.executable, "-c", LAUNCH, args[2], ctl, HANDLER]
-        if verb == "run":
-            assert args[0] == "--bundle"
-            return [sys.executable, "-c", HANDLER, ctl]
-        return ["true"]  # kill, delete: the process goes with its control socket
+    def run_argv(self, bundle: str, container_id: str, pidfile: str | None = None
+                 ) -> list[str]:
+        ctl = str(self.ctl_dir / f"{container_id}.sock")
+        assert (pidfile is not None) == self.detach
+        if pidfile is not None:
+            return [sys.executable, "-c", LAUNCH, pidfile, ctl, HANDLER]
+        return [sys.executable, "-c", HANDLER, ctl]
+
+    def kill_argv(self, container_id: str, signal: str) -> list[str]:
+        return ["true"]  # the process goes with its control socket
+
+    def delete_argv(self, container_id: str) -> list[str]:
+        return ["true"]
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +97,7 @@ def make(tmp_path: Path, sink: Lines, detach: bool = True) -> Container:
     (tmp_path / "bundles").mkdir(exist_ok=True)
     (tmp_path / "ctl").mkdir(exist_ok=True)
     return Container("fn", str(tmp_path / "bundles"), str(tmp_path / "ctl"),
-                     PlainRuntime(tmp_path / "ctl", detach),  # type: ignore[arg-type]
+                     PlainRuntime(tmp_path / "ctl", detach),
                      lambda cid, ctl: {"ociVersion": "1.0.2"}, sink)
 
 
@@ -156,7 +161,7 @@ def test_a_runtime_that_fails_to_start_it_is_the_exit(tmp_path, monkeypatch):
     async def main() -> None:
         sink = Lines()
         c = make(tmp_path, sink)
-        monkeypatch.setattr(c.runtime, "command", lambda *a: [
+        monkeypatch.setattr(c.runtime, "run_argv", lambda *a: [
             "sh", "-c", "echo 'no such image' >&2; exit 7"])
         await c.start()
         with pytest.raises(container_mod.ContainerFailed, match=r"container exited \(7\)"):
