@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runner.images.extract import extract  # noqa: E402
-from tests.imagebuild import Layer, build_image  # noqa: E402
+from runner.images.extract import extract
+from tests.imagebuild import Layer, build_image
 
 SOURCES = ("/usr/lib/python3.11", "/usr/lib/x86_64-linux-gnu", "/usr/share", "/usr/bin")
 

@@ -418,7 +418,7 @@ class PerConnection:
         return subprocess.Popen(
             self.runtime.run_argv(str(bundle), cid),
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
-            preexec_fn=self.runtime.preexec_fn)  # noqa: PLW1509 (three syscalls, fork-safe)
+            preexec_fn=self.runtime.preexec_fn)
 
 
 class PreStarted(PerConnection):

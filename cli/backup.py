@@ -26,8 +26,18 @@ import tempfile
 from dataclasses import dataclass
 from typing import IO, Any
 
-from cli.archive import (BY_NAME, FORMAT, MANIFEST, caps_of, check_manifest,
-                         check_settings, images, make_manifest, unpack, write_archive)
+from cli.archive import (
+    BY_NAME,
+    FORMAT,
+    MANIFEST,
+    caps_of,
+    check_manifest,
+    check_settings,
+    images,
+    make_manifest,
+    unpack,
+    write_archive,
+)
 from common import layout, parts
 from common.daemon import owner_ids
 from common.errors import EXIT_STATUS, Code, FaasError

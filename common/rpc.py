@@ -30,8 +30,8 @@ import zmq
 import zmq.asyncio
 
 from common import protocol
-from common.layout import Layout
 from common.errors import Code, FaasError
+from common.layout import Layout
 from common.log import EventLog, request_id
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]

@@ -21,7 +21,6 @@ from common.errors import FaasError
 from common.log import EventLog, request_id
 from common.rpc import Client
 
-
 FLAP_WINDOW = 300.0  # seconds
 FLAP_RESTARTS = 3  # this many restarts within the window: flapping
 

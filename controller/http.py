@@ -35,17 +35,28 @@ from typing import Any
 from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
 
+from common import rpc
 from common.errors import Code, FaasError
 from common.log import EventLog, request_id
 from common.protocol import OPS, new_id
-from common import rpc
 from common.rpc import Handler
 from controller import access
 from controller.access import Caller, Operators
 from controller.routes import (
-    IDLE_SECONDS, IMAGE, JSON_BODY, NO_BODY, ROUTES, Answer,
-    MethodNotAllowed, check_type, error_answer, json_answer, json_body, query_args,
-    read_body)
+    IDLE_SECONDS,
+    IMAGE,
+    JSON_BODY,
+    NO_BODY,
+    ROUTES,
+    Answer,
+    MethodNotAllowed,
+    check_type,
+    error_answer,
+    json_answer,
+    json_body,
+    query_args,
+    read_body,
+)
 
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus text format
 MAX_HEADER = 8190  # one header line (aiohttp's limit); a longer one is 413

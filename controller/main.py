@@ -30,7 +30,6 @@ from controller.metrics import Metrics
 from controller.state import State
 from controller.uploads import UNKNOWN_CALLER, Uploads
 
-
 T = TypeVar("T")
 LOG_CHUNK = 256 << 10
 

@@ -25,9 +25,9 @@ from typing import Any
 
 from common.daemon import AgentDaemon, run_main
 from common.errors import Code, FaasError
+from common.layout import Layout
 from common.settings import vpn_server
 from dnsagent import zone
-from common.layout import Layout
 from dnsagent.named import commit, find_tool, stage, write_atomic
 
 CHECKZONE_TIMEOUT = 10.0

@@ -18,7 +18,6 @@ from common.errors import Code, FaasError
 from common.files import atomic_write
 from common.proc import die_with_parent
 
-
 COMMAND_TIMEOUT = 15.0  # seconds; ip6tables waits at most 5 s for the xtables lock
 PACKAGES = {"ip": "iproute2", "wg": "wireguard-tools", "ip6tables": "iptables",
             "ip6tables-restore": "iptables", "wireguard-go": "wireguard-go"}

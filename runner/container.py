@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 from runner.bundle import BundleError, write_bundle
 from runner.handler_protocol import CONTROL_PACKET, conn_packet, done_packet, is_done
-from runner.runtime import Runtime, RuntimeFailed, Running
+from runner.runtime import Running, Runtime, RuntimeFailed
 
 PUMP_GRACE = 2.0  # seconds to read a stopped container's last output
 PUMP_PAUSE = 0.05  # after a read, a pipe is left alone this long (see LinePump)

@@ -16,15 +16,15 @@ from typing import Any
 from common import fnsettings, layout
 from common.daemon import AgentDaemon, owner_ids, run_main
 from common.proc import adopt_orphans
-from common.settings import SettingsError
 from common.rpc import Handler
+from common.settings import SettingsError
 from runner.bounds import check_state
 from runner.budget import MemoryBudget, budget_bytes
 from runner.fleet import Fleet
-from runner.serve import LATENCY_BUCKETS
 from runner.fnlogs import FunctionLogs
-from runner.runtime import RuntimeUnavailable, runtime_for
 from runner.images.extract import DEFAULT_LIMITS
+from runner.runtime import RuntimeUnavailable, runtime_for
+from runner.serve import LATENCY_BUCKETS
 from runner.store import ImageStore
 
 

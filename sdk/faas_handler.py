@@ -514,7 +514,7 @@ def _answer(handler: "Handler", sock: "_socket.socket", msg: dict, reuse: bool,
         return
     try:
         data = render(_coerce(handler(request)), request.method == "HEAD")
-    except Exception:  # noqa: BLE001 -- a handler's bug must not take the reuse loop down
+    except Exception:
         _log_exception(f"request {request.id}: the handler failed; answering 500")
         data = _error(500)
     _send_quietly(sock, data)
@@ -543,7 +543,7 @@ def serve_connection(handler: "Handler", fd: int, msg: dict, *, reuse: bool = Fa
         _answer(handler, sock, msg, reuse, max_body)
     except OSError as exc:
         _log(f"request {msg.get('id')}: connection error: {exc}")
-    except Exception:  # noqa: BLE001 -- one bad connection must not end a reuse loop
+    except Exception:
         _log_exception(f"request {msg.get('id')}: failed")
     finally:
         sock.close()  # idempotent: _close usually did it already

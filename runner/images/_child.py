@@ -150,5 +150,5 @@ def main() -> None:
             return
         _emit(protocol.error_line(too_large(
             f"no room to extract the image ({exc.strerror}): free disk space").to_dict()))
-    except BaseException:  # noqa: BLE001 - a bug: the parent reports the traceback
+    except BaseException:
         _emit(protocol.crash_line(traceback.format_exc()))

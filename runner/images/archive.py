@@ -25,15 +25,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Self
 
-from .config import (
+from runner.images.config import (
     ImageConfig,
     host_architecture,
     load_json,
     parse_config,
     parse_diff_ids,
 )
-from .errors import AMBIGUOUS, NOT_FOUND, ImageError, bad_image, too_large
-from .limits import Limits
+from runner.images.errors import AMBIGUOUS, NOT_FOUND, ImageError, bad_image, too_large
+from runner.images.limits import Limits
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")

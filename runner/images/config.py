@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import bad_image
+from runner.images.errors import bad_image
 
 # platform.machine() -> the GOARCH names images use. Only the host's own architecture
 # is accepted: no emulation is set up, and "amd64 can run 386" needs 32-bit support

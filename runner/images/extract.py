@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from common.proc import die_with_parent
-
-from . import child_protocol as protocol
-from .config import ImageConfig
-from .errors import ImageError, bad_image, too_large
-from .limits import Limits
-from .safefs import remove_tree
+from runner.images import child_protocol as protocol
+from runner.images.config import ImageConfig
+from runner.images.errors import ImageError, bad_image, too_large
+from runner.images.limits import Limits
+from runner.images.safefs import remove_tree
 
 Progress = Callable[[str, int, "int | None"], None]
 

@@ -31,9 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .errors import bad_image, too_large
-from .limits import Limits, MiB
-from .safefs import SafeRoot
+from runner.images.errors import bad_image, too_large
+from runner.images.limits import Limits, MiB
+from runner.images.safefs import SafeRoot
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -335,7 +335,7 @@ class _Stream:
                 self._put(self._queue, data)
                 if not data:
                     return
-        except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
+        except BaseException as exc:
             self._put(self._queue, exc)
         finally:
             self._to_hash.put(None)  # cannot block for long: the hasher always empties its queue

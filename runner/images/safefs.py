@@ -22,7 +22,7 @@ import stat
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 
-from .errors import bad_image
+from runner.images.errors import bad_image
 
 # openat2(2) has number 437 on every architecture since Linux 5.6 (the syscall table
 # was unified for new calls); struct open_how is three u64s.

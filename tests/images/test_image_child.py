@@ -131,7 +131,7 @@ def test_concurrent_extractions_of_one_image(scratch) -> None:
     def run() -> None:
         try:
             results.append(extract(scratch.archive(), scratch.images))
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=run) for _ in range(3)]

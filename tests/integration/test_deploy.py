@@ -208,7 +208,8 @@ def test_daemon_killed_during_extraction_leaves_nothing(platform, tmp_path, vict
     proc = subprocess.Popen([BIN / "faasctl", "new", "big", "-f", tmp_path / "big.tar"],
                             env=platform.env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    staging = lambda: [n for n in os.listdir(images_dir(platform)) if n.startswith(".staging")]
+    def staging() -> list[str]:
+        return [n for n in os.listdir(images_dir(platform)) if n.startswith(".staging")]
     poll("extraction under way", staging, 30, interval=0.02)
     os.kill(platform.status()[victim]["pid"], signal.SIGKILL)
     proc.wait(timeout=60)
@@ -245,6 +246,7 @@ def test_function_addresses_follow_the_state(platform, tmp_path):
 
 def test_netagent_refuses_an_address_outside_the_prefix(platform):
     from test_platform import raw_request
+
     from common import protocol
     platform.wait_healthy()
     before = interface_addresses(platform)
@@ -288,6 +290,7 @@ def test_logs_go_with_the_function(platform, image_tar):
 def call(platform, op: str, args: dict):
     """One controller request from this process (as root), by a connection of its own."""
     from test_platform import raw_request
+
     from common import protocol
     return raw_request(platform.run_dir / "controller.sock",
                        [protocol.make_request(op, args, protocol.new_id())])

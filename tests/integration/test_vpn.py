@@ -144,8 +144,9 @@ def test_only_port_80_and_dns_are_reachable(platform, netns, client, connected):
         "s=socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
         "s.bind(('::',9999)); s.listen(); time.sleep(60)")))
     try:
-        reachable = lambda: run(*netns.argv("bash", "-c", "exec 3<>/dev/tcp/::1/9999"),
-                                check=False).returncode == 0
+        def reachable() -> bool:
+            return run(*netns.argv("bash", "-c", "exec 3<>/dev/tcp/::1/9999"),
+                       check=False).returncode == 0
         poll("the listener up (seen from the server itself)", reachable, 10)
         assert client.tcp_open(connected, 80)
         assert not client.tcp_open(DNS, 9999)  # the server's VPN address, other port
@@ -254,8 +255,9 @@ def test_netagent_refuses_bad_peers_and_changes_nothing(platform):
 
 
 def test_faasd_down_removes_the_interface_and_chains(platform):
-    chains = lambda: [line for line in run(*platform.netns.argv("ip6tables-save")).stdout
-                      .splitlines() if platform.interface in line]
+    def chains() -> list[str]:
+        return [line for line in run(*platform.netns.argv("ip6tables-save")).stdout
+                .splitlines() if platform.interface in line]
     assert chains()  # the chains and jumps are there while faasd runs
     run(*platform.netns.argv(BIN / "faasd", "down"), env=platform.env, timeout=90)
     assert chains() == []

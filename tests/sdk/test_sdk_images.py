@@ -53,7 +53,7 @@ class Archive:
             self.config_bytes = outer.extractfile(entry["Config"]).read()
             self.config = json.loads(self.config_bytes)
             self.layer_bytes = outer.extractfile(entry["Layers"][0]).read()
-        self.layer = tarfile.open(fileobj=io.BytesIO(self.layer_bytes))  # noqa: SIM115 -- in memory
+        self.layer = tarfile.open(fileobj=io.BytesIO(self.layer_bytes))
         self.members = {m.name: m for m in self.layer.getmembers()}
 
     def read(self, name: str) -> bytes:

@@ -29,11 +29,11 @@ from common import fnsettings, protocol, rpc
 from common.errors import Code, FaasError
 from common.log import EventLog
 from controller import routes
-from controller.health import AgentHealth
 from controller.access import Operators
+from controller.health import AgentHealth
 from controller.http import MAX_HEADER, METRICS_TYPE, Endpoints, HttpApi
-from controller.routes import MAX_JSON, ROUTES
 from controller.main import Controller
+from controller.routes import MAX_JSON, ROUTES
 from tests import openapi_check as oc
 
 SPEC = oc.load()

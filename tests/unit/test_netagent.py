@@ -13,9 +13,8 @@ import pytest
 
 from common.errors import Code, FaasError
 from common.log import EventLog
-from common.settings import load
+from common.settings import load, vpn_server
 from netagent import firewall
-from common.settings import vpn_server
 from netagent.main import NetAgent
 
 KEY_A, KEY_B = "A" * 43 + "=", "B" * 43 + "="
@@ -33,15 +32,28 @@ class FakeNet:
         self.port = 0
 
     async def link_exists(self): return self.link
-    async def create_link(self): self.link = True; self.calls.append(("create",)); return "fake"
+    async def create_link(self):
+        self.link = True
+        self.calls.append(("create",))
+        return "fake"
+
     async def ensure_key(self, path): self.calls.append(("key", path))
     async def listen_port(self): return self.port
     async def public_key(self): return KEY_A if self.port else ""
-    async def configure(self, path, port): self.port = port; self.calls.append(("configure",))
+    async def configure(self, path, port):
+        self.port = port
+        self.calls.append(("configure",))
+
     async def set_up(self): pass
     async def addresses(self): return sorted(self.addrs)
-    async def add_address(self, a): self.addrs.add(a); self.calls.append(("add", str(a)))
-    async def del_address(self, a): self.addrs.discard(a); self.calls.append(("del", str(a)))
+    async def add_address(self, a):
+        self.addrs.add(a)
+        self.calls.append(("add", str(a)))
+
+    async def del_address(self, a):
+        self.addrs.discard(a)
+        self.calls.append(("del", str(a)))
+
     async def route(self, prefix): pass
     async def peers(self): return self.wg_peers
 

@@ -17,9 +17,9 @@ import pytest
 
 from common.fnsettings import PER_CLIENT_OFF
 from common.log import EventLog
+from runner import serve
 from runner.budget import MemoryBudget, budget_bytes, host_memory
 from runner.container import ContainerFailed
-from runner import serve
 from runner.serve import Function, ServeSettings
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"

@@ -33,7 +33,9 @@ def test_programs():
         assert p["redirect_stderr"] == "true"
     for unprivileged in ("controller", "dnsagent"):
         assert programs[unprivileged]["user"] == "%(ENV_FAAS_USER)s"
-    for root in ("netagent", "runner", "dns"):  # named drops to user bind itself  # their children (wireguard-go, runc) die with them
+    # named drops to user bind itself; the root programs' children (wireguard-go, runc)
+    # die with them
+    for root in ("netagent", "runner", "dns"):
         assert "user" not in programs[root]
         assert programs[root]["stopasgroup"] == programs[root]["killasgroup"] == "true"
 
