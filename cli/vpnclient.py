@@ -37,11 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from common import wgconf
+from common.errors import EXIT_STATUS, Code
 from common.files import atomic_write
 from common.proc import alive
 from common.wgconf import ClientConfig, check_key
 
-OK, FAIL, USAGE = 0, 1, 2
+# faasctl's exit statuses: a failed step is 1 (as an internal error), a bad argument or
+# file 2 (as bad_request).
+OK, FAIL, USAGE = 0, EXIT_STATUS[Code.INTERNAL], EXIT_STATUS[Code.BAD_REQUEST]
 
 DEFAULT_INTERFACE = "wg-faas"
 DEFAULT_KEY_FILE = "/etc/faasd/client/private.key"
