@@ -69,7 +69,8 @@ class FaasError(Exception):
         except ValueError:
             return cls(Code.INTERNAL, f"peer sent unknown error code {error.get('code')!r:.50}")
         details = error.get("details")
-        return cls(code, str(error.get("message", "")), details if isinstance(details, dict) else {})
+        return cls(code, str(error.get("message", "")),
+                   details if isinstance(details, dict) else {})
 
     def __str__(self) -> str:
         return f"{self.code.value}: {self.message}"

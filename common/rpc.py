@@ -207,7 +207,8 @@ class Server:
             rid = req.id
             token = request_id.set(rid)
             result = await self.handlers[req.op.name](req.args)
-            self.log.debug("served", op=req.op.name, ms=round((time.monotonic() - started) * 1e3, 2))
+            self.log.debug("served", op=req.op.name,
+                           ms=round((time.monotonic() - started) * 1e3, 2))
             return protocol.make_reply(rid, result)
         except FaasError as exc:
             self.log.warning("refused", code=exc.code.value, error=exc.message, id=rid)

@@ -5,8 +5,8 @@ Level-triggered, as Kubernetes controllers are: each agent is pinged about once 
 no sync since it started, holds another generation of the desired state than ours, or
 reports the digest of another state than the one we want (someone else holding the faas
 user sent it a sync: the generation alone would not show it), the agent gets a ``sync``
-carrying its whole desired state. A restarted agent therefore heals without an operator, and so does an agent
-whose sync failed: the next ping finds it still unsynced.
+carrying its whole desired state. A restarted agent therefore heals without an operator,
+and so does an agent whose sync failed: the next ping finds it still unsynced.
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ class Monitor:
             left = self.interval - (time.monotonic() - started)
             if left > 0:
                 # A new connection is most likely a restarted agent: look at once.
-                waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(connected.wait())]
+                waits = [asyncio.ensure_future(stop.wait()),
+                         asyncio.ensure_future(connected.wait())]
                 await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
                 for w in waits:
                     w.cancel()

@@ -146,7 +146,8 @@ class State:
         return [{"name": r["name"], "address": r["address"], "version": r["version"],
                  "created": r["created"], "digest": r["digest"],
                  "command": command_of(json.loads(r["config"])),
-                 "settings": fnsettings.apply(json.loads(r["settings"]), {}, self.maxima)} for r in rows]
+                 "settings": fnsettings.apply(json.loads(r["settings"]), {}, self.maxima)}
+                for r in rows]
 
     def specs(self) -> list[dict[str, Any]]:
         """What the runner needs to serve every function: address, image digest,
@@ -156,7 +157,8 @@ class State:
             "SELECT f.name, f.address, f.settings, v.digest FROM functions f"
             " JOIN versions v ON v.name = f.name AND v.version = f.version ORDER BY f.name")
         return [{"name": r["name"], "address": r["address"], "digest": r["digest"],
-                 "settings": fnsettings.apply(json.loads(r["settings"]), {}, self.maxima)} for r in rows]
+                 "settings": fnsettings.apply(json.loads(r["settings"]), {}, self.maxima)}
+                for r in rows]
 
     def function(self, name: str) -> dict[str, Any]:
         """One function, or not_found."""
@@ -186,7 +188,8 @@ class State:
         db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='generation'")
 
     def _allocate(self, db: sqlite3.Connection) -> str:
-        used = {int(ipaddress.IPv6Address(r[0])) for r in db.execute("SELECT address FROM functions")}
+        used = {int(ipaddress.IPv6Address(r[0]))
+                for r in db.execute("SELECT address FROM functions")}
         base = int(self.prefix.network_address)
         for offset in range(FIRST_HOST, self.prefix.num_addresses):
             if base + offset not in used:
@@ -194,7 +197,8 @@ class State:
         raise FaasError(Code.CONFLICT, f"function prefix {self.prefix} is full; widen "
                         "function_prefix or remove functions")
 
-    def add_version(self, name: str, digest: str, config: dict[str, Any], size: int) -> dict[str, Any]:
+    def add_version(self, name: str, digest: str, config: dict[str, Any],
+                    size: int) -> dict[str, Any]:
         """Record a new version and serve it; a new function gets an address."""
         now = time.time()
         with self.tx() as db:

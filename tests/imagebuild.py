@@ -151,7 +151,8 @@ class BuiltImage:
     config: bytes
 
 
-def _info(path: str, kind: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0, mtime: int = MTIME) -> tarfile.TarInfo:
+def _info(path: str, kind: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0,
+          mtime: int = MTIME) -> tarfile.TarInfo:
     info = tarfile.TarInfo(path)
     info.type, info.mode, info.uid, info.gid, info.mtime = kind, mode, uid, gid, mtime
     return info
@@ -231,7 +232,8 @@ def many_files(count: int, directory: str = "m") -> Layer:
 
     def chunks() -> Iterator[bytes]:
         prefix = f"{directory}/".encode()
-        template = bytearray(_info(f"{directory}/0000000", tarfile.REGTYPE).tobuf(tarfile.USTAR_FORMAT))
+        template = bytearray(_info(f"{directory}/0000000",
+                                   tarfile.REGTYPE).tobuf(tarfile.USTAR_FORMAT))
         width = len(prefix) + 7
         template[148:156] = b" " * 8
         head, tail = bytes(template[width:148]), bytes(template[155:])
@@ -284,7 +286,8 @@ def _layer_blob(layer: Any, compression: str, tmpdir: str) -> tuple[_Blob, str]:
         layer = Layer(entries=list(layer))
     comp = layer.compression or compression
     if layer.blob is not None:
-        return _Blob(layer.blob), layer.diff_id or "sha256:" + hashlib.sha256(layer.blob).hexdigest()
+        return (_Blob(layer.blob),
+                layer.diff_id or "sha256:" + hashlib.sha256(layer.blob).hexdigest())
     if layer.chunks is not None:
         blob, diff_id = _stream_blob(layer.chunks(), comp, tmpdir)
         return blob, layer.diff_id or diff_id
@@ -321,13 +324,15 @@ class OuterLink:
 
 
 def _config_bytes(config: dict[str, Any] | None, diff_ids: list[str]) -> bytes:
-    doc: dict[str, Any] = {"architecture": host_architecture(), "os": "linux", "config": {"Cmd": ["/handler"]}}
+    doc: dict[str, Any] = {"architecture": host_architecture(), "os": "linux",
+                           "config": {"Cmd": ["/handler"]}}
     doc.update(config or {})
     doc.setdefault("rootfs", {"type": "layers", "diff_ids": diff_ids})
     return json.dumps(doc, sort_keys=True).encode()
 
 
-def _desc(media_type: str, data_or_blob: Any, annotations: dict[str, str] | None = None, **more: Any) -> dict[str, Any]:
+def _desc(media_type: str, data_or_blob: Any, annotations: dict[str, str] | None = None,
+          **more: Any) -> dict[str, Any]:
     if isinstance(data_or_blob, _Blob):
         size, digest = data_or_blob.size, data_or_blob.digest
     else:
@@ -391,7 +396,8 @@ def build_archive(
 
 
 def _legacy(
-    members: dict[str, Any], image: Image, blobs: list[tuple[_Blob, str]], config: bytes, cfg_digest: str
+    members: dict[str, Any], image: Image, blobs: list[tuple[_Blob, str]], config: bytes,
+    cfg_digest: str
 ) -> dict[str, Any]:
     parent, paths = "", []
     first_of: dict[str, str] = {m.digest: k for k, m in members.items() if isinstance(m, _Blob)}
@@ -401,7 +407,8 @@ def _legacy(
         if name not in members:
             members[f"{layer_id}/"] = None  # a directory entry, as docker writes one
             members[f"{layer_id}/VERSION"] = b"1.0"
-            members[f"{layer_id}/json"] = json.dumps({"id": layer_id, "parent": parent or None}).encode()
+            members[f"{layer_id}/json"] = json.dumps({"id": layer_id,
+                                                      "parent": parent or None}).encode()
             if blob.digest in first_of:  # the same layer again: a symlink to its first copy
                 members[name] = OuterLink(f"../{first_of[blob.digest]}")
             else:
@@ -414,9 +421,11 @@ def _legacy(
 
 
 def _skopeo(
-    members: dict[str, Any], image: Image, blobs: list[tuple[_Blob, str]], config: bytes, cfg_digest: str
+    members: dict[str, Any], image: Image, blobs: list[tuple[_Blob, str]], config: bytes,
+    cfg_digest: str
 ) -> dict[str, Any]:
-    """skopeo copy ... docker-archive: layers as <digest>.tar and the config as <digest>.json, top level."""
+    """skopeo copy ... docker-archive: layers as <digest>.tar and the config as <digest>.json,
+    top level."""
     for blob, _ in blobs:
         members[f"{blob.digest[7:]}.tar"] = blob
     members[f"{cfg_digest[7:]}.json"] = config
@@ -442,14 +451,16 @@ def _oci(
     tag = image.tags[0] if image.tags else None
     if fmt == "docker25":
         # Docker 25 names the image in full and puts the bare tag in ref.name.
-        ann = {"io.containerd.image.name": _full_name(tag), "org.opencontainers.image.ref.name": tag.rpartition(":")[2]}
+        ann = {"io.containerd.image.name": _full_name(tag),
+               "org.opencontainers.image.ref.name": tag.rpartition(":")[2]}
         ann = ann if tag else None
     else:
         ann = {"org.opencontainers.image.ref.name": tag} if tag else None
     platform = {"os": "linux", "architecture": host_architecture()}
     desc = _desc(OCI_MANIFEST, man_bytes, None if nested else ann, platform=platform)
     if nested:
-        inner = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [desc]}).encode()
+        inner = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                            "manifests": [desc]}).encode()
         members[f"blobs/sha256/{hashlib.sha256(inner).hexdigest()}"] = inner
         desc = _desc(OCI_INDEX, inner, ann)
     entry = {

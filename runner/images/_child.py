@@ -44,7 +44,8 @@ def _set_limits(limits: Limits) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
     # Belt and braces for the per-file cap: the kernel refuses writes past it (EFBIG).
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_file_bytes + 1, limits.max_file_bytes + 1))
+    resource.setrlimit(resource.RLIMIT_FSIZE,
+                       (limits.max_file_bytes + 1, limits.max_file_bytes + 1))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     os.umask(0)  # modes come from the image, not from whoever started the daemon
 
@@ -115,12 +116,14 @@ def extract_into(params: dict[str, Any], limits: Limits) -> dict[str, Any]:
     try:
         for i, ref in enumerate(spec.layers, 1):
             reader = LayerReader(fd, ref, progress.add)
-            stats = apply_layer(root, reader, ref.diff_id, f"layer {i} of {len(spec.layers)} ({ref.member})", budget)
+            stats = apply_layer(root, reader, ref.diff_id,
+                                f"layer {i} of {len(spec.layers)} ({ref.member})", budget)
             reader.finish()
             result["dropped"] += stats.dropped
         result["bytes"] = budget.file_bytes
         with open(staging / "config.json", "x") as f:
-            json.dump({"digest": spec.digest, "tags": list(spec.tags), "expanded_bytes": budget.file_bytes,
+            json.dump({"digest": spec.digest, "tags": list(spec.tags),
+                       "expanded_bytes": budget.file_bytes,
                        **spec.config.to_dict()}, f, indent=1)
         if params["sync"]:
             syncfs(root.fd)

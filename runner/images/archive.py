@@ -38,7 +38,8 @@ from runner.images.limits import Limits
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 _BARE_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-_INDEX_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
+_INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
+                "application/vnd.docker.distribution.manifest.list.v2+json")
 _MAX_INDEX_DEPTH = 4
 _CHUNK = 1 << 20
 
@@ -76,7 +77,8 @@ class _Candidate:
     config_raw: bytes | None = field(default=None, repr=False)
 
 
-def read_archive(path: str | os.PathLike[str], tag: str | None = None, limits: Limits | None = None) -> ImageSpec:
+def read_archive(path: str | os.PathLike[str], tag: str | None = None,
+                 limits: Limits | None = None) -> ImageSpec:
     """Find the image to deploy in an archive (by ``tag`` if given) and check its config.
 
     Raises ImageError: ``bad_image`` (malformed, unsupported, hostile paths, bad config),
@@ -91,7 +93,8 @@ def read_archive(path: str | os.PathLike[str], tag: str | None = None, limits: L
         else:
             raise bad_image(
                 "the archive has neither manifest.json nor index.json at its top level: "
-                "upload the output of 'docker save', 'podman save' or 'skopeo copy ... oci-archive:'"
+                "upload the output of 'docker save', 'podman save' or "
+                "'skopeo copy ... oci-archive:'"
             )
         chosen = _choose(arc, candidates, tag)
         return _spec(arc, chosen, fmt)
@@ -113,7 +116,8 @@ class LayerReader:
             return b""
         data = os.pread(self._fd, n, self._pos)
         if not data:
-            raise bad_image(f"the archive ends inside layer {self._ref.member!r}: it is truncated; upload it again")
+            raise bad_image(f"the archive ends inside layer {self._ref.member!r}: it is truncated; "
+                            "upload it again")
         self._pos += len(data)
         if self._sha is not None:
             self._sha.update(data)
@@ -127,8 +131,8 @@ class LayerReader:
             pass
         if self._sha is not None and f"sha256:{self._sha.hexdigest()}" != self._ref.blob_digest:
             raise bad_image(
-                f"layer blob {self._ref.member!r} does not match its digest {self._ref.blob_digest}: "
-                "the archive is corrupted; save the image again",
+                f"layer blob {self._ref.member!r} does not match its digest "
+                f"{self._ref.blob_digest}: the archive is corrupted; save the image again",
                 member=self._ref.member,
             )
 
@@ -174,7 +178,8 @@ class _Archive:
         count = 0
         with os.fdopen(os.dup(self.fd), "rb") as f:
             try:
-                with tarfile.open(fileobj=f, mode="r:", encoding="utf-8", errors="surrogateescape") as tf:
+                with tarfile.open(fileobj=f, mode="r:", encoding="utf-8",
+                                  errors="surrogateescape") as tf:
                     while (m := tf.next()) is not None:
                         tf.members.clear()
                         count += 1
@@ -188,7 +193,8 @@ class _Archive:
                             self.members[name] = m
             except (tarfile.TarError, EOFError) as exc:
                 raise bad_image(
-                    f"the upload is not a complete tar archive ({exc}): upload the output of 'docker save' again"
+                    f"the upload is not a complete tar archive ({exc}): "
+                    "upload the output of 'docker save' again"
                 ) from None
 
     def resolve(self, path: Any, what: str) -> tarfile.TarInfo:
@@ -198,19 +204,22 @@ class _Archive:
         name = _norm(path)
         if name is None:
             raise bad_image(
-                f"{what} names {path[:200]!r}, a path outside the archive: this archive is hostile or broken",
+                f"{what} names {path[:200]!r}, a path outside the archive: "
+                "this archive is hostile or broken",
                 what=what, path=path[:200],
             )
         for _ in range(16):
             m = self.members.get(name)
             if m is None:
                 raise bad_image(
-                    f"{what} names {path[:200]!r}, which is not in the archive: it is incomplete; save the image again",
+                    f"{what} names {path[:200]!r}, which is not in the archive: "
+                    "it is incomplete; save the image again",
                     what=what, path=path[:200],
                 )
             if m.isreg():
                 if m.issparse() or m.offset_data + m.size > self.size:
-                    raise bad_image(f"archive member {name!r} is sparse or truncated: save the image again", path=name)
+                    raise bad_image(f"archive member {name!r} is sparse or truncated: "
+                                    "save the image again", path=name)
                 return m
             link = m.linkname if m.islnk() else posixpath.join(posixpath.dirname(name), m.linkname)
             if m.issym() and m.linkname.startswith("/"):
@@ -228,13 +237,15 @@ class _Archive:
         m = self.resolve(path, what)
         if m.size > self.limits.max_json_bytes:
             raise too_large(
-                f"{what} is {m.size} bytes, more than {self.limits.max_json_bytes}: not a real image",
+                f"{what} is {m.size} bytes, more than {self.limits.max_json_bytes}: "
+                "not a real image",
                 what=what,
             )
         data = os.pread(self.fd, m.size, m.offset_data)
         if digest is not None and f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
             raise bad_image(
-                f"{what} does not match its digest {digest}: the archive is corrupted; save the image again",
+                f"{what} does not match its digest {digest}: "
+                "the archive is corrupted; save the image again",
                 what=what,
             )
         return data
@@ -259,15 +270,19 @@ def _digest_of_path(path: str) -> str | None:
 def _docker_candidates(arc: _Archive) -> list[_Candidate]:
     manifest = arc.json("manifest.json", "manifest.json")
     if not isinstance(manifest, list) or not all(isinstance(e, dict) for e in manifest):
-        raise bad_image("manifest.json is not a list of objects: the archive is damaged; save the image again")
+        raise bad_image("manifest.json is not a list of objects: "
+                        "the archive is damaged; save the image again")
     out = []
     for i, entry in enumerate(manifest):
         config, layers, tags = entry.get("Config"), entry.get("Layers"), entry.get("RepoTags") or []
-        if not isinstance(config, str) or not isinstance(layers, list) or not isinstance(tags, list):
+        if (not isinstance(config, str) or not isinstance(layers, list)
+                or not isinstance(tags, list)):
             raise bad_image(
-                f"manifest.json entry {i} lacks Config or Layers: the archive is damaged; save the image again"
+                f"manifest.json entry {i} lacks Config or Layers: "
+                "the archive is damaged; save the image again"
             )
-        paths = [(p, _digest_of_path(p) if isinstance(p, str) and p.startswith("blobs/") else None) for p in layers]
+        paths = [(p, _digest_of_path(p) if isinstance(p, str) and p.startswith("blobs/") else None)
+                 for p in layers]
         out.append(_Candidate([str(t) for t in tags], config, _digest_of_path(config), paths))
     return out
 
@@ -277,7 +292,8 @@ def _blob_path(desc: Any, what: str) -> tuple[str, str]:
     digest = desc.get("digest") if isinstance(desc, dict) else None
     if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
         raise bad_image(
-            f"{what} has a descriptor without a sha256 digest: the archive is damaged or unsupported",
+            f"{what} has a descriptor without a sha256 digest: "
+            "the archive is damaged or unsupported",
             what=what,
         )
     return f"blobs/sha256/{digest[7:]}", digest
@@ -298,18 +314,22 @@ def _oci_candidates(arc: _Archive) -> list[_Candidate]:
         index, what, names, depth = work.pop()
         manifests = index.get("manifests") if isinstance(index, dict) else None
         if not isinstance(manifests, list):
-            raise bad_image(f"{what} has no manifests list: the archive is damaged; save the image again")
+            raise bad_image(f"{what} has no manifests list: "
+                            "the archive is damaged; save the image again")
         for desc in manifests:
             path, digest = _blob_path(desc, what)
             doc = arc.json(path, f"manifest {digest[:19]}", digest)
             tags = names + _names(desc)
-            if desc.get("mediaType") in _INDEX_TYPES or (isinstance(doc, dict) and "manifests" in doc):
+            if (desc.get("mediaType") in _INDEX_TYPES
+                    or (isinstance(doc, dict) and "manifests" in doc)):
                 if depth >= _MAX_INDEX_DEPTH:
-                    raise bad_image("the archive nests image indexes too deeply: it is not a build tool's output")
+                    raise bad_image("the archive nests image indexes too deeply: "
+                                    "it is not a build tool's output")
                 work.append((doc, f"index {digest[:19]}", tags, depth + 1))
                 continue
             if not isinstance(doc, dict) or not isinstance(doc.get("layers"), list):
-                raise bad_image(f"manifest {digest[:19]} has no layers list: the archive is damaged or unsupported")
+                raise bad_image(f"manifest {digest[:19]} has no layers list: "
+                                "the archive is damaged or unsupported")
             config_path, config_digest = _blob_path(doc.get("config"), f"manifest {digest[:19]}")
             layers = [_blob_path(d, f"manifest {digest[:19]}") for d in doc["layers"]]
             platform = desc.get("platform") if isinstance(desc.get("platform"), dict) else None
@@ -325,7 +345,8 @@ def _for_this_host(candidates: list[_Candidate]) -> list[_Candidate]:
     arch = host_architecture()
     fits = [
         c for c in candidates
-        if c.platform is None or (c.platform.get("os") == "linux" and c.platform.get("architecture") == arch)
+        if c.platform is None or (c.platform.get("os") == "linux"
+                                  and c.platform.get("architecture") == arch)
     ]
     return fits or candidates
 
@@ -356,7 +377,8 @@ def normalize_ref(ref: str) -> str:
 
 def _matches(c: _Candidate, wanted: str, arc: _Archive) -> bool:
     if _DIGEST.fullmatch(wanted) or (wanted.startswith("sha256:") and len(wanted) >= 19):
-        return (c.manifest_digest or "").startswith(wanted) or _config_digest(arc, c).startswith(wanted)
+        return ((c.manifest_digest or "").startswith(wanted)
+                or _config_digest(arc, c).startswith(wanted))
     full = normalize_ref(wanted)
     wanted_tag = full.rpartition(":")[2] if full.rfind(":") > full.rfind("/") else ""
     for name in c.tags:
@@ -381,7 +403,8 @@ def _choose(arc: _Archive, candidates: list[_Candidate], tag: str | None) -> _Ca
         if not candidates:
             raise ImageError(
                 NOT_FOUND,
-                f"the archive has no image tagged {tag!r}; it has: {', '.join(every_tag) or '(no tags)'}: "
+                f"the archive has no image tagged {tag!r}; "
+                f"it has: {', '.join(every_tag) or '(no tags)'}: "
                 "pass one of those, or leave the tag out if there is one image",
                 {"tag": tag, "tags": every_tag},
             )
@@ -414,7 +437,8 @@ def _spec(arc: _Archive, c: _Candidate, fmt: str) -> ImageSpec:
             "the archive is damaged; save the image again"
         )
     if len(diff_ids) > arc.limits.max_layers:
-        raise too_large(f"the image has {len(diff_ids)} layers, more than {arc.limits.max_layers}: squash some")
+        raise too_large(f"the image has {len(diff_ids)} layers, more than "
+                        f"{arc.limits.max_layers}: squash some")
     layers = []
     for i, ((path, blob), diff_id) in enumerate(zip(c.layers, diff_ids, strict=True)):
         m = arc.resolve(path, f"layer {i + 1} of {len(diff_ids)}")

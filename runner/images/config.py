@@ -122,7 +122,8 @@ def _find_nul(value: Any, where: str) -> str | None:
 def parse_config(doc: Any, host_arch: str | None = None) -> ImageConfig:
     """Check a parsed image config (see :func:`load_json`) and return what the runtime needs."""
     if not isinstance(doc, dict):
-        raise bad_image("the image config is not a JSON object: the archive is damaged; save the image again")
+        raise bad_image("the image config is not a JSON object: "
+                        "the archive is damaged; save the image again")
     _check_platform(doc, host_arch or host_architecture())
     section = doc.get("config")
     if section is None:
@@ -158,13 +159,16 @@ def parse_diff_ids(doc: Any) -> list[str]:
     """The config's ``rootfs.diff_ids``: the uncompressed sha256 of each layer, in order."""
     rootfs = doc.get("rootfs") if isinstance(doc, dict) else None
     if not isinstance(rootfs, dict) or rootfs.get("type") != "layers":
-        raise bad_image("the image config has no rootfs of type 'layers': the archive is damaged; save the image again")
+        raise bad_image("the image config has no rootfs of type 'layers': "
+                        "the archive is damaged; save the image again")
     diff_ids = rootfs.get("diff_ids")
     if diff_ids is None:
         diff_ids = []
-    if not isinstance(diff_ids, list) or not all(isinstance(d, str) and _DIFF_ID.fullmatch(d) for d in diff_ids):
+    if not isinstance(diff_ids, list) or not all(isinstance(d, str) and _DIFF_ID.fullmatch(d)
+                                                 for d in diff_ids):
         raise bad_image(
-            "the image config's rootfs.diff_ids are not all sha256:<64 hex digits>: fix or re-save the image"
+            "the image config's rootfs.diff_ids are not all sha256:<64 hex digits>: "
+            "fix or re-save the image"
         )
     return diff_ids
 
@@ -192,7 +196,8 @@ def _strings(section: dict[str, Any], key: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise bad_image(f"the image config's {key} is not a list of strings: fix the image", field=key)
+        raise bad_image(f"the image config's {key} is not a list of strings: fix the image",
+                        field=key)
     return tuple(value)
 
 
@@ -209,10 +214,12 @@ def _workdir(value: Any) -> str:
     if value is None or value == "":
         return "/"
     if not isinstance(value, str):
-        raise bad_image("the image config's WorkingDir is not a string: fix WORKDIR in the Dockerfile")
+        raise bad_image("the image config's WorkingDir is not a string: "
+                        "fix WORKDIR in the Dockerfile")
     if not value.startswith("/"):
         raise bad_image(
-            f"the image's WorkingDir {value[:100]!r} is relative: use an absolute WORKDIR in the Dockerfile",
+            f"the image's WorkingDir {value[:100]!r} is relative: "
+            "use an absolute WORKDIR in the Dockerfile",
             workdir=value[:200],
         )
     # normpath keeps a leading "//" (POSIX allows it to mean something else), which
@@ -220,7 +227,8 @@ def _workdir(value: Any) -> str:
     path = posixpath.normpath("/" + value.lstrip("/"))
     if path == "/proc" or path.startswith("/proc/"):
         raise bad_image(
-            f"the image's WorkingDir {value[:100]!r} is under /proc: choose a directory of the image as WORKDIR",
+            f"the image's WorkingDir {value[:100]!r} is under /proc: "
+            "choose a directory of the image as WORKDIR",
             workdir=value[:200],
         )
     return path

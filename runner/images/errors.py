@@ -18,7 +18,8 @@ CODES = frozenset({BAD_IMAGE, TOO_LARGE, AMBIGUOUS, NOT_FOUND})
 
 # The project-wide wire codes (common/errors.py) have no "ambiguous": a missing
 # choice is the caller's request being incomplete, so it travels as bad_request.
-WIRE_CODES = {BAD_IMAGE: "bad_image", TOO_LARGE: "too_large", AMBIGUOUS: "bad_request", NOT_FOUND: "not_found"}
+WIRE_CODES = {BAD_IMAGE: "bad_image", TOO_LARGE: "too_large", AMBIGUOUS: "bad_request",
+              NOT_FOUND: "not_found"}
 
 
 class ImageError(Exception):

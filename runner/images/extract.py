@@ -6,8 +6,8 @@ Layout under ``images_dir`` (``$FAAS_ROOT/images``, mode 0700)::
     <hex digest>/config.json    the checked, normalized config (ImageConfig.to_dict + digest)
     .staging-<random>/          work in progress; never used, removed on error and at start
 
-All reading of the untrusted archive happens in a child process (``_child.py``, started through ``_child_main.py``; its
-messages: ``child_protocol.py``) with
+All reading of the untrusted archive happens in a child process (``_child.py``, started
+through ``_child_main.py``; its messages: ``child_protocol.py``) with
 CPU, memory and file-size rlimits; this process enforces the wall-clock limit and kills
 the child on expiry. The child builds ``rootfs`` and ``config.json`` inside the staging
 directory and syncs the filesystem; only then does this process rename the staging
@@ -92,7 +92,8 @@ def _publish(images: Path, staging: Path, outcome: dict[str, Any], sync: bool) -
     digest = outcome["digest"]
     final = images / digest.removeprefix("sha256:")
     result = ExtractResult(
-        digest, ImageConfig.from_dict(outcome["config"]), final / "rootfs", bool(outcome["reused"]), outcome["dropped"],
+        digest, ImageConfig.from_dict(outcome["config"]), final / "rootfs",
+        bool(outcome["reused"]), outcome["dropped"],
         outcome.get("bytes", 0),
     )
     if result.reused:
@@ -184,7 +185,8 @@ def _run_child(params: bytes, limits: Limits, progress: Progress | None) -> dict
                 proc.stdin.close()
             except BrokenPipeError:
                 pass  # it died at once; its exit status says why
-            messages, stderr, timed_out = _read_child(proc, time.monotonic() + limits.wall_seconds, progress)
+            messages, stderr, timed_out = _read_child(proc, time.monotonic() + limits.wall_seconds,
+                                                      progress)
             status = proc.wait(timeout=0 if timed_out else 5)  # it closed its pipes: it is exiting
         except subprocess.TimeoutExpired:
             proc.kill()
@@ -228,11 +230,12 @@ def _read_child(
     return messages, err, False
 
 
-def _outcome(messages: list[Any], stderr: bytes, status: int, timed_out: bool, limits: Limits) -> dict[str, Any]:
+def _outcome(messages: list[Any], stderr: bytes, status: int, timed_out: bool,
+             limits: Limits) -> dict[str, Any]:
     if timed_out:
         raise too_large(
-            f"extracting the image took longer than {limits.wall_seconds:g} s: make the image smaller "
-            "or raise the time limit",
+            f"extracting the image took longer than {limits.wall_seconds:g} s: "
+            "make the image smaller or raise the time limit",
             limit="wall_seconds", value=limits.wall_seconds,
         )
     last = messages[-1] if messages else {}
@@ -243,7 +246,8 @@ def _outcome(messages: list[Any], stderr: bytes, status: int, timed_out: bool, l
     if status == -signal.SIGXCPU or (status == -signal.SIGKILL and not last):
         raise too_large(
             f"the extraction process was killed ({_signame(-status)}): the image needed more than "
-            f"{limits.cpu_seconds} s of CPU or {limits.memory_bytes >> 20} MiB of memory; make it smaller",
+            f"{limits.cpu_seconds} s of CPU or {limits.memory_bytes >> 20} MiB of memory; "
+            "make it smaller",
             signal=_signame(-status),
         )
     if status < 0:

@@ -156,8 +156,9 @@ class Budget:
         """Count a regular file's apparent size (a sparse file counts in full)."""
         if size > self.limits.max_file_bytes:
             raise too_large(
-                f"file {path!r} in the image is {size} bytes, over the {self.limits.max_file_bytes}-byte "
-                "limit for one file: keep big data out of the image",
+                f"file {path!r} in the image is {size} bytes, over the "
+                f"{self.limits.max_file_bytes}-byte limit for one file: "
+                "keep big data out of the image",
                 path=path, size=size, limit="max_file_bytes",
             )
         self.file_bytes += size
@@ -208,8 +209,8 @@ def clean_path(name: str, limits: Limits, where: str) -> str:
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise bad_image(
-            f"{where}: entry {name[:200]!r} has a '..' component that would climb out of the image: "
-            "this archive is not a build tool's output; do not deploy it",
+            f"{where}: entry {name[:200]!r} has a '..' component that would climb out of the "
+            "image: this archive is not a build tool's output; do not deploy it",
             name=name[:200],
         )
     path = "/".join(parts)
@@ -251,14 +252,16 @@ class _Gunzip:
                 self._in = self._raw.read(_CHUNK)
                 if not self._in:
                     if self._z is not None:
-                        raise bad_image("the gzip stream of a layer ends early: the archive is truncated")
+                        raise bad_image("the gzip stream of a layer ends early: "
+                                        "the archive is truncated")
                     return b""
             if self._z is None:
                 self._z = zlib.decompressobj(31)
             try:
                 out = self._z.decompress(self._in, n)
             except zlib.error as exc:
-                raise bad_image(f"a layer's gzip data is corrupt ({exc}): save the image again") from None
+                raise bad_image(f"a layer's gzip data is corrupt ({exc}): "
+                                "save the image again") from None
             if self._z.eof:
                 self._in, self._z = self._z.unused_data, None
             else:
@@ -280,7 +283,8 @@ class _Unzstd:
         try:
             return self._reader.read(n)
         except self._error as exc:
-            raise bad_image(f"a layer's zstd data is corrupt ({exc}): save the image again") from None
+            raise bad_image(f"a layer's zstd data is corrupt ({exc}): "
+                            "save the image again") from None
 
 
 def decompressed(raw: Reader) -> Reader:
@@ -291,7 +295,8 @@ def decompressed(raw: Reader) -> Reader:
     if head.startswith(b"\x28\xb5\x2f\xfd"):
         return _Unzstd(raw, head)
     if head.startswith((b"BZh", b"\xfd7zXZ\x00")):
-        raise bad_image("a layer is compressed with bzip2 or xz: only plain, gzip and zstd layers are supported")
+        raise bad_image("a layer is compressed with bzip2 or xz: "
+                        "only plain, gzip and zstd layers are supported")
     return _Prefixed(raw, head)
 
 
@@ -420,7 +425,8 @@ class _Stream:
 # -- applying -------------------------------------------------------------------
 
 
-def apply_layer(root: SafeRoot, raw: Reader, diff_id: str, label: str, budget: Budget) -> LayerStats:
+def apply_layer(root: SafeRoot, raw: Reader, diff_id: str, label: str,
+                budget: Budget) -> LayerStats:
     """Apply one layer read from ``raw`` onto ``root``; raise ImageError if it is bad.
 
     ``label`` names the layer in errors (e.g. "layer 2 of 3 (blobs/sha256/ab12...)").
@@ -436,8 +442,9 @@ def apply_layer(root: SafeRoot, raw: Reader, diff_id: str, label: str, budget: B
     actual = "sha256:" + stream.hexdigest()
     if actual != diff_id:
         raise bad_image(
-            f"{label} does not match its digest: the config says {diff_id}, its content is {actual} "
-            "(the layer is truncated, corrupted or was swapped): save the image again",
+            f"{label} does not match its digest: the config says {diff_id}, "
+            f"its content is {actual} (the layer is truncated, corrupted or was swapped): "
+            "save the image again",
             layer=label, expected=diff_id, actual=actual,
         )
     return applier.stats
@@ -445,7 +452,8 @@ def apply_layer(root: SafeRoot, raw: Reader, diff_id: str, label: str, budget: B
 
 def _apply_entries(stream: _Stream, applier: _Applier, label: str) -> None:
     try:
-        with tarfile.TarFile(fileobj=stream, mode="r", encoding="utf-8", errors="surrogateescape") as tf:
+        with tarfile.TarFile(fileobj=stream, mode="r", encoding="utf-8",
+                             errors="surrogateescape") as tf:
             while (member := tf.next()) is not None:
                 tf.members.clear()  # tarfile keeps every header; we need none of them back
                 applier.entry(tf, member)
@@ -472,7 +480,8 @@ class _Applier:
             self._entry(tf, m, path)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise too_large(f"no room to write {path!r} ({exc.strerror}): free disk space", path=path) from None
+                raise too_large(f"no room to write {path!r} ({exc.strerror}): free disk space",
+                                path=path) from None
             raise bad_image(
                 f"{self.label}: cannot create {path!r}: {exc.strerror}",
                 path=path, layer=self.label,
@@ -485,7 +494,8 @@ class _Applier:
             return
         if not path and not m.isdir():
             raise bad_image(
-                f"{self.label}: the root entry '{m.name}' is not a directory: this archive is hostile or broken"
+                f"{self.label}: the root entry '{m.name}' is not a directory: "
+                "this archive is hostile or broken"
             )
         uid, gid = self._owner(m, path)
         mode = m.mode & 0o1777  # setuid and setgid are stripped; sticky is harmless
@@ -508,7 +518,8 @@ class _Applier:
         elif m.islnk():
             target = clean_path(m.linkname, self.budget.limits, f"{self.label}: hardlink {path!r}")
             if not target:
-                raise bad_image(f"{self.label}: hardlink {path!r} points to the root directory", path=path)
+                raise bad_image(f"{self.label}: hardlink {path!r} points to the root directory",
+                                path=path)
             self.root.make_hardlink(path, target)
         else:  # device nodes, FIFOs, unknown types: never created in a rootfs
             self.stats.dropped += 1
@@ -520,16 +531,19 @@ class _Applier:
         # Numeric ids only: uname/gname are never looked up.
         for value in (m.uid, m.gid):
             if not isinstance(value, int) or not 0 <= value <= _MAX_ID:
-                raise bad_image(f"{self.label}: entry {path!r} has owner id {value!r}, outside 0..{_MAX_ID}", path=path)
+                raise bad_image(f"{self.label}: entry {path!r} has owner id {value!r}, "
+                                f"outside 0..{_MAX_ID}", path=path)
         return m.uid, m.gid
 
     def _symlink_target(self, m: tarfile.TarInfo, path: str) -> str:
         target = m.linkname
         if not target or "\x00" in target:
-            raise bad_image(f"{self.label}: symlink {path!r} has an empty or NUL-holding target", path=path)
+            raise bad_image(f"{self.label}: symlink {path!r} has an empty or NUL-holding target",
+                            path=path)
         if len(os.fsencode(target)) > self.budget.limits.max_path_bytes:
             raise too_large(
-                f"{self.label}: symlink {path!r} has a target longer than {self.budget.limits.max_path_bytes} bytes",
+                f"{self.label}: symlink {path!r} has a target longer than "
+                f"{self.budget.limits.max_path_bytes} bytes",
                 path=path,
             )
         return target
@@ -546,7 +560,8 @@ class _Applier:
         name = base[len(WHITEOUT):]
         if name in ("", ".", ".."):
             raise bad_image(
-                f"{self.label}: whiteout {path!r} names no file ('{name}'): this archive is hostile or broken",
+                f"{self.label}: whiteout {path!r} names no file ('{name}'): "
+                "this archive is hostile or broken",
                 path=path,
             )
         victim = f"{parent}/{name}" if parent else name

@@ -52,7 +52,8 @@ def openat2(dirfd: int, path: str, flags: int, resolve: int = RESOLVE) -> int:
     """openat2(2): open ``path`` relative to ``dirfd`` with the given RESOLVE_* flags."""
     how = _OpenHow(flags, 0, resolve)
     raw = os.fsencode(path)
-    for _ in range(32):  # EAGAIN: a rename raced the in-root walk; retrying is the documented answer
+    # EAGAIN: a rename raced the in-root walk; retrying is the documented answer
+    for _ in range(32):
         fd = _syscall(
             ctypes.c_long(SYS_OPENAT2), ctypes.c_int(dirfd), ctypes.c_char_p(raw),
             ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)),
@@ -250,7 +251,8 @@ class SafeRoot:
             os.close(fd)
 
     def make_dir(self, path: str, mode: int, uid: int, gid: int) -> None:
-        """Make directory ``path``; an existing directory is kept (merged) and gets the new owner and mode."""
+        """Make directory ``path``; an existing directory is kept (merged) and gets the new
+        owner and mode."""
         self._flush()
         if not path:
             os.fchown(self.fd, uid, gid)
@@ -307,7 +309,8 @@ class SafeRoot:
             ) from None
         if stat.S_ISDIR(tst.st_mode):
             raise bad_image(
-                f"hardlink {path!r} points to directory {target!r}: directories cannot be hardlinked",
+                f"hardlink {path!r} points to directory {target!r}: "
+                "directories cannot be hardlinked",
                 path=path, target=target,
             )
         dfd, name = self.parent(path)
@@ -420,7 +423,8 @@ def _unlink_files(fd: int) -> list[str]:
 
 
 def remove_tree(path: str | os.PathLike[str]) -> bool:
-    """Delete ``path`` and everything under it, however deep or write-protected; False if missing."""
+    """Delete ``path`` and everything under it, however deep or write-protected; False if
+    missing."""
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path)) or "/"
     name = os.path.basename(os.path.abspath(path))

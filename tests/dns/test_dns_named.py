@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parents[2]
 VPN_NS = "fd00:faa5:0:100::1"  # ::1 of the default vpn_prefix: where named listens
 OUTSIDER = "2001:db8::5"  # a client outside the VPN prefix
 UPSTREAM = "fd00:53::53"  # a stand-in upstream resolver: named authoritative for example.
-TOOLS = ("ip", "nsenter", "setpriv", "ss", "named", "named-checkconf", "named-checkzone", "rndc", "dig")
+TOOLS = ("ip", "nsenter", "setpriv", "ss", "named", "named-checkconf", "named-checkzone", "rndc",
+         "dig")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -29,7 +29,8 @@ def _scratch_parent() -> str | None:
 
 @dataclass
 class Scratch:
-    """``base/outside`` holds sentinels, ``base/images`` is the images dir, ``base/in`` the archives."""
+    """``base/outside`` holds sentinels, ``base/images`` is the images dir, ``base/in`` the
+    archives."""
 
     base: Path
 
@@ -93,7 +94,8 @@ def scratch() -> Iterator[Scratch]:
     base = Path(tempfile.mkdtemp(prefix="faasd-img-", dir=_scratch_parent()))
     try:
         (base / "in").mkdir()
-        (base / "images").mkdir(mode=0o700)  # made before any snapshot: its creation is not a change
+        # made before any snapshot: its creation is not a change
+        (base / "images").mkdir(mode=0o700)
         (base / "outside" / "etc").mkdir(parents=True)
         (base / "outside" / "etc" / "passwd").write_text("sentinel:x:0:0::/:/bin/false\n")
         (base / "outside" / "dir").mkdir()

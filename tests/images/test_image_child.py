@@ -20,7 +20,8 @@ HOOK = "_FAASD_IMAGES_TEST_HOOK"
 
 
 def _image(scratch, files: int = 50) -> None:
-    layers = [[File(f"f{i:03d}", b"x" * 1000) for i in range(files)], [File("handler", b"h", 0o755)]]
+    layers = [[File(f"f{i:03d}", b"x" * 1000) for i in range(files)],
+              [File("handler", b"h", 0o755)]]
     build_image(scratch.archive(), layers)
 
 
@@ -112,7 +113,8 @@ def test_cleanup_staging_removes_leftovers_only(scratch) -> None:
 
 
 def test_remove_image_with_read_only_dirs(scratch) -> None:
-    build_image(scratch.archive(), [[Dir("ro", 0o555), Dir("ro/sub", 0o500), File("ro/sub/f", b"x", 0o400)]])
+    build_image(scratch.archive(), [[Dir("ro", 0o555), Dir("ro/sub", 0o500),
+                                     File("ro/sub/f", b"x", 0o400)]])
     result = extract(scratch.archive(), scratch.images)
     assert stat.S_IMODE((result.rootfs / "ro").stat().st_mode) == 0o555
     assert rootfs_path(scratch.images, result.digest) == result.rootfs

@@ -38,8 +38,10 @@ SHARED = [Dir("data", 0o755)]  # appears twice: legacy archives store it once + 
 LAYERS: list[list[Any]] = [
     [
         Dir("etc"), File("etc/passwd", PASSWD),
-        Dir("home"), Dir("home/app", 0o750, 1000, 1000), File("home/app/notes", b"n", 0o600, 1000, 1000),
-        Dir("opt"), Dir("opt/data"), File("opt/data/old1", b"1"), Dir("opt/data/sub"), File("opt/data/sub/old2", b"2"),
+        Dir("home"), Dir("home/app", 0o750, 1000, 1000),
+        File("home/app/notes", b"n", 0o600, 1000, 1000),
+        Dir("opt"), Dir("opt/data"), File("opt/data/old1", b"1"), Dir("opt/data/sub"),
+        File("opt/data/sub/old2", b"2"),
         File("bin/busybox", b"bb", 0o755),  # parent "bin" is implicit
         File("usr/lib/libfoo.so", b"lib v1"),
         File("tmpfile.txt", b"to be deleted"),
@@ -158,7 +160,8 @@ def test_legacy_archive_shares_a_repeated_layer_by_symlink(scratch) -> None:
     build_image(scratch.archive(), LAYERS, CONFIG, fmt="legacy")
     with tarfile.open(scratch.archive()) as tf:
         links = [m for m in tf.getmembers() if m.issym()]
-    assert len(links) == 1 and links[0].name.endswith("/layer.tar") and links[0].linkname.startswith("../")
+    assert (len(links) == 1 and links[0].name.endswith("/layer.tar")
+            and links[0].linkname.startswith("../"))
 
 
 def test_redeploy_reuses_the_rootfs(scratch) -> None:
@@ -225,16 +228,19 @@ def test_select_by_image_id(scratch) -> None:
 
 def test_compression_found_by_bytes_not_media_type(scratch) -> None:
     # The archive declares plain tar layers; the bytes are gzip and zstd.
-    layers = [Layer([File("a", b"gz")], compression="gzip"), Layer([File("b", b"zst")], compression="zstd")]
+    layers = [Layer([File("a", b"gz")], compression="gzip"),
+              Layer([File("b", b"zst")], compression="zstd")]
     build_image(scratch.archive(), layers, fmt="oci", compression="none")
     result = extract(scratch.archive(), scratch.images)
-    assert (result.rootfs / "a").read_bytes() == b"gz" and (result.rootfs / "b").read_bytes() == b"zst"
+    assert ((result.rootfs / "a").read_bytes() == b"gz"
+            and (result.rootfs / "b").read_bytes() == b"zst")
 
 
 def test_whiteout_never_hides_its_own_layer(scratch) -> None:
     layers = [
         [File("a", b"lower"), Dir("d"), File("d/lower", b"l")],
-        [File("a", b"upper"), Whiteout("a"), File("b", b"own"), Whiteout("b"), File("d/upper", b"u"), Opaque("d")],
+        [File("a", b"upper"), Whiteout("a"), File("b", b"own"), Whiteout("b"),
+         File("d/upper", b"u"), Opaque("d")],
     ]
     build_image(scratch.archive(), layers)
     result = extract(scratch.archive(), scratch.images)
@@ -272,6 +278,7 @@ def test_large_layer_across_read_chunks(scratch, compression: str) -> None:
     # straddle the 1 MiB chunks the layer is uncompressed in.
     rnd = random.Random(7)
     files = {f"d{i % 3}/f{i}": rnd.randbytes(rnd.randint(0, 400_000)) for i in range(40)}
-    build_image(scratch.archive(), [[File(p, data) for p, data in files.items()]], compression=compression)
+    build_image(scratch.archive(), [[File(p, data) for p, data in files.items()]],
+                compression=compression)
     r = extract(scratch.archive(), scratch.images).rootfs
     assert {p: (r / p).read_bytes() for p in files} == files

@@ -1,4 +1,5 @@
-"""Hostile and broken archives: a clear error, nothing outside the rootfs touched, nothing partial left.
+"""Hostile and broken archives: a clear error, nothing outside the rootfs touched, nothing
+partial left.
 
 Every case snapshots the whole scratch tree (archives, the sentinel ``outside/etc/passwd``)
 and the host's /etc/passwd before extracting, and compares after.
@@ -36,7 +37,8 @@ from tests.imagebuild import (
 DEFAULT = Limits()
 
 
-def refused(scratch, layers: list[Any], code: str, fragment: str, limits: Limits = DEFAULT, **build: Any) -> ImageError:
+def refused(scratch, layers: list[Any], code: str, fragment: str, limits: Limits = DEFAULT,
+            **build: Any) -> ImageError:
     """Build, extract, expect ImageError(code) mentioning ``fragment``; check nothing changed."""
     build_image(scratch.archive(), layers, **build)
     before = scratch.snapshot()
@@ -75,10 +77,12 @@ CLIMBING = {
     "hardlink-dotdot": ([[File("a"), raw("pw", tarfile.LNKTYPE, "../../etc/passwd")]], "'..'"),
     "hardlink-absolute": ([[raw("pw", tarfile.LNKTYPE, "/etc/passwd")]], "absolute"),
     # The symlink resolves in-root, where there is no etc/passwd: the link is refused.
-    "hardlink-through-symlink": ([[Symlink("e", "/etc"), Hardlink("pw", "e/passwd")]], "does not exist"),
+    "hardlink-through-symlink": ([[Symlink("e", "/etc"), Hardlink("pw", "e/passwd")]],
+                                 "does not exist"),
     "hardlink-to-directory": ([[Dir("d"), Hardlink("h", "d")]], "directory"),
     # "etc" -> "/etc" is, in-root, a link to itself: the write through it is refused.
-    "symlink-etc-then-file": ([[Symlink("etc", "/etc"), File("etc/passwd", b"pwned")]], "symbolic links"),
+    "symlink-etc-then-file": ([[Symlink("etc", "/etc"), File("etc/passwd", b"pwned")]],
+                              "symbolic links"),
     "symlink-loop": ([[Symlink("a", "b"), Symlink("b", "a"), File("a/x", b"x")]], "symbolic links"),
 }
 
@@ -93,12 +97,15 @@ def test_climbing_out_is_refused(scratch, case: str) -> None:
 def test_symlink_to_outside_dir_then_file(scratch, absolute: bool) -> None:
     # The link names the real sentinel directory; in-root it names nothing, so the
     # file is refused rather than written anywhere.
-    target = str(scratch.outside / "etc") if absolute else "../" * 12 + str(scratch.outside / "etc")[1:]
-    refused(scratch, [[Symlink("o", target), File("o/passwd", b"pwned")]], "bad_image", "missing directory")
+    target = (str(scratch.outside / "etc") if absolute
+              else "../" * 12 + str(scratch.outside / "etc")[1:])
+    refused(scratch, [[Symlink("o", target), File("o/passwd", b"pwned")]], "bad_image",
+            "missing directory")
 
 
 def test_symlink_to_etc_lands_inside_the_rootfs(scratch) -> None:
-    layers = [[Dir("etc"), Symlink("x", "/etc"), File("x/passwd", b"pwned")], [File("x/shadow", b"s")]]
+    layers = [[Dir("etc"), Symlink("x", "/etc"), File("x/passwd", b"pwned")],
+              [File("x/shadow", b"s")]]
     result = accepted(scratch, layers)
     assert (result.rootfs / "etc/passwd").read_bytes() == b"pwned"
     assert (result.rootfs / "etc/shadow").read_bytes() == b"s"
@@ -109,7 +116,8 @@ def test_symlink_chain_climbing_out_stays_inside(scratch) -> None:
     up = "../" * 20
     layers = [
         [Symlink("l1", up), Symlink("l2", "l1/" + up + "l1/..")],
-        [File("l2/escaped", b"e"), Hardlink("l1/linked", "l2/escaped"), File("l1/l2/l1/deep", b"d")],
+        [File("l2/escaped", b"e"), Hardlink("l1/linked", "l2/escaped"),
+         File("l1/l2/l1/deep", b"d")],
     ]
     r = accepted(scratch, layers).rootfs
     assert (r / "escaped").read_bytes() == b"e" and (r / "deep").read_bytes() == b"d"
@@ -119,12 +127,14 @@ def test_symlink_chain_climbing_out_stays_inside(scratch) -> None:
 def test_symlink_chain_to_the_real_outside_is_refused(scratch) -> None:
     up = "../" * 20
     real = str(scratch.outside / "etc")[1:]
-    layers = [[Symlink("l1", up), Symlink("l2", f"l1/{up}"), Symlink("l3", f"l2/{up}{real}"), File("l3/passwd", b"x")]]
+    layers = [[Symlink("l1", up), Symlink("l2", f"l1/{up}"), Symlink("l3", f"l2/{up}{real}"),
+               File("l3/passwd", b"x")]]
     refused(scratch, layers, "bad_image", "missing directory")
 
 
 def test_relative_climb_resolves_at_the_rootfs(scratch) -> None:
-    layers = [[Dir("outside/etc"), Symlink("a/b/o", "../../" * 10 + "outside/etc"), File("a/b/o/passwd", b"pwned")]]
+    layers = [[Dir("outside/etc"), Symlink("a/b/o", "../../" * 10 + "outside/etc"),
+               File("a/b/o/passwd", b"pwned")]]
     result = accepted(scratch, layers)
     assert (result.rootfs / "outside/etc/passwd").read_bytes() == b"pwned"
 
@@ -133,10 +143,12 @@ def test_relative_climb_resolves_at_the_rootfs(scratch) -> None:
 
 
 @pytest.mark.parametrize("name,kind", [
-    (".", tarfile.SYMTYPE), ("./", tarfile.SYMTYPE), (".", tarfile.REGTYPE), ("./", tarfile.LNKTYPE),
+    (".", tarfile.SYMTYPE), ("./", tarfile.SYMTYPE), (".", tarfile.REGTYPE),
+    ("./", tarfile.LNKTYPE),
 ])
 def test_root_entry_not_a_directory(scratch, name: str, kind: bytes) -> None:
-    refused(scratch, [[File("f"), raw(name, kind, "/" if kind == tarfile.SYMTYPE else "f")]], "bad_image", "root entry")
+    refused(scratch, [[File("f"), raw(name, kind, "/" if kind == tarfile.SYMTYPE else "f")]],
+            "bad_image", "root entry")
 
 
 @pytest.mark.parametrize("name", [".wh..", ".wh...", ".wh.", "d/.wh..", "d/.wh...", "d/.wh."])
@@ -149,7 +161,8 @@ def test_bad_whiteout_names(scratch, name: str) -> None:
 
 def test_devices_and_fifos_are_dropped(scratch) -> None:
     layers = [[
-        Dir("dev"), Device("dev/null", "chr", 1, 3), Device("dev/sda", "blk", 8, 0), Device("fifo", "fifo"),
+        Dir("dev"), Device("dev/null", "chr", 1, 3), Device("dev/sda", "blk", 8, 0),
+        Device("fifo", "fifo"),
         File("handler", b"h", 0o755),
     ]]
     result = accepted(scratch, layers)
@@ -160,18 +173,22 @@ def test_devices_and_fifos_are_dropped(scratch) -> None:
 
 def test_setuid_and_setgid_bits_are_stripped(scratch) -> None:
     layers = [[
-        File("bin/su", b"x", 0o4755), File("bin/wall", b"x", 0o2755, 0, 5), File("bin/both", b"x", 0o6711, 1000, 1000),
+        File("bin/su", b"x", 0o4755), File("bin/wall", b"x", 0o2755, 0, 5),
+        File("bin/both", b"x", 0o6711, 1000, 1000),
         Dir("shared", 0o2775), Dir("tmp", 0o1777),
     ]]
     r = accepted(scratch, layers).rootfs
-    modes = {p: stat.S_IMODE((r / p).stat().st_mode) for p in ("bin/su", "bin/wall", "bin/both", "shared", "tmp")}
-    assert modes == {"bin/su": 0o755, "bin/wall": 0o755, "bin/both": 0o711, "shared": 0o775, "tmp": 0o1777}
+    modes = {p: stat.S_IMODE((r / p).stat().st_mode)
+             for p in ("bin/su", "bin/wall", "bin/both", "shared", "tmp")}
+    assert modes == {"bin/su": 0o755, "bin/wall": 0o755, "bin/both": 0o711, "shared": 0o775,
+                     "tmp": 0o1777}
     assert ((r / "bin/both").stat().st_uid, (r / "bin/wall").stat().st_gid) == (1000, 5)
 
 
 def test_xattrs_are_dropped(scratch) -> None:
     info = tarfile.TarInfo("cap")
-    info.pax_headers = {"SCHILY.xattr.security.capability": "\x01\x00\x00\x02", "SCHILY.xattr.user.x": "y"}
+    info.pax_headers = {"SCHILY.xattr.security.capability": "\x01\x00\x00\x02",
+                        "SCHILY.xattr.user.x": "y"}
     r = accepted(scratch, [[Raw(info, b"bin")]]).rootfs
     assert os.listxattr(r / "cap", follow_symlinks=False) == []
 
@@ -192,7 +209,8 @@ def test_owner_id_out_of_range(scratch) -> None:
 def test_small_sparse_file_is_written(scratch) -> None:
     r = accepted(scratch, [[Sparse("s", 8 * MiB, [(0, b"a" * 4096), (6 * MiB, b"b" * 10)])]]).rootfs
     data = (r / "s").read_bytes()
-    assert len(data) == 8 * MiB and data[:4096] == b"a" * 4096 and data[6 * MiB:6 * MiB + 10] == b"b" * 10
+    assert (len(data) == 8 * MiB and data[:4096] == b"a" * 4096
+            and data[6 * MiB:6 * MiB + 10] == b"b" * 10)
     assert data.count(0) == 8 * MiB - 4106
     assert (r / "s").stat().st_blocks * 512 < 4 * MiB  # the holes stayed holes
 
@@ -202,7 +220,8 @@ def test_small_sparse_file_is_written(scratch) -> None:
 
 def test_huge_sparse_file(scratch) -> None:
     start = time.monotonic()
-    refused(scratch, [[Sparse("huge", 1 << 40, [(0, b"x"), ((1 << 40) - 1, b"y")])]], "too_large", "huge")
+    refused(scratch, [[Sparse("huge", 1 << 40, [(0, b"x"), ((1 << 40) - 1, b"y")])]], "too_large",
+            "huge")
     assert time.monotonic() - start < 10
 
 
@@ -210,7 +229,8 @@ def test_gzip_bomb_declared_file(scratch) -> None:
     # 64 MiB of zeros gzip to 64 KiB; the cap is lowered to 16 MiB so the test stays
     # fast (the default 8 GiB cap works the same way, it would just take longer to build).
     bomb = layer_tar([File("zeros", b"\0" * (64 * MiB))])
-    refused(scratch, [Layer(tar=bomb, compression="gzip")], "too_large", "16777216", Limits(max_bytes=16 * MiB))
+    refused(scratch, [Layer(tar=bomb, compression="gzip")], "too_large", "16777216",
+            Limits(max_bytes=16 * MiB))
 
 
 def test_gzip_bomb_after_the_tar_end(scratch) -> None:
@@ -227,7 +247,8 @@ def test_a_million_entries(scratch) -> None:
     # lowered to 1000: creating 500k files costs tens of seconds on the CI disk, and
     # the code path is the same whatever the number.
     limits = Limits(max_entries=1000)
-    refused(scratch, [many_files(1_000_000)], "too_large", "more than 1000 files", limits, compression="zstd")
+    refused(scratch, [many_files(1_000_000)], "too_large", "more than 1000 files", limits,
+            compression="zstd")
 
 
 def test_too_many_entries_default_cap_message(scratch) -> None:
@@ -235,8 +256,10 @@ def test_too_many_entries_default_cap_message(scratch) -> None:
 
 
 def test_path_too_long_and_too_deep(scratch) -> None:
-    refused(scratch, [[File("a" * 200 + "/" + "b" * 200)]], "too_large", "longer than", Limits(max_path_bytes=300))
-    refused(scratch, [[File("/".join("d" * 30) + "/f")]], "too_large", "deeper than", Limits(max_depth=20))
+    refused(scratch, [[File("a" * 200 + "/" + "b" * 200)]], "too_large", "longer than",
+            Limits(max_path_bytes=300))
+    refused(scratch, [[File("/".join("d" * 30) + "/f")]], "too_large", "deeper than",
+            Limits(max_depth=20))
 
 
 def test_file_over_the_single_file_cap(scratch) -> None:
@@ -269,11 +292,13 @@ def test_layers_in_wrong_order(scratch) -> None:
         manifest[0]["Layers"].reverse()
         members["manifest.json"] = json.dumps(manifest).encode()
 
-    refused(scratch, [[File("a", b"1")], [File("b", b"2")]], "bad_image", "layer 1 of 2", tamper=swap)
+    refused(scratch, [[File("a", b"1")], [File("b", b"2")]], "bad_image", "layer 1 of 2",
+            tamper=swap)
 
 
 def test_not_a_tar_layer(scratch) -> None:
-    refused(scratch, [Layer(blob=b"this is not a tar archive at all" * 40)], "bad_image", "not a tar")
+    refused(scratch, [Layer(blob=b"this is not a tar archive at all" * 40)], "bad_image",
+            "not a tar")
 
 
 # -- broken archives ------------------------------------------------------------------
@@ -298,8 +323,10 @@ def _manifest_points(path: str, key: str = "Layers") -> Any:
     ("nope/layer.tar", "not in the archive"),
 ])
 @pytest.mark.parametrize("fmt", ["legacy", "docker25"])
-def test_manifest_names_a_path_outside_the_archive(scratch, fmt: str, path: str, fragment: str) -> None:
-    refused(scratch, [[File("handler")]], "bad_image", fragment, fmt=fmt, tamper=_manifest_points(path))
+def test_manifest_names_a_path_outside_the_archive(scratch, fmt: str, path: str,
+                                                   fragment: str) -> None:
+    refused(scratch, [[File("handler")]], "bad_image", fragment, fmt=fmt,
+            tamper=_manifest_points(path))
 
 
 def test_manifest_config_outside_the_archive(scratch) -> None:
@@ -347,7 +374,8 @@ CONFIGS = {
     "no-command": ({"config": {"Env": ["A=b"], "WorkingDir": "/"}}, "no command"),
     "empty-command": ({"config": {"Entrypoint": [], "Cmd": []}}, "no command"),
     "windows": ({"os": "windows"}, "'windows'"),
-    "wrong-arch": ({"architecture": "s390x" if os.uname().machine != "s390x" else "amd64"}, "architecture"),
+    "wrong-arch": ({"architecture": "s390x" if os.uname().machine != "s390x" else "amd64"},
+                   "architecture"),
     "relative-workdir": ({"config": {"Cmd": ["/h"], "WorkingDir": "app"}}, "relative"),
     "proc-workdir": ({"config": {"Cmd": ["/h"], "WorkingDir": "/proc/self"}}, "/proc"),
     "proc-workdir-sneaky": ({"config": {"Cmd": ["/h"], "WorkingDir": "//proc/../proc"}}, "/proc"),

@@ -27,8 +27,10 @@ def _doc(**config: object) -> dict:
 
 
 def test_parse_config() -> None:
-    cfg = parse_config(_doc(Entrypoint=["/h"], Cmd=["-v"], Env=["A=1", "B="], WorkingDir="/srv/../app/", User="app"))
-    assert cfg == ImageConfig(("/h",), ("-v",), ("A=1", "B="), "/app", "app", "linux", host_architecture())
+    cfg = parse_config(_doc(Entrypoint=["/h"], Cmd=["-v"], Env=["A=1", "B="],
+                            WorkingDir="/srv/../app/", User="app"))
+    assert cfg == ImageConfig(("/h",), ("-v",), ("A=1", "B="), "/app", "app", "linux",
+                              host_architecture())
     assert cfg.command == ["/h", "-v"]
     assert ImageConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert parse_config(_doc(Cmd=["/h"])).workdir == "/"

@@ -19,7 +19,8 @@ def get(platform, address: str, path: str = "/", timeout: float = 5) -> tuple[in
 
 
 def functions(platform) -> dict[str, dict]:
-    return {f["name"]: f for f in json.loads(platform.faasctl("--json", "list").stdout)["functions"]}
+    return {f["name"]: f
+            for f in json.loads(platform.faasctl("--json", "list").stdout)["functions"]}
 
 
 @pytest.fixture(scope="module")

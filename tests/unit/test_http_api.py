@@ -830,7 +830,8 @@ def test_the_validator_is_not_vacuous():
     oc.validate(SPEC, fn, good)
     for bad in ({**good, "extra": 1}, {k: v for k, v in good.items() if k != "digest"},
                 {**good, "version": "1"}, {**good, "version": True}, {**good, "name": "Bad"},
-                {**good, "command": [1]}, {**good, "settings": {**good["settings"], "env": {"A": 1}}},
+                {**good, "command": [1]},
+                {**good, "settings": {**good["settings"], "env": {"A": 1}}},
                 {**good, "created": None}):
         with pytest.raises(oc.SchemaError):
             oc.validate(SPEC, fn, bad)
