@@ -163,9 +163,7 @@ def _lock_holder(path: str) -> str | None:
 
 def check_root(root: str) -> None:
     """$FAAS_ROOT is a real directory (or missing); each part checks its own below it."""
-    if os.path.lexists(root) and (os.path.islink(root) or not os.path.isdir(root)):
-        raise FaasError(Code.CONFLICT, f"{root} is not a directory; faasd wants a real "
-                        "directory there")
+    parts.real_dir_or_none(root)
 
 
 def install(archive: Archive, settings: Settings, owners: Owners) -> None:

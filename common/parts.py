@@ -32,6 +32,7 @@ and ends with ``serve(globals())``. Stdlib and ``common`` only.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -95,3 +96,11 @@ def serve(actions: Mapping[str, Any]) -> None:
                  if exc.errno else FaasError(Code.INTERNAL, str(exc)).to_wire()}
     sys.stdout.write(json.dumps(reply))
     sys.stdout.flush()
+
+
+def real_dir_or_none(path: str) -> None:
+    """A restore writes into ``path``: it must be a real directory, or not exist yet (a
+    symlink or a file there is a conflict that says what is wrong)."""
+    if os.path.lexists(path) and (os.path.islink(path) or not os.path.isdir(path)):
+        raise FaasError(Code.CONFLICT, f"{path} is not a directory; faasd wants a real "
+                        "directory there")

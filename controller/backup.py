@@ -119,7 +119,7 @@ def ready(settings: Settings, force: bool) -> None:
     """Conflict if the state directory is not a directory, or the database holds
     functions or peers and ``force`` is not given."""
     paths = layout.of(settings)
-    _real_dir(paths.state_dir)
+    parts.real_dir_or_none(paths.state_dir)
     path = paths.state_db
     if force or not os.path.lexists(path):
         return
@@ -214,10 +214,6 @@ def _address(value: Any) -> ipaddress.IPv6Address | None:
         return None
 
 
-def _real_dir(path: str) -> None:
-    if os.path.lexists(path) and (os.path.islink(path) or not os.path.isdir(path)):
-        raise FaasError(Code.CONFLICT, f"{path} is not a directory; faasd wants a real "
-                        "directory there")
 
 
 def _count(n: int, word: str) -> str:

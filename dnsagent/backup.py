@@ -84,10 +84,7 @@ def export(settings: Settings, work: str, members: dict[str, int]) -> dict[str, 
 
 def ready(settings: Settings, force: bool) -> None:
     directory = layout.of(settings).dns_dir
-    if os.path.lexists(directory) and (os.path.islink(directory) or
-                                       not os.path.isdir(directory)):
-        raise FaasError(Code.CONFLICT, f"{directory} is not a directory; faasd wants a real "
-                        "directory there")
+    parts.real_dir_or_none(directory)
 
 
 def check(settings: Settings, files: dict[str, str]) -> dict[str, Any]:

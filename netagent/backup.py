@@ -97,10 +97,7 @@ def export(settings: Settings, work: str, members: dict[str, int]) -> dict[str, 
 def ready(settings: Settings, force: bool) -> None:
     """Conflict while the interface exists, or if wireguard/ is not a directory."""
     directory = layout.of(settings).wireguard_dir
-    if os.path.lexists(directory) and (os.path.islink(directory) or
-                                       not os.path.isdir(directory)):
-        raise FaasError(Code.CONFLICT, f"{directory} is not a directory; faasd wants a real "
-                        "directory there")
+    parts.real_dir_or_none(directory)
     try:
         socket.if_nametoindex(settings.wg_interface)
     except OSError:
