@@ -311,11 +311,10 @@ def ensure_key(path: Path, system: System) -> tuple[str, bool]:
     if path.exists():
         return read_key(path), False
     _require(system, "wg")
-    key = _check(system, ["wg", "genkey"]).strip()
     try:
-        check_key(key)
+        key = wgconf.key_from(_check(system, list(wgconf.GENKEY)), wgconf.GENKEY)
     except ValueError as exc:
-        raise VpnError(f"`wg genkey` printed something that {exc}") from None
+        raise VpnError(str(exc)) from None
     try:
         _make_key_dir(path.parent)
     except OSError as exc:
@@ -335,7 +334,11 @@ def ensure_key(path: Path, system: System) -> tuple[str, bool]:
 def public_key(private: str, system: System) -> str:
     """``wg pubkey``, fed the private key on stdin (never on its command line)."""
     _require(system, "wg")
-    return _check(system, ["wg", "pubkey"], stdin=private + "\n").strip()
+    try:
+        return wgconf.key_from(_check(system, list(wgconf.PUBKEY), stdin=private + "\n"),
+                               wgconf.PUBKEY)
+    except ValueError as exc:
+        raise VpnError(str(exc)) from None
 
 
 def _remind(public: str) -> str:

@@ -84,6 +84,22 @@ def check_key(value: str) -> str:
     return value
 
 
+# Keys come from wireguard-tools, run through each caller's own process seam; private
+# keys go in on stdin and come out on stdout, never on a command line.
+GENKEY = ("wg", "genkey")
+PUBKEY = ("wg", "pubkey")  # the private key on stdin, newline-terminated
+
+
+def key_from(output: str, command: tuple[str, ...]) -> str:
+    """The key that ``command`` (GENKEY or PUBKEY) printed, checked; ValueError saying
+    what it printed instead, never the text itself (it may be a private key)."""
+    key = output.strip()
+    try:
+        return check_key(key)
+    except ValueError as exc:
+        raise ValueError(f"`{' '.join(command)}` printed something that {exc}") from None
+
+
 def _address(value: str) -> ipaddress.IPv6Interface:
     hint = "must be one IPv6 address with /128, such as fd00:faa5:0:100::2/128"
     if "," in value or "%" in value:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from common import wgconf
 from common.errors import Code, FaasError
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -23,24 +24,27 @@ def expiry(text: str | None, now: float | None = None) -> float | None:
     return (now if now is not None else time.time()) + int(text[:-1]) * UNITS[text[-1]]
 
 
-async def _wg(*args: str, stdin: bytes | None = None) -> str:
+async def _wg(argv: tuple[str, ...], stdin: bytes | None = None) -> str:
     try:
         proc = await asyncio.create_subprocess_exec(
-            "wg", *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE)
     except FileNotFoundError:
         raise FaasError(Code.UNAVAILABLE, "wg is not installed: apt-get install "
                         "wireguard-tools") from None
     out, err = await proc.communicate(stdin)
     if proc.returncode != 0:
-        raise FaasError(Code.INTERNAL, f"wg {args[0]} failed: {err.decode().strip()}")
-    return out.decode().strip()
+        raise FaasError(Code.INTERNAL, f"{' '.join(argv)} failed: {err.decode().strip()}")
+    try:
+        return wgconf.key_from(out.decode(errors="replace"), argv)
+    except ValueError as exc:
+        raise FaasError(Code.INTERNAL, str(exc)) from None
 
 
 async def key_pair() -> tuple[str, str]:
     """(private, public), made by wg and passed through pipes only."""
-    private = await _wg("genkey")
-    return private, await _wg("pubkey", stdin=private.encode() + b"\n")
+    private = await _wg(wgconf.GENKEY)
+    return private, await _wg(wgconf.PUBKEY, stdin=private.encode() + b"\n")
 
 
 def check_endpoint(endpoint: str) -> str:

@@ -14,6 +14,7 @@ import os
 import shutil
 from typing import Any
 
+from common import wgconf
 from common.errors import Code, FaasError
 from common.files import atomic_write
 from common.proc import die_with_parent
@@ -140,7 +141,10 @@ class Net:
         if os.path.exists(path):
             os.chmod(path, 0o600)
             return
-        key = (await self.run("wg", "genkey")).strip().encode()
+        try:
+            key = wgconf.key_from(await self.run(*wgconf.GENKEY), wgconf.GENKEY).encode()
+        except ValueError as exc:
+            raise FaasError(Code.INTERNAL, str(exc)) from None
         atomic_write(path, key + b"\n")
 
     async def configure(self, key_path: str, port: int) -> None:

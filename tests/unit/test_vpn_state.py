@@ -95,3 +95,14 @@ def test_no_endpoint_is_a_clear_conflict():
     with pytest.raises(FaasError) as info:
         vpn.check_endpoint("")
     assert info.value.code is Code.CONFLICT and "vpn_endpoint" in info.value.message
+
+
+def test_a_key_from_wireguard_tools_is_checked_and_never_echoed():
+    """Every caller of `wg genkey`/`wg pubkey` (controller, netagent, faasctl vpn) reads
+    the key through one check; what it printed instead is not repeated in the error."""
+    key = base64.b64encode(b"k" * 32).decode()
+    assert wgconf.key_from(key + "\n", wgconf.GENKEY) == key
+    with pytest.raises(ValueError) as info:
+        wgconf.key_from("SECRETSECRET\n", wgconf.PUBKEY)
+    assert "`wg pubkey` printed something that" in str(info.value)
+    assert "SECRETSECRET" not in str(info.value)
