@@ -28,14 +28,21 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _create_beside(target: str) -> tuple[int, str]:
+    """A new temporary file beside ``target``: a random name opened O_EXCL|O_NOFOLLOW,
+    so nothing planted in the directory is followed."""
+    directory, base = os.path.split(os.path.abspath(target))
+    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(4)}.tmp")
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   0o600), tmp
+
+
 @contextlib.contextmanager
 def atomic_file(target: str, mode: int = 0o600,
                 owner: tuple[int, int] | None = None) -> Iterator[IO[bytes]]:
     """A binary file to write that replaces ``target`` when the block ends without an
     exception; on one, the temporary file is removed and ``target`` is untouched."""
-    directory, base = os.path.split(os.path.abspath(target))
-    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd, tmp = _create_beside(target)
     try:
         with open(fd, "wb") as f:
             yield f
@@ -44,19 +51,45 @@ def atomic_file(target: str, mode: int = 0o600,
                 os.fchown(f.fileno(), *owner)
             os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
-        os.rename(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(directory)
+    commit(tmp, target)
+
+
+def stage(target: str, data: bytes, mode: int = 0o600,
+          owner: tuple[int, int] | None = None) -> str:
+    """``data`` in a new temporary file beside ``target``, owner and mode set, fsynced;
+    its path, for :func:`commit` once whatever must happen in between (a check of the
+    file, another file first) has."""
+    fd, tmp = _create_beside(target)
+    try:
+        with open(fd, "wb") as f:
+            if owner is not None:
+                os.fchown(f.fileno(), *owner)
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def commit(tmp: str, target: str) -> None:
+    """Rename ``tmp`` over ``target`` and fsync the directory: the new file or the old
+    one survives a crash, never a mix. A symlink at ``target`` is replaced, not followed."""
+    os.rename(tmp, target)
+    fsync_dir(os.path.dirname(os.path.abspath(target)))
 
 
 def atomic_write(target: str, data: bytes, mode: int = 0o600,
                  owner: tuple[int, int] | None = None) -> None:
     """Replace ``target`` with ``data``, whole or not at all."""
-    with atomic_file(target, mode, owner) as f:
-        f.write(data)
+    commit(stage(target, data, mode, owner), target)
 
 
 def read_small(path: str, cap: int) -> bytes | None:

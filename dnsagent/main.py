@@ -25,10 +25,11 @@ from typing import Any
 
 from common.daemon import AgentDaemon, run_main
 from common.errors import Code, FaasError
+from common.files import atomic_write, commit, stage
 from common.layout import Layout
 from common.settings import vpn_server
 from dnsagent import zone
-from dnsagent.named import commit, find_tool, stage, write_atomic
+from dnsagent.named import find_tool
 
 CHECKZONE_TIMEOUT = 10.0
 RNDC_TIMEOUT = 3.0  # rndc's own default is a minute; a sync's deadline is 10 s
@@ -131,7 +132,7 @@ class DnsAgent(AgentDaemon):
             await check_zone(tmp)
             # The serial first: a crash between the two renames costs a number, never
             # hands the same one out twice.
-            write_atomic(self.layout.serial_file, f"{serial}\n".encode(), 0o644)
+            atomic_write(self.layout.serial_file, f"{serial}\n".encode(), 0o644)
             # named skips a reload when the file is not newer than its last load; the
             # kernel's coarse file clock can lag its own, so stamp the precise time.
             now = time.time_ns()

@@ -32,9 +32,9 @@ import re
 import secrets
 import shutil
 import sys
-import tempfile
 
 from common.daemon import owner_ids
+from common.files import atomic_write
 from common.layout import Layout
 from common.settings import EX_CONFIG, Settings, SettingsError, load, vpn_server
 from dnsagent import zone
@@ -57,47 +57,6 @@ def find_tool(name: str) -> str | None:
     """Absolute path of a BIND tool: PATH first, then the usual bin and sbin dirs."""
     path = os.pathsep.join([os.environ.get("PATH", ""), *TOOL_DIRS])
     return shutil.which(name, path=path)
-
-
-# --- files ---------------------------------------------------------------------------
-
-
-def stage(path: str, data: bytes, mode: int, owner: tuple[int, int] | None = None) -> str:
-    """Write ``data`` to a new temporary file beside ``path``, fsynced; return its path.
-
-    The name is random and opened with O_EXCL, so nothing planted in the directory is
-    followed; ownership and mode are set on the descriptor, never by path.
-    """
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if owner is not None:
-                os.fchown(f.fileno(), *owner)
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
-
-
-def commit(tmp: str, path: str) -> None:
-    """Rename ``tmp`` over ``path`` and fsync the directory: the new file or the old one
-    survives a crash, never a mix. A symlink at ``path`` is replaced, not followed."""
-    os.rename(tmp, path)
-    dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def write_atomic(path: str, data: bytes, mode: int, owner: tuple[int, int] | None = None) -> None:
-    """Replace ``path`` with ``data`` atomically (stage, then commit)."""
-    commit(stage(path, data, mode, owner), path)
 
 
 # --- rendering -----------------------------------------------------------------------
@@ -249,13 +208,13 @@ def prepare(settings: Settings, rndc_port: int = RNDC_PORT, bind_user: str = BIN
     secret = read_secret(layout.rndc_key)
     if secret is None:
         secret = new_secret()
-        write_atomic(layout.rndc_key, render_key(secret).encode(), 0o640, (0, bind.pw_gid))
+        atomic_write(layout.rndc_key, render_key(secret).encode(), 0o640, (0, bind.pw_gid))
     os.chown(layout.rndc_key, 0, bind.pw_gid)
     os.chmod(layout.rndc_key, 0o640)
-    write_atomic(layout.named_conf, conf, 0o640, (0, bind.pw_gid))
+    atomic_write(layout.named_conf, conf, 0o640, (0, bind.pw_gid))
     # Into the faas user's directory: stage() opens a fresh O_EXCL name and commit()
     # renames over whatever sits at rndc.conf, so a planted symlink is never followed.
-    write_atomic(layout.rndc_conf, render_rndc_conf(secret, rndc_port).encode(), 0o600,
+    atomic_write(layout.rndc_conf, render_rndc_conf(secret, rndc_port).encode(), 0o600,
                  (uid, gid))
     return layout
 
