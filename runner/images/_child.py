@@ -20,7 +20,6 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from runner.images import child_protocol as protocol
@@ -95,12 +94,13 @@ def extract_into(params: dict[str, Any], limits: Limits) -> dict[str, Any]:
     progress.set("verify", 0, None, force=True)
     spec = read_archive(params["archive"], params["tag"], limits)
     hexd = spec.digest.removeprefix("sha256:")
-    published = Path(params["images_dir"]) / hexd
+    published = os.path.join(params["images_dir"], hexd)
     result = {"digest": spec.digest, "config": spec.config.to_dict(), "reused": False, "dropped": 0,
               "bytes": 0}
-    if (published / "rootfs").is_dir() and (published / "config.json").is_file():
+    if (os.path.isdir(os.path.join(published, "rootfs"))
+            and os.path.isfile(os.path.join(published, "config.json"))):
         return {**result, "reused": True}
-    staging = Path(params["staging"])
+    staging = params["staging"]
 
     def free() -> int:
         st = os.statvfs(staging)
@@ -108,10 +108,10 @@ def extract_into(params: dict[str, Any], limits: Limits) -> dict[str, Any]:
 
     budget = Budget(limits, _test_hook(), os.stat(params["archive"]).st_size, free)
     budget.before_extracting()
-    os.mkdir(staging / "rootfs", 0o755)
+    os.mkdir(os.path.join(staging, "rootfs"), 0o755)
     total = sum(layer.size for layer in spec.layers)
     progress.set("extract", 0, total, force=True)
-    root = SafeRoot(staging / "rootfs")
+    root = SafeRoot(os.path.join(staging, "rootfs"))
     fd = os.open(params["archive"], os.O_RDONLY | os.O_CLOEXEC)
     try:
         for i, ref in enumerate(spec.layers, 1):
@@ -121,7 +121,7 @@ def extract_into(params: dict[str, Any], limits: Limits) -> dict[str, Any]:
             reader.finish()
             result["dropped"] += stats.dropped
         result["bytes"] = budget.file_bytes
-        with open(staging / "config.json", "x") as f:
+        with open(os.path.join(staging, "config.json"), "x") as f:
             json.dump({"digest": spec.digest, "tags": list(spec.tags),
                        "expanded_bytes": budget.file_bytes,
                        **spec.config.to_dict()}, f, indent=1)

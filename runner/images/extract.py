@@ -26,7 +26,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from common.proc import die_with_parent
@@ -39,7 +38,7 @@ from runner.images.safefs import remove_tree
 Progress = Callable[[str, int, "int | None"], None]
 
 STAGING_PREFIX = ".staging-"
-_CHILD = Path(__file__).with_name("_child_main.py")
+_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_child_main.py")
 _HEX = re.compile(r"[0-9a-f]{64}")
 DEFAULT_LIMITS = Limits()
 
@@ -50,7 +49,7 @@ class ExtractResult:
 
     digest: str  # "sha256:<hex>", the image id
     config: ImageConfig
-    rootfs: Path
+    rootfs: str
     reused: bool  # True: it was already there, nothing was extracted
     dropped: int = 0  # entries left out on purpose (device nodes, FIFOs, ...)
     expanded_bytes: int = 0  # what its regular files add up to (0 when reused)
@@ -75,24 +74,24 @@ def extract(
     """
     if not os.path.isfile(archive_path):
         raise FileNotFoundError(f"no archive at {os.fspath(archive_path)!r}")
-    images = Path(images_dir)
-    images.mkdir(mode=0o700, parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=images))
+    images = os.fspath(images_dir)
+    os.makedirs(images, mode=0o700, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=images)
     try:
         params = protocol.encode_params(
-            archive=os.path.abspath(archive_path), images_dir=str(images.resolve()),
-            staging=str(staging.resolve()), tag=tag, limits=limits.to_dict(), sync=sync)
+            archive=os.path.abspath(archive_path), images_dir=os.path.realpath(images),
+            staging=os.path.realpath(staging), tag=tag, limits=limits.to_dict(), sync=sync)
         outcome = _run_child(params, limits, progress)
         return _publish(images, staging, outcome, sync)
     finally:
         remove_tree(staging)
 
 
-def _publish(images: Path, staging: Path, outcome: dict[str, Any], sync: bool) -> ExtractResult:
+def _publish(images: str, staging: str, outcome: dict[str, Any], sync: bool) -> ExtractResult:
     digest = outcome["digest"]
-    final = images / digest.removeprefix("sha256:")
+    final = os.path.join(images, digest.removeprefix("sha256:"))
     result = ExtractResult(
-        digest, ImageConfig.from_dict(outcome["config"]), final / "rootfs",
+        digest, ImageConfig.from_dict(outcome["config"]), os.path.join(final, "rootfs"),
         bool(outcome["reused"]), outcome["dropped"],
         outcome.get("bytes", 0),
     )
@@ -114,14 +113,15 @@ def _publish(images: Path, staging: Path, outcome: dict[str, Any], sync: bool) -
     return result
 
 
-def _complete(image_dir: Path) -> bool:
-    return (image_dir / "rootfs").is_dir() and (image_dir / "config.json").is_file()
+def _complete(image_dir: str) -> bool:
+    return (os.path.isdir(os.path.join(image_dir, "rootfs"))
+            and os.path.isfile(os.path.join(image_dir, "config.json")))
 
 
-def rootfs_path(images_dir: str | os.PathLike[str], digest: str) -> Path | None:
+def rootfs_path(images_dir: str | os.PathLike[str], digest: str) -> str | None:
     """The rootfs of an extracted image, or None if that digest is not (completely) there."""
-    image_dir = Path(images_dir) / _hex(digest)
-    return image_dir / "rootfs" if _complete(image_dir) else None
+    image_dir = os.path.join(images_dir, _hex(digest))
+    return os.path.join(image_dir, "rootfs") if _complete(image_dir) else None
 
 
 def cleanup_staging(images_dir: str | os.PathLike[str]) -> int:
@@ -136,7 +136,7 @@ def cleanup_staging(images_dir: str | os.PathLike[str]) -> int:
     removed = 0
     for name in names:
         if name.startswith(STAGING_PREFIX):
-            remove_tree(Path(images_dir) / name)
+            remove_tree(os.path.join(images_dir, name))
             removed += 1
     return removed
 
@@ -147,8 +147,8 @@ def remove_image(images_dir: str | os.PathLike[str], digest: str) -> bool:
     The directory is first renamed to a staging name, so a crash halfway leaves only
     something :func:`cleanup_staging` removes, never a half-deleted published rootfs.
     """
-    image_dir = Path(images_dir) / _hex(digest)
-    doomed = Path(images_dir) / f"{STAGING_PREFIX}rm-{os.urandom(6).hex()}"
+    image_dir = os.path.join(images_dir, _hex(digest))
+    doomed = os.path.join(images_dir, f"{STAGING_PREFIX}rm-{os.urandom(6).hex()}")
     try:
         os.rename(image_dir, doomed)
     except FileNotFoundError:
@@ -170,7 +170,7 @@ def _hex(digest: str) -> str:
 def _run_child(params: bytes, limits: Limits, progress: Progress | None) -> dict[str, Any]:
     """Run the extraction child to completion (or kill it); return its result message."""
     with subprocess.Popen(
-        [sys.executable, "-I", str(_CHILD)],
+        [sys.executable, "-I", _CHILD],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         close_fds=True, start_new_session=True,
         # It must not outlive the runner (start_new_session puts it out of the group

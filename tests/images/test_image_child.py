@@ -107,7 +107,7 @@ def test_cleanup_staging_removes_leftovers_only(scratch) -> None:
     (scratch.images / ".staging-empty").mkdir()
     assert cleanup_staging(scratch.images) == 2
     assert os.listdir(scratch.images) == [kept.digest[7:]]
-    assert (kept.rootfs / "handler").exists()
+    assert (Path(kept.rootfs) / "handler").exists()
     assert (Path("/etc/passwd")).exists()
     assert cleanup_staging(scratch.base / "missing") == 0
 
@@ -116,7 +116,7 @@ def test_remove_image_with_read_only_dirs(scratch) -> None:
     build_image(scratch.archive(), [[Dir("ro", 0o555), Dir("ro/sub", 0o500),
                                      File("ro/sub/f", b"x", 0o400)]])
     result = extract(scratch.archive(), scratch.images)
-    assert stat.S_IMODE((result.rootfs / "ro").stat().st_mode) == 0o555
+    assert stat.S_IMODE((Path(result.rootfs) / "ro").stat().st_mode) == 0o555
     assert rootfs_path(scratch.images, result.digest) == result.rootfs
     assert remove_image(scratch.images, result.digest)
     assert os.listdir(scratch.images) == []

@@ -137,9 +137,9 @@ def test_same_rootfs_in_every_format(scratch, fmt: str, compression: str) -> Non
     result = extract(scratch.archive(), scratch.images, progress=lambda *a: phases.append(a))
 
     assert result.digest == built.digest and not result.reused
-    assert result.rootfs == scratch.images / built.digest[7:] / "rootfs"
+    assert Path(result.rootfs) == scratch.images / built.digest[7:] / "rootfs"
     assert describe_tree(result.rootfs) == EXPECTED
-    r = result.rootfs
+    r = Path(result.rootfs)
     assert os.path.samefile(r / "bin/sh", r / "bin/busybox")
     assert os.path.samefile(r / "handler2", r / "handler")
     assert (r / "handler").stat().st_nlink == 2
@@ -167,13 +167,13 @@ def test_legacy_archive_shares_a_repeated_layer_by_symlink(scratch) -> None:
 def test_redeploy_reuses_the_rootfs(scratch) -> None:
     build_image(scratch.archive(), LAYERS, CONFIG, fmt="docker25", compression="gzip")
     first = extract(scratch.archive(), scratch.images)
-    marker = (first.rootfs / "handler").stat().st_ino
+    marker = (Path(first.rootfs) / "handler").stat().st_ino
     start = time.monotonic()
     again = extract(scratch.archive(), scratch.images)
     assert time.monotonic() - start < 1.0
     assert again.reused and again.digest == first.digest and again.rootfs == first.rootfs
     assert again.config == first.config
-    assert (again.rootfs / "handler").stat().st_ino == marker  # nothing was rewritten
+    assert (Path(again.rootfs) / "handler").stat().st_ino == marker  # nothing was rewritten
     # The same image in another format is the same image: nothing is extracted either.
     build_image(scratch.archive("other.tar"), LAYERS, CONFIG, fmt="oci", compression="zstd")
     assert extract(scratch.archive("other.tar"), scratch.images).reused
@@ -193,10 +193,11 @@ def test_multi_image_archive_by_tag(scratch, fmt: str) -> None:
     for tag in ("fn:latest", "fn", "docker.io/library/fn:latest"):
         result = extract(scratch.archive(), scratch.images, tag=tag)
         assert result.digest == fn.digest, tag
-        assert (result.rootfs / "handler").read_bytes() == b"fn"
+        assert (Path(result.rootfs) / "handler").read_bytes() == b"fn"
     result = extract(scratch.archive(), scratch.images, tag="registry.example.com/team/other:v2")
-    assert result.digest == other.digest and (result.rootfs / "handler").read_bytes() == b"other"
-    assert (result.rootfs / "bin/tool").read_bytes() == b"shared base"
+    assert result.digest == other.digest
+    assert (Path(result.rootfs) / "handler").read_bytes() == b"other"
+    assert (Path(result.rootfs) / "bin/tool").read_bytes() == b"shared base"
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -218,7 +219,7 @@ def test_oci_nested_index_and_bare_tag(scratch) -> None:
     built = build_image(scratch.archive(), layers, fmt="oci", oci_nested=True, tags=["fn:1.0"])
     result = extract(scratch.archive(), scratch.images, tag="fn:1.0")
     assert result.digest == built.digest
-    assert (result.rootfs / "handler").read_bytes() == b"h"
+    assert (Path(result.rootfs) / "handler").read_bytes() == b"h"
 
 
 def test_select_by_image_id(scratch) -> None:
@@ -232,8 +233,8 @@ def test_compression_found_by_bytes_not_media_type(scratch) -> None:
               Layer([File("b", b"zst")], compression="zstd")]
     build_image(scratch.archive(), layers, fmt="oci", compression="none")
     result = extract(scratch.archive(), scratch.images)
-    assert ((result.rootfs / "a").read_bytes() == b"gz"
-            and (result.rootfs / "b").read_bytes() == b"zst")
+    assert ((Path(result.rootfs) / "a").read_bytes() == b"gz"
+            and (Path(result.rootfs) / "b").read_bytes() == b"zst")
 
 
 def test_whiteout_never_hides_its_own_layer(scratch) -> None:
@@ -255,7 +256,7 @@ def test_replacing_a_symlink_to_a_directory(scratch) -> None:
         [Dir("d"), File("d/x", b"x"), File("f", b"file")],
     ]
     build_image(scratch.archive(), layers)
-    r = extract(scratch.archive(), scratch.images).rootfs
+    r = Path(extract(scratch.archive(), scratch.images).rootfs)
     assert (r / "d").is_dir() and not (r / "d").is_symlink() and (r / "d/x").read_bytes() == b"x"
     assert (r / "f").read_bytes() == b"file" and os.listdir(r / "real") == []
 
@@ -266,7 +267,7 @@ def test_root_entry_metadata(scratch) -> None:
     root = tarfile.TarInfo("./")
     root.type, root.mode, root.uid, root.gid = tarfile.DIRTYPE, 0o750, 7, 8
     build_image(scratch.archive(), [[Raw(root), File("./handler", b"h", 0o755)]])
-    r = extract(scratch.archive(), scratch.images).rootfs
+    r = Path(extract(scratch.archive(), scratch.images).rootfs)
     st = r.stat()
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o750, 7, 8)
     assert (r / "handler").read_bytes() == b"h"
@@ -280,5 +281,5 @@ def test_large_layer_across_read_chunks(scratch, compression: str) -> None:
     files = {f"d{i % 3}/f{i}": rnd.randbytes(rnd.randint(0, 400_000)) for i in range(40)}
     build_image(scratch.archive(), [[File(p, data) for p, data in files.items()]],
                 compression=compression)
-    r = extract(scratch.archive(), scratch.images).rootfs
+    r = Path(extract(scratch.archive(), scratch.images).rootfs)
     assert {p: (r / p).read_bytes() for p in files} == files

@@ -13,6 +13,7 @@ import os
 import stat
 import tarfile
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -107,9 +108,9 @@ def test_symlink_to_etc_lands_inside_the_rootfs(scratch) -> None:
     layers = [[Dir("etc"), Symlink("x", "/etc"), File("x/passwd", b"pwned")],
               [File("x/shadow", b"s")]]
     result = accepted(scratch, layers)
-    assert (result.rootfs / "etc/passwd").read_bytes() == b"pwned"
-    assert (result.rootfs / "etc/shadow").read_bytes() == b"s"
-    assert os.readlink(result.rootfs / "x") == "/etc"
+    assert (Path(result.rootfs) / "etc/passwd").read_bytes() == b"pwned"
+    assert (Path(result.rootfs) / "etc/shadow").read_bytes() == b"s"
+    assert os.readlink(Path(result.rootfs) / "x") == "/etc"
 
 
 def test_symlink_chain_climbing_out_stays_inside(scratch) -> None:
@@ -119,7 +120,7 @@ def test_symlink_chain_climbing_out_stays_inside(scratch) -> None:
         [File("l2/escaped", b"e"), Hardlink("l1/linked", "l2/escaped"),
          File("l1/l2/l1/deep", b"d")],
     ]
-    r = accepted(scratch, layers).rootfs
+    r = Path(accepted(scratch, layers).rootfs)
     assert (r / "escaped").read_bytes() == b"e" and (r / "deep").read_bytes() == b"d"
     assert os.path.samefile(r / "linked", r / "escaped")
 
@@ -136,7 +137,7 @@ def test_relative_climb_resolves_at_the_rootfs(scratch) -> None:
     layers = [[Dir("outside/etc"), Symlink("a/b/o", "../../" * 10 + "outside/etc"),
                File("a/b/o/passwd", b"pwned")]]
     result = accepted(scratch, layers)
-    assert (result.rootfs / "outside/etc/passwd").read_bytes() == b"pwned"
+    assert (Path(result.rootfs) / "outside/etc/passwd").read_bytes() == b"pwned"
 
 
 # -- the root entry and whiteouts ---------------------------------------------------
@@ -167,7 +168,7 @@ def test_devices_and_fifos_are_dropped(scratch) -> None:
     ]]
     result = accepted(scratch, layers)
     assert sorted(os.listdir(result.rootfs)) == ["dev", "handler"]
-    assert os.listdir(result.rootfs / "dev") == []
+    assert os.listdir(Path(result.rootfs) / "dev") == []
     assert result.dropped == 3
 
 
@@ -177,7 +178,7 @@ def test_setuid_and_setgid_bits_are_stripped(scratch) -> None:
         File("bin/both", b"x", 0o6711, 1000, 1000),
         Dir("shared", 0o2775), Dir("tmp", 0o1777),
     ]]
-    r = accepted(scratch, layers).rootfs
+    r = Path(accepted(scratch, layers).rootfs)
     modes = {p: stat.S_IMODE((r / p).stat().st_mode)
              for p in ("bin/su", "bin/wall", "bin/both", "shared", "tmp")}
     assert modes == {"bin/su": 0o755, "bin/wall": 0o755, "bin/both": 0o711, "shared": 0o775,
@@ -189,14 +190,14 @@ def test_xattrs_are_dropped(scratch) -> None:
     info = tarfile.TarInfo("cap")
     info.pax_headers = {"SCHILY.xattr.security.capability": "\x01\x00\x00\x02",
                         "SCHILY.xattr.user.x": "y"}
-    r = accepted(scratch, [[Raw(info, b"bin")]]).rootfs
+    r = Path(accepted(scratch, [[Raw(info, b"bin")]]).rootfs)
     assert os.listxattr(r / "cap", follow_symlinks=False) == []
 
 
 def test_owner_ids_are_numeric(scratch) -> None:
     info = tarfile.TarInfo("f")
     info.uid, info.gid, info.uname, info.gname = 4242, 4343, "root", "root"
-    st = (accepted(scratch, [[Raw(info, b"x")]]).rootfs / "f").stat()
+    st = (Path(accepted(scratch, [[Raw(info, b"x")]]).rootfs) / "f").stat()
     assert (st.st_uid, st.st_gid) == (4242, 4343)
 
 
@@ -207,7 +208,8 @@ def test_owner_id_out_of_range(scratch) -> None:
 
 
 def test_small_sparse_file_is_written(scratch) -> None:
-    r = accepted(scratch, [[Sparse("s", 8 * MiB, [(0, b"a" * 4096), (6 * MiB, b"b" * 10)])]]).rootfs
+    sparse = Sparse("s", 8 * MiB, [(0, b"a" * 4096), (6 * MiB, b"b" * 10)])
+    r = Path(accepted(scratch, [[sparse]]).rootfs)
     data = (r / "s").read_bytes()
     assert (len(data) == 8 * MiB and data[:4096] == b"a" * 4096
             and data[6 * MiB:6 * MiB + 10] == b"b" * 10)
