@@ -13,7 +13,10 @@ Everything else is derived from :data:`FN_SETTINGS`: the runner's wire schema
 
 from __future__ import annotations
 
+import copy
+import ipaddress
 import os
+import posixpath
 import re
 import textwrap
 from dataclasses import dataclass
@@ -31,6 +34,12 @@ VALUE_MAX = 4096  # characters of a value as sent, and of an environment variabl
 RESERVED_ENV = ("FAAS_", "LD_")
 MAX_ENV = 128
 PER_CLIENT_OFF = 65536  # per_client at this value: no per-address cap at all
+# Function, peer, secret and volume names: DNS labels (a function's becomes NAME.faas).
+NAME_PATTERN = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_NAME = re.compile(NAME_PATTERN)
+# Where a volume may not be mounted: the kernel's and faasd's own places in a container.
+MOUNT_FORBIDDEN = ("/proc", "/sys", "/dev", "/run/secrets", "/control.sock")
+RESERVED_PORTS = (53,)  # DNS: a peer's resolver is the server's VPN address, port 53
 
 
 def _size(text: str) -> int:
@@ -75,10 +84,84 @@ def per_client_limit(per_client: int, concurrency: int) -> int:
     return per_client or max(1, concurrency // 2)
 
 
+def _items(text: str) -> list[str]:
+    """A comma-separated list; empty text (``key=``) is the empty list."""
+    return [t.strip() for t in text.split(",") if t.strip()] if text.strip() else []
+
+
+def _name(kind: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if not _NAME.fullmatch(text):
+            raise ValueError(f"{text[:80]!r} is not a {kind} name (1-63 of a-z, 0-9 and "
+                             "inner '-')")
+        return text
+    return parse
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"{text[:80]!r} is not a TCP port (1-65535)")
+    if int(text) in RESERVED_PORTS:
+        raise ValueError(f"port {text} is reserved (DNS of the VPN)")
+    return int(text)
+
+
+def _peer_or_any(text: str) -> str:
+    return "*" if text == "*" else _name("peer")(text)
+
+
+def _cidr_port(text: str) -> str:
+    """``CIDR`` or ``CIDR:PORT`` (the port after the prefix length: ``10.0.0.0/8:5432``,
+    ``fd12::/48:5432``), normalized: a bare address is its /32 or /128."""
+    net, port = text, ""
+    if "/" in text and ":" in text.rsplit("/", 1)[1]:
+        net, port = text.rsplit(":", 1)
+    try:
+        parsed = ipaddress.ip_network(net, strict=False)
+    except ValueError:
+        raise ValueError(f"{text[:80]!r} is not a CIDR or CIDR:PORT (10.0.0.0/8, "
+                         "192.168.1.5/32:5432, fd12::/48:443)") from None
+    if port:
+        _port_any(port)
+    return f"{parsed}:{int(port)}" if port else str(parsed)
+
+
+def _port_any(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"{text[:80]!r} is not a TCP port (1-65535)")
+    return int(text)
+
+
+def _mount(text: str) -> str:
+    """``VOLUME:/path`` or ``VOLUME:/path:ro``, the path normalized and absolute."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+        raise ValueError(f"{text[:80]!r} is not VOLUME:/path[:ro]")
+    name, path = _name("volume")(parts[0]), parts[1]
+    norm = posixpath.normpath(path) if path.startswith("/") else ""
+    if not norm or norm == "/" or norm.startswith("//") or "\x00" in path:
+        raise ValueError(f"{text[:80]!r}: the path must be absolute and not /")
+    if any(norm == f or norm.startswith(f + "/") or f.startswith(norm + "/")
+           for f in MOUNT_FORBIDDEN):
+        raise ValueError(f"{text[:80]!r}: may not mount over or above "
+                         f"{', '.join(MOUNT_FORBIDDEN)}")
+    return f"{name}:{norm}" + (":ro" if parts[2:] == ["ro"] else "")
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.strip() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return text.strip()
+    return parse
+
+
 @dataclass(frozen=True)
 class FnSetting:
-    """One per-function setting: ``type`` is what :meth:`value` returns (int, float or
-    bool), ``lo`` and ``hi`` its range (none for a bool)."""
+    """One per-function setting: ``type`` is what :meth:`value` returns (int, float,
+    bool, str or list), ``lo`` and ``hi`` its range (a number's; a list's least and most
+    items). A list setting's ``parse`` reads one item (``key=a,b``: each item parsed,
+    duplicates refused, ``key=`` the empty list); a str setting's the whole value."""
 
     key: str
     type: type
@@ -87,24 +170,50 @@ class FnSetting:
     lo: float
     hi: float
     help: str
+    reader: str = "runner"  # the root daemon that acts on it (the runner, or netagent)
 
     def value(self, text: str) -> Any:
+        if self.type is list:
+            items = [self.parse(t) for t in _items(text)]
+            if len(set(items)) != len(items):
+                raise ValueError("lists an item twice")
+            if not self.lo <= len(items) <= self.hi:
+                raise ValueError(f"must list {self.lo:g} to {self.hi:g} items")
+            return items
         v = self.parse(text)
-        if not isinstance(v, bool) and not self.lo <= v <= self.hi:
+        if not isinstance(v, (bool, str)) and not self.lo <= v <= self.hi:
             raise ValueError(f"must be between {self.lo:g} and {self.hi:g}")
         return v
 
+    def canonical(self, value: Any) -> bool:
+        """Whether a value as received (a sync) is one :meth:`value` could have made:
+        how a root daemon checks a str or list setting without trusting the sender."""
+        try:
+            return self.value(self.show(value)) == value
+        except (ValueError, TypeError, AttributeError):
+            return False
+
     def show(self, value: Any) -> str:
-        """A value as ``faasctl set`` takes it: a size in K/M/G, a bool as true/false."""
+        """A value as ``faasctl set`` takes it: a size in K/M/G, a bool as true/false,
+        a list comma-separated."""
         if self.type is bool:
             return "true" if value else "false"
+        if self.type is list:
+            return ",".join(str(v) for v in value)
+        if self.type is str:
+            return value
         if self.parse is _size:
             return _size_text(value)
         return f"{value:g}"
 
     def range(self, dash: str = " – ") -> str:
-        """``lo – hi`` as :meth:`show` writes values; empty for a bool."""
-        return "" if self.type is bool else f"{self.show(self.lo)}{dash}{self.show(self.hi)}"
+        """``lo – hi`` as :meth:`show` writes values; empty for a bool or str; for a
+        list, how many items."""
+        if self.type is list:
+            return f"{self.lo:g}{dash}{self.hi:g} items"
+        if self.type in (bool, str):
+            return ""
+        return f"{self.show(self.lo)}{dash}{self.show(self.hi)}"
 
 
 FN_SETTINGS: tuple[FnSetting, ...] = (
@@ -128,6 +237,22 @@ FN_SETTINGS: tuple[FnSetting, ...] = (
     FnSetting("per_client", int, _per_client, 0, 0, PER_CLIENT_OFF, "connections one client "
               "address may hold (waiting, queued, served); past it: 503. 0 or auto: half "
               f"of concurrency, at least 1; off (stored as {PER_CLIENT_OFF}): no cap"),
+    FnSetting("network", str, _choice("none", "egress"), "none", 0, 0,
+              "none: the containers have only lo; egress: they share one namespace of the "
+              "function's with a route to the internet (see docs/network.md)"),
+    FnSetting("egress_allow", list, _cidr_port, [], 0, 64, "private ranges (RFC 1918, ULA) "
+              "an egress function may reach anyway: CIDR or CIDR:PORT", reader="netagent"),
+    FnSetting("may_call", list, _name("function"), [], 0, 64,
+              "functions an egress function may reach, on their ports, by NAME.faas"),
+    FnSetting("secrets", list, _name("secret"), [], 0, 32,
+              "secrets readable in the containers as /run/secrets/NAME (faasctl secret)"),
+    FnSetting("mounts", list, _mount, [], 0, 16,
+              "volumes mounted in the containers: VOLUME:/path or VOLUME:/path:ro "
+              "(faasctl volume)"),
+    FnSetting("ports", list, _port, [80], 1, 16, "TCP ports the function serves on its "
+              "address (53 is the VPN's DNS)"),
+    FnSetting("allow", list, _peer_or_any, ["*"], 1, 64, "VPN peers that may connect, "
+              "by name; * any peer (local callers are always let in)"),
 )
 BY_KEY = {s.key: s for s in FN_SETTINGS}
 
@@ -136,7 +261,7 @@ def defaults(maxima: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Every setting at its default, with no env; a default above this host's maximum
     (``maxima``) is that maximum, so a function nobody set fits the host."""
     caps = maxima or {}
-    return {**{s.key: min(s.default, caps[s.key]) if s.key in caps else s.default
+    return {**{s.key: min(s.default, caps[s.key]) if s.key in caps else copy.copy(s.default)
                for s in FN_SETTINGS}, "env": {}}
 
 
@@ -208,6 +333,12 @@ def check_values(values: Mapping[str, Any], maxima: Mapping[str, float], where: 
         value = values.get(s.key)
         if value is None or isinstance(value, bool):
             continue  # the schema typed it; a bool has no range
+        if s.type in (str, list):
+            if not s.canonical(value):
+                raise FaasError(Code.BAD_REQUEST, f"{where}.{s.key} is not a value "
+                                f"`faasctl set` could make ({s.help})",
+                                {"field": f"{where}.{s.key}"})
+            continue
         cap = maxima.get(s.key)
         if cap is not None and value > cap:
             raise FaasError(Code.FORBIDDEN, f"{where}.{s.key} = {value:g} is above this "
@@ -243,8 +374,9 @@ def keys_text() -> str:
 def cli_help(width: int = 79) -> str:
     """The keys with default, range and help, one entry each, for ``faasctl set --help``."""
     lines = ["settings (KEY  default (range): what it is):"]
-    entries = [(s.key, s.show(s.default) + (f" ({s.range('..')})" if s.range() else "")
-                + f": {s.help}") for s in FN_SETTINGS]
+    entries = [(s.key, (s.show(s.default) or "(none)")
+                + (f" ({s.range('..')})" if s.range() else "") + f": {s.help}")
+               for s in FN_SETTINGS]
     for key, text in [*entries, ("env.NAME", ENV_HELP)]:
         lines += textwrap.wrap(text, width, initial_indent=f"  {key:<20}",
                                subsequent_indent=" " * 22)
@@ -255,7 +387,8 @@ def markdown_table() -> str:
     """The per-function table of docs/settings.md (``python -m common.fnsettings``)."""
     rows = ["| key | default | range | what it is |", "|---|---|---|---|"]
     for s in FN_SETTINGS:
-        rows.append(f"| `{s.key}` | `{s.show(s.default)}` | {s.range()} | {s.help} |"
+        shown = f"`{s.show(s.default)}`" if s.show(s.default) else "(none)"
+        rows.append(f"| `{s.key}` | {shown} | {s.range()} | {s.help} |"
                     .replace("|  |", "| |"))
     rows.append(f"| `env.NAME` | | | {ENV_HELP} |")
     return "\n".join(rows) + "\n"

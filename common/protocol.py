@@ -75,7 +75,7 @@ class Op:
 
 
 # Function names are DNS labels under faas.; a few are kept for the zone itself.
-NAME_PATTERN = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+NAME_PATTERN = fnsettings.NAME_PATTERN
 RESERVED_NAMES = frozenset({"ns"})
 
 
@@ -256,6 +256,12 @@ def _setting_field(s: fnsettings.FnSetting) -> Field:
     value above root's maximum is refused as forbidden, not as a malformed request."""
     if s.type is bool:
         return Bool(help=s.help)
+    if s.type is str:
+        return Str(max_len=64, help=s.help)
+    if s.type is list:
+        item = Int(min=1, max=65535) if isinstance(s.default and s.default[0], int) \
+            else Str(max_len=128)
+        return List(item=item, max_items=int(s.hi), help=s.help)
     capped = s.key in fnsettings.HOST_MAXIMA
     if s.type is int:
         return Int(min=int(s.lo), **({} if capped else {"max": int(s.hi)}), help=s.help)

@@ -62,6 +62,10 @@ class FunctionSettings:
     memory: int = BY_KEY["memory"].default
     cpu: float = BY_KEY["cpu"].default
     pids: int = BY_KEY["pids"].default
+    network: str = BY_KEY["network"].default
+    may_call: list[str] = field(default_factory=lambda: list(BY_KEY["may_call"].default))
+    secrets: list[str] = field(default_factory=lambda: list(BY_KEY["secrets"].default))
+    mounts: list[str] = field(default_factory=lambda: list(BY_KEY["mounts"].default))
     nofile: int = 1024
     tmp_bytes: int = 64 * MiB
     env: Mapping[str, str] = field(default_factory=dict)
@@ -71,6 +75,8 @@ class FunctionSettings:
         """The container's share of a function's settings as synced (typed by the wire
         schema, bounded by runner/bounds.py)."""
         return cls(memory=settings["memory"], cpu=settings["cpu"], pids=settings["pids"],
+                   network=settings["network"], may_call=list(settings["may_call"]),
+                   secrets=list(settings["secrets"]), mounts=list(settings["mounts"]),
                    # The handler protocol's hint: answering "done" is worth it (the SDK
                    # reads it; any handler may).
                    env={**settings["env"], "FAAS_REUSE": "1" if settings["reuse"] else "0"})

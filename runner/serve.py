@@ -72,6 +72,8 @@ class ServeSettings:
     first_byte_timeout: float = BY_KEY["first_byte_timeout"].default
     per_client: int = BY_KEY["per_client"].default  # 0: auto (fnsettings.per_client_limit)
     memory: int = BY_KEY["memory"].default  # a container's limit, counted against the budget
+    ports: list[int] = field(default_factory=lambda: list(BY_KEY["ports"].default))
+    allow: list[str] = field(default_factory=lambda: list(BY_KEY["allow"].default))
 
 
 @dataclass

@@ -4,8 +4,9 @@ A JSON-schema validator for the subset the document uses (OpenAPI 3.0 flavour:
 ``nullable`` instead of type lists) and nothing more: ``$ref``, ``type`` (object, array,
 string, integer, number, boolean), ``nullable``, ``enum``, ``properties``, ``required``,
 ``additionalProperties``, ``items``, ``pattern``, ``minLength``, ``maxLength``,
-``minimum``, ``maximum``. A keyword it does not know is an error, so the document cannot
-promise a constraint that no test checks. Standard library only.
+``minItems``, ``maxItems``, ``minimum``, ``maximum``. A keyword it does not know is an
+error, so the document cannot promise a constraint that no test checks. Standard library
+only.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ SPEC_PATH = Path(__file__).resolve().parents[1] / "docs" / "openapi.json"
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
 CHECKED = {"$ref", "type", "nullable", "enum", "properties", "required",
            "additionalProperties", "items", "pattern", "minLength", "maxLength", "minimum",
-           "maximum"}
+           "maximum", "minItems", "maxItems"}
 ANNOTATIONS = {"description", "title", "format", "example", "default"}
 
 
@@ -81,6 +82,10 @@ def validate(spec: dict[str, Any], schema: dict[str, Any], value: Any, where: st
             raise SchemaError(f"{where}: {value} is above {schema['maximum']}")
     if isinstance(value, dict):
         _check_object(spec, schema, value, where)
+    if isinstance(value, list) and not (schema.get("minItems", 0) <= len(value)
+                                        <= schema.get("maxItems", len(value))):
+        raise SchemaError(f"{where}: {len(value)} items, outside "
+                          f"{schema.get('minItems', 0)}..{schema.get('maxItems', 'any')}")
     if isinstance(value, list) and "items" in schema:
         for i, item in enumerate(value):
             validate(spec, schema["items"], item, f"{where}[{i}]")

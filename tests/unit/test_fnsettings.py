@@ -132,8 +132,8 @@ def test_the_doc_table_is_generated_from_the_table():
 def test_every_setting_is_in_the_generated_docs_and_help():
     table, help_text = fnsettings.markdown_table(), fnsettings.cli_help()
     for s in fnsettings.FN_SETTINGS:
-        assert f"| `{s.key}` | `{s.show(s.default)}` | {s.range()} |".replace("|  |", "| |") \
-            in table
+        shown = f"`{s.show(s.default)}`" if s.show(s.default) else "(none)"
+        assert f"| `{s.key}` | {shown} | {s.range()} |".replace("|  |", "| |") in table
         assert f"  {s.key} " in help_text and s.help.split()[0] in help_text
     assert "| `env.NAME` |" in table and "  env.NAME " in help_text
     assert "16M – 64G" in table and "0.05 – 64" in table and "8 – 32768" in table
@@ -143,7 +143,7 @@ def test_every_setting_is_in_the_generated_docs_and_help():
 def test_each_setting_parses_to_its_type_and_shows_as_it_parses():
     for s in fnsettings.FN_SETTINGS:
         assert type(s.default) is s.type
-        for value in (s.default, *(() if s.type is bool else (s.lo, s.hi))):
+        for value in (s.default, *(() if s.type in (bool, str, list) else (s.lo, s.hi))):
             assert s.value(s.show(value)) == value, (s.key, value)
 
 
@@ -151,14 +151,16 @@ def test_the_runner_schema_is_built_from_the_table():
     """Types and ranges on the wire are the table's: the top of a host-capped setting is
     the runner's check (forbidden above root's maximum), every other bound the schema's."""
     from common import protocol
-    from common.schema import Bool, Float, Int, MapOf
+    from common.schema import Bool, Float, Int, List, MapOf, Str
     fields = protocol.FUNCTION_SETTINGS.fields
     assert list(fields) == [*fnsettings.BY_KEY, "env"]
-    kinds = {bool: Bool, int: Int, float: Float}
+    kinds = {bool: Bool, int: Int, float: Float, str: Str, list: List}
     for s in fnsettings.FN_SETTINGS:
         f = fields[s.key]
         assert type(f) is kinds[s.type] and f.required, s.key
-        if s.type is not bool:
+        if s.type is list:
+            assert f.max_items == s.hi, s.key
+        elif s.type not in (bool, str):
             assert f.min == s.lo, s.key
             if s.key in fnsettings.HOST_MAXIMA:
                 assert f.max > s.hi, s.key  # runner/bounds.py: forbidden above root's max
@@ -189,6 +191,8 @@ def test_the_runner_takes_its_defaults_names_and_ranges_from_the_table():
     from runner.serve import ServeSettings, settings_from
     serve, bundle = ServeSettings(), FunctionSettings()
     for s in fnsettings.FN_SETTINGS:
+        if s.reader != "runner":
+            continue
         where = [o for o in (serve, bundle) if s.key in {f.name for f in fields(o)}]
         assert where, f"{s.key}: read by neither runner/serve.py nor runner/bundle.py"
         assert all(getattr(o, s.key) == s.default for o in where), s.key
@@ -215,11 +219,15 @@ def test_the_openapi_settings_schema_agrees_with_the_table():
     schema = spec["components"]["schemas"]["Settings"]
     props = schema["properties"]
     assert list(props) == schema["required"] == [*fnsettings.BY_KEY, "env"]
-    kinds = {bool: "boolean", int: "integer", float: "number"}
+    kinds = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array"}
     for s in fnsettings.FN_SETTINGS:
         p = props[s.key]
         assert p["type"] == kinds[s.type], s.key
-        if s.type is not bool:
+        if s.type is list:
+            assert (p["minItems"], p["maxItems"]) == (s.lo, s.hi), s.key
+        elif s.type is str:
+            assert s.default in p["enum"], s.key
+        elif s.type is not bool:
             assert (p["minimum"], p["maximum"]) == (s.lo, s.hi), s.key
     assert props["env"]["additionalProperties"]["maxLength"] == fnsettings.VALUE_MAX
     oc.validate(spec, schema, fnsettings.defaults())
@@ -227,3 +235,51 @@ def test_the_openapi_settings_schema_agrees_with_the_table():
         oc.validate(spec, schema, {**fnsettings.defaults(), "cpu": 0.01})
     changes = " ".join(spec["components"]["schemas"]["SettingsChanges"]["description"].split())
     assert fnsettings.keys_text() in changes
+
+
+@pytest.mark.parametrize("key,text,want", [
+    ("network", "egress", "egress"),
+    ("ports", "80, 5432", [80, 5432]),
+    ("ports", "443", [443]),
+    ("allow", "laptop,ci", ["laptop", "ci"]),
+    ("allow", "*", ["*"]),
+    ("secrets", "db,api", ["db", "api"]),
+    ("secrets", "", []),
+    ("may_call", "fib,echo", ["fib", "echo"]),
+    ("mounts", "data:/data/./x/", ["data:/data/x"]),
+    ("mounts", "data:/data:ro,logs:/var/log/app", ["data:/data:ro", "logs:/var/log/app"]),
+    ("egress_allow", "10.0.0.7,192.168.1.0/24:5432,fd12::/48:443",
+     ["10.0.0.7/32", "192.168.1.0/24:5432", "fd12::/48:443"]),
+])
+def test_list_and_choice_settings_parse_to_a_canonical_form(key, text, want):
+    s = fnsettings.BY_KEY[key]
+    assert s.value(text) == want
+    assert s.canonical(want) and s.value(s.show(want)) == want
+
+
+@pytest.mark.parametrize("key,text", [
+    ("network", "host"), ("ports", "0"), ("ports", "53"), ("ports", "80,80"),
+    ("ports", ""), ("ports", "http"), ("ports", ",".join(str(p) for p in range(1, 18))),
+    ("allow", ""), ("allow", "Laptop"), ("secrets", "../x"), ("secrets", "a,a"),
+    ("mounts", "data:/"), ("mounts", "data:/proc"), ("mounts", "data:/proc/x"),
+    ("mounts", "data:/run"), ("mounts", "data:relative"), ("mounts", "data:/x:rw:ro"),
+    ("mounts", "data:/x:exec"), ("mounts", "Data:/x"), ("mounts", "data:/run/secrets/db"),
+    ("egress_allow", "10.0.0.0/8:99999"), ("egress_allow", "example.com"),
+    ("egress_allow", "10.0.0.0/33"), ("may_call", "a.b"),
+])
+def test_bad_list_and_choice_values_are_refused(key, text):
+    with pytest.raises(FaasError) as err:
+        fnsettings.apply({}, {key: text})
+    assert err.value.code == Code.BAD_REQUEST and key in str(err.value)
+
+
+def test_a_root_daemon_refuses_a_list_value_set_could_not_make():
+    values = {**fnsettings.defaults(), "mounts": ["data:/proc"]}
+    with pytest.raises(FaasError) as err:
+        fnsettings.check_values(values, {}, "fn")
+    assert err.value.code == Code.BAD_REQUEST and "fn.mounts" in str(err.value)
+    for bad in ({"ports": [80, 80]}, {"ports": [53]}, {"network": "host"},
+                {"egress_allow": ["10.0.0.1"]}, {"allow": []}):
+        with pytest.raises(FaasError):
+            fnsettings.check_values({**fnsettings.defaults(), **bad}, {}, "fn")
+    fnsettings.check_values(fnsettings.defaults(), {}, "fn")
