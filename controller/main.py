@@ -93,7 +93,8 @@ class Controller(Daemon):
         if agent == "runner":
             return {"images": sorted(self.state.digests()), "functions": self.state.specs()}
         if agent == "netagent":
-            return {"addresses": self.state.addresses(), "peers": self.state.active_peers()}
+            return {"addresses": self.state.addresses(), "peers": self.state.active_peers(),
+                    "egress": self.state.egress()}
         if agent == "dnsagent":
             return {"records": [{"name": s["name"], "address": s["address"]}
                                 for s in self.state.specs()]}

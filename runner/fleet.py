@@ -16,7 +16,7 @@ from common.layout import Layout
 from common.log import EventLog
 from common.paths import root_dir
 from runner.budget import MemoryBudget
-from runner.bundle import BundleError, FunctionSettings, build_config
+from runner.bundle import BundleError, EgressNet, FunctionSettings, build_config
 from runner.container import Container
 from runner.fnlogs import FunctionLogs
 from runner.runtime import Runtime
@@ -28,8 +28,9 @@ class Fleet:
 
     def __init__(self, root: str, run: str, runtime: Runtime, logs: FunctionLogs,
                  log: EventLog, image_config: Callable[[str], Mapping[str, Any] | None],
-                 budget: MemoryBudget | None = None):
+                 budget: MemoryBudget | None = None, nameserver: str = ""):
         self.paths = Layout(root, run)
+        self.nameserver = nameserver  # egress functions' resolver: named's VPN address
         self.images = self.paths.images
         self.bundles = self.paths.bundles
         self.ctl = self.paths.ctl
@@ -123,14 +124,42 @@ class Fleet:
                 raise BundleError(f"the image of {name} ({spec['digest'][:19]}) is not on "
                                   f"this host: deploy it again (faasctl new {name} -f "
                                   "IMAGE.tar)")
-            return build_config(rootfs, image, container_id=container_id,
-                                hostname=name, control_socket=control_socket, settings=limits)
+            egress = self.egress_net(name, limits, container_id) \
+                if limits.network == "egress" else None
+            return build_config(rootfs, image, container_id=container_id, hostname=name,
+                                control_socket=control_socket, settings=limits, egress=egress)
 
         def sink(container: str, stream: str, request: str | None, lines: list[str]) -> None:
             if self.owners.get(name) is owner:  # else: removed, maybe deployed anew since
                 self.logs.write(name, container, stream, request, lines)
 
         return lambda: Container(name, self.bundles, self.ctl, self.runtime, make_config, sink)
+
+    def egress_net(self, name: str, limits: FunctionSettings, container_id: str) -> EgressNet:
+        """The namespace netagent holds for ``name`` (refused until it is one: the next
+        container tries again) and this container's resolv.conf and hosts: named on the
+        VPN address for every name, the functions it may call by NAME.faas."""
+        netns = self.paths.netns_path(name)
+        try:
+            ready = os.stat(netns).st_dev == os.stat("/proc/self/ns/net").st_dev
+        except FileNotFoundError:
+            ready = False
+        if not ready:
+            raise BundleError(f"the network namespace of {name} is not made yet (netagent "
+                              "makes it at its next sync): network=egress waits for it")
+        bundle = os.path.join(self.bundles, container_id)
+        hosts = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost"]
+        hosts += [f"{self.specs[n]['address']}\t{n}.faas {n}"
+                  for n in limits.may_call if n in self.specs]
+        files = {"resolv.conf": f"nameserver {self.nameserver}\n", "hosts": "\n".join(hosts)
+                 + "\n"}
+        for file, text in files.items():
+            fd = os.open(os.path.join(bundle, file), os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+        return EgressNet(netns, os.path.join(bundle, "resolv.conf"),
+                         os.path.join(bundle, "hosts"))
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Per-function pool and counters, by name."""

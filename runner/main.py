@@ -17,7 +17,7 @@ from common import fnsettings, layout
 from common.daemon import AgentDaemon, owner_ids, run_main
 from common.proc import adopt_orphans
 from common.rpc import Handler
-from common.settings import SettingsError
+from common.settings import SettingsError, vpn_server
 from runner.bounds import check_state
 from runner.budget import MemoryBudget, budget_bytes
 from runner.fleet import Fleet
@@ -70,7 +70,8 @@ class Runner(AgentDaemon):
         adopt_orphans()
         logs = FunctionLogs(layout.of(self.settings).function_logs, self._gid)
         self.fleet = Fleet(self.settings.root, self.settings.run, self.runtime, logs, self.log,
-                           self.store.config_of, self.budget)
+                           self.store.config_of, self.budget,
+                           nameserver=str(vpn_server(self.settings.vpn_prefix).ip))
         removed = await self.remove_leftover_containers()
         self.log.info("recovered", containers=removed, **self.store.recover(),
                       **self.fleet.recover())

@@ -72,6 +72,17 @@ class FakeFirewall:
     async def installed(self, prefix=None, server=None): return self.applied > 0
 
 
+class FakeEgress:
+    """The egress part, tested on its own in test_egress.py."""
+
+    def __init__(self): self.converged: list[Any] = []
+    def plan(self, entries): return list(entries)
+    async def converge(self, plans):
+        self.converged.append(plans)
+        return {}
+    async def drift(self, plans): return None
+
+
 @pytest.fixture
 def agent(tmp_path):
     settings = load({"FAAS_ROOT": str(tmp_path), "FAAS_RUN": str(tmp_path / "run"),
@@ -79,11 +90,13 @@ def agent(tmp_path):
     a = NetAgent(settings, EventLog("netagent", stream=io.StringIO()))
     a.net = FakeNet()
     a.firewall = FakeFirewall()
+    a.egress = FakeEgress()
     return a
 
 
 def converge(agent, addresses=(), peers=()):
-    asyncio.run(agent.converge({"addresses": list(addresses), "peers": list(peers)}))
+    asyncio.run(agent.converge({"addresses": list(addresses), "peers": list(peers),
+                                "egress": []}))
 
 
 def test_converge_builds_everything_then_changes_nothing(agent):
