@@ -2,7 +2,7 @@
 
 netagent (root) owns them (docs/network.md "Egress"). From each sync's ``egress`` list it
 makes, for every function, a namespace held by a bind mount at ``$FAAS_RUN/netns/<name>``
-(the runner's containers join it), a veth pair (host side ``fx`` + 10 hex digits of the
+(the runner's containers join it), a veth pair (host side ``fxeg`` + 10 hex digits of the
 name and address, namespace side ``eth0``), addresses derived from the function's own
 place in ``function_prefix`` (index ``i``: ``egress_prefix``'s ``i``-th /64 and
 ``egress_prefix4``'s ``i``-th /30, host side ``::1`` and ``.1``, namespace side ``::2``
@@ -187,7 +187,7 @@ class Namespaces:
                 await self.run("ip", "link", "del", p.veth)
             if await self.check(*ns, "ip", "link", "show", NS_IF):
                 await self.run(*ns, "ip", "link", "del", NS_IF)
-            peer = "fy" + p.veth[2:]
+            peer = "fyeg" + p.veth[4:]
             await self.run("ip", "link", "add", p.veth, "type", "veth", "peer", "name", peer)
             await self.run("ip", "link", "set", peer, "netns", p.path)
             await self.run(*ns, "ip", "link", "set", peer, "name", NS_IF)
@@ -206,6 +206,13 @@ class Namespaces:
             return await self.ns_state(path)
         except FaasError:  # no eth0 (a veth deleted by hand takes its peer along)
             return []
+
+    async def unmount_dir(self) -> None:
+        """Take the directory's own bind mount away (``faas-netagent --remove``)."""
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            count = sum(1 for line in f if line.split()[4] == self.dir)
+        for _ in range(count):
+            await self.run("umount", self.dir)
 
     async def remove_except(self, keep: set[str], veths: set[str]) -> list[str]:
         """Delete our veths and namespaces that no plan names; the names removed."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from netagent.firewall import ICMP_ERRORS, Check, Run
 
-VETH_PREFIX = "fx"  # host side of every egress veth: fx + 10 hex digits
+VETH_PREFIX = "fxeg"  # host side of every egress veth: fxeg + 10 hex digits
 CHAIN_IN, CHAIN_FWD, CHAIN_NAT = "FAAS-EG-IN", "FAAS-EG-FWD", "FAAS-EG-NAT"
 
 # Never reachable from an egress function, unless egress_allow lists a part of a

@@ -249,6 +249,7 @@ async def teardown(settings: Any) -> None:
     egress = Egress(settings, layout.of(settings).netns, net.run, net.check,
                     vpn_server(settings.vpn_prefix).ip)
     await egress.ns.remove_except(set(), set())
+    await egress.ns.unmount_dir()
     await egress.firewall.remove()
 
 

@@ -5,11 +5,14 @@
  *         /net     its network interfaces      /caps   its effective capabilities
  *         /exit    exits without answering     /fds    the fds it holds
  *         /id      uid gid                      /write  tries to write the rootfs
+ *         /fetch/HOST/PORT  "fetched <body>" of http://HOST:PORT/ (2 s), else "error ..."
  * TEST_MODE (env): noconnect, noread, crash, forkbomb misbehave on purpose.
  * FAAS_REUSE=1: answer "done" and wait for the next connection. */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netdb.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -57,6 +60,42 @@ static void proc_field(char *out, size_t len, const char *path, const char *key)
     fclose(f);
 }
 
+/* Resolve HOST (getaddrinfo: /etc/hosts, /etc/resolv.conf), connect within 2 s, GET /. */
+static void fetch(char *out, size_t cap, const char *host, const char *port) {
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM}, *res, *ai;
+    int e = getaddrinfo(host, port, &hints, &res);
+    if (e) { snprintf(out, cap, "error resolve: %s", gai_strerror(e)); return; }
+    snprintf(out, cap, "error connect: no address");
+    for (ai = res; ai; ai = ai->ai_next) {
+        int s = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK, 0);
+        if (s < 0) continue;
+        struct pollfd p = {s, POLLOUT, 0};
+        int err = 0;
+        socklen_t len = sizeof err;
+        if (connect(s, ai->ai_addr, ai->ai_addrlen) < 0 && errno != EINPROGRESS) err = errno;
+        else if (poll(&p, 1, 2000) != 1) err = ETIMEDOUT;
+        else getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &len);
+        if (err) { snprintf(out, cap, "error connect: %s", strerror(err)); close(s); continue; }
+        fcntl(s, F_SETFL, 0);
+        char req[512], buf[4096] = "";
+        int n = snprintf(req, sizeof req, "GET / HTTP/1.0\r\nHost: %s\r\n\r\n", host);
+        write(s, req, n);
+        struct pollfd r = {s, POLLIN, 0};
+        size_t got = 0;
+        while (got < sizeof buf - 1 && poll(&r, 1, 2000) == 1) {
+            ssize_t m = read(s, buf + got, sizeof buf - 1 - got);
+            if (m <= 0) break;
+            got += m;
+        }
+        buf[got] = 0;
+        char *body = strstr(buf, "\r\n\r\n");
+        snprintf(out, cap, "fetched %s", body ? body + 4 : "(no body)");
+        close(s);
+        break;
+    }
+    freeaddrinfo(res);
+}
+
 int main(void) {
     const char *mode = getenv("TEST_MODE");
     const char *path = getenv("FAAS_CONTROL_SOCKET");
@@ -98,7 +137,11 @@ int main(void) {
             int w = open("/written", O_WRONLY | O_CREAT, 0644);
             snprintf(body, sizeof body, "%s", w < 0 ? strerror(errno) : "written");
         } else if (!strncmp(req, "GET /slow", 9)) snprintf(body, sizeof body, "slow done");
-        else if (!strncmp(req, "GET /net", 8)) proc_field(body, sizeof body, "/proc/net/dev", ":");
+        else if (!strncmp(req, "GET /fetch/", 11)) {
+            char host[256] = "", port[16] = "80";
+            sscanf(req + 11, "%255[^/ ]/%15[0-9]", host, port);
+            fetch(body, sizeof body, host, port);
+        } else if (!strncmp(req, "GET /net", 8)) proc_field(body, sizeof body, "/proc/net/dev", ":");
         else if (!strncmp(req, "GET /caps", 9)) proc_field(body, sizeof body, "/proc/self/status", "CapEff:");
         else snprintf(body, sizeof body, "ok %d pid %d", served, getpid());
         reply(conn, body);
