@@ -16,7 +16,7 @@ import os
 import time
 from typing import Any, TypeVar
 
-from common import layout, protocol, rpc, wgconf
+from common import egressnets, fnsettings, layout, protocol, rpc, wgconf
 from common.daemon import VERSION, Daemon, run_main
 from common.errors import Code, FaasError
 from common.fnsettings import host_maxima
@@ -265,10 +265,26 @@ class Controller(Daemon):
     async def op_set(self, args: dict[str, Any]) -> dict[str, Any]:
         """Change a function's settings; the runner applies them without dropping
         connections in flight."""
+        self.check_egress_allow(args["settings"].get("egress_allow"))
         settings = self.state.set(args["name"], args["settings"])
         return await self.changed({"name": args["name"], "settings": settings},
                                   "settings_changed", name=args["name"],
                                   changes=sorted(args["settings"]))
+
+    def check_egress_allow(self, text: str | None) -> None:
+        """A range netagent would refuse (faasd's own, loopback, link-local, multicast)
+        is refused now, not at the next sync of every function."""
+        try:
+            items = fnsettings.BY_KEY["egress_allow"].value(text) if text else []
+        except ValueError:
+            return  # the state's parse says what is wrong with it
+        own = egressnets.own_prefixes(self.settings)
+        for item in items:
+            bad = egressnets.conflict(item, own)
+            if bad:
+                raise FaasError(Code.FORBIDDEN, f"egress_allow={item}: overlaps {bad}, which "
+                                "an egress function may never reach (docs/network.md)",
+                                {"key": "egress_allow"})
 
     async def op_logs(self, args: dict[str, Any]) -> dict[str, Any]:
         """Lines of a function's log from ``offset`` (at most LOG_CHUNK bytes of them).

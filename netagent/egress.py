@@ -21,10 +21,11 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from common import egressnets
 from common.errors import Code, FaasError
 from common.fnsettings import BY_KEY
 from common.paths import root_dir
-from netagent.egressfw import NEVER, VETH_PREFIX, EgressFirewall, Prefixes, Rules
+from netagent.egressfw import VETH_PREFIX, EgressFirewall, Prefixes, Rules
 from netagent.firewall import Check, Run
 
 NS_IF = "eth0"  # the namespace's side of the veth
@@ -64,18 +65,13 @@ def check_allow(items: list[str], forbidden: list[Any], where: str) -> tuple[Any
     if not BY_KEY["egress_allow"].canonical(items):
         raise FaasError(Code.BAD_REQUEST, f"{where}.egress_allow is not a value `faasctl "
                         "set` could make (CIDR or CIDR:PORT)", {"field": f"{where}.egress_allow"})
-    out = []
     for item in items:
-        net_text, _, port = item.rpartition(":") if "/" in item and ":" in item.rsplit(
-            "/", 1)[1] else (item, "", "")
-        net = ipaddress.ip_network(net_text)
-        bad = [n for n in (*NEVER, *forbidden) if n.version == net.version and n.overlaps(net)]
+        bad = egressnets.conflict(item, forbidden)
         if bad:
-            raise FaasError(Code.FORBIDDEN, f"{where}.egress_allow {item} overlaps {bad[0]}, "
+            raise FaasError(Code.FORBIDDEN, f"{where}.egress_allow {item} overlaps {bad}, "
                             "which an egress function may never reach",
                             {"field": f"{where}.egress_allow"})
-        out.append((net, int(port) if port else None))
-    return tuple(out)
+    return tuple(egressnets.parse(item) for item in items)
 
 
 def plan(entries: list[dict[str, Any]], *, netns_dir: str,
@@ -284,7 +280,7 @@ class Egress:
         own6 = tuple(ipaddress.IPv6Network(p) for p in (
             settings.vpn_prefix, settings.function_prefix, settings.client_prefix,
             settings.egress_prefix))
-        self.forbidden = [*own6, self.egress4]
+        self.forbidden = egressnets.own_prefixes(settings)
         self.prefixes = Prefixes(server, own6, self.egress6, self.egress4)
         self.run = run
         self.ns = Namespaces(netns_dir, run, check)

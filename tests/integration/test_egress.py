@@ -219,6 +219,11 @@ def test_egress_allow_opens_a_private_range(egress_platform, functions):
     p = egress_platform
     bad = p.faasctl("set", "caller", "egress_allow=10.99.0.0/33", check=False)
     assert bad.returncode != 0 and "CIDR" in bad.stderr
+    for never in ("169.254.0.0/16", "fd00:faa5:1::/64", "127.0.0.1/32"):
+        refused = p.faasctl("set", "caller", f"egress_allow={never}", check=False)
+        assert refused.returncode != 0 and "may never reach" in refused.stderr, never
+    assert json.loads(p.faasctl("--json", "info", "caller").stdout)["settings"][
+        "egress_allow"] == []  # nothing changed
     p.faasctl("set", "caller", "egress_allow=10.99.0.0/16:80")
     poll("the private range open", lambda: fetch(p, functions["caller"], PRIVATE)
          .startswith("fetched hello"), 20)
