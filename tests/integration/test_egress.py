@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -231,6 +232,38 @@ def test_egress_allow_opens_a_private_range(egress_platform, functions):
     p.faasctl("set", "caller", "egress_allow=")
     poll("the private range closed again", lambda: fetch(p, functions["caller"], PRIVATE)
          .startswith("error connect"), 20)
+
+
+def caller_veth(platform) -> str:
+    veths = json.loads(run(*platform.netns.argv("ip", "-j", "link", "show", "type", "veth"))
+                       .stdout)
+    [name] = [v["ifname"] for v in veths if v["ifname"].startswith("fxeg")]
+    return name
+
+
+def test_a_veth_or_rules_undone_by_hand_are_put_back(egress_platform, functions, netns):
+    p = egress_platform
+    run(*netns.argv("ip", "link", "del", caller_veth(p)))  # takes the namespace's eth0 along
+    run(*netns.argv("iptables", "-w", "5", "-F", "FAAS-EG-FWD"))
+    poll("caller fetching again", lambda: fetch(p, functions["caller"], "www.example.com")
+         .startswith("fetched hello"), 20)
+    poll("the rules back", lambda: fetch(p, functions["caller"], PRIVATE)
+         .startswith("error connect"), 20)
+
+
+def test_netagent_killed_at_any_moment_heals(egress_platform, functions, netns):
+    """kill -9 during its work, with the work half undone: the next netagent, synced
+    by the controller, makes the same namespace whole again."""
+    p = egress_platform
+    pid = p.status()["netagent"]["pid"]
+    run(*netns.argv("ip", "link", "del", caller_veth(p)))
+    os.kill(pid, signal.SIGKILL)
+    poll("another netagent, synced", lambda: p.status()["netagent"]["pid"] != pid
+         and p.healthy(), 30)
+    poll("caller fetching again", lambda: fetch(p, functions["caller"], "www.example.com")
+         .startswith("fetched hello"), 20)
+    for host, port in ((PLATFORM4, 8081), (PRIVATE, 80), (METADATA, 80)):
+        assert fetch(p, functions["caller"], host, port).startswith("error connect"), host
 
 
 def test_removing_the_function_removes_its_namespace_and_veth(egress_platform, image_tar,
