@@ -23,6 +23,14 @@ from runner.runtime import Runtime
 from runner.serve import Function, settings_from
 
 
+def is_netns(path: str) -> bool:
+    """Whether ``path`` is a network namespace (a bind mount of nsfs), not a plain file."""
+    try:
+        return os.stat(path).st_dev == os.stat("/proc/self/ns/net").st_dev
+    except FileNotFoundError:
+        return False
+
+
 class Fleet:
     """The runner's functions."""
 
@@ -140,11 +148,7 @@ class Fleet:
         container tries again) and this container's resolv.conf and hosts: named on the
         VPN address for every name, the functions it may call by NAME.faas."""
         netns = self.paths.netns_path(name)
-        try:
-            ready = os.stat(netns).st_dev == os.stat("/proc/self/ns/net").st_dev
-        except FileNotFoundError:
-            ready = False
-        if not ready:
+        if not is_netns(netns):
             raise BundleError(f"the network namespace of {name} is not made yet (netagent "
                               "makes it at its next sync): network=egress waits for it")
         bundle = os.path.join(self.bundles, container_id)
