@@ -38,3 +38,16 @@ def conflict(item: str, own: list[Net]) -> Net | None:
     net, _ = parse(item)
     return next((n for n in (*NEVER, *own) if n.version == net.version and n.overlaps(net)),
                 None)
+
+
+def room(egress_prefix: str, egress_prefix4: str) -> int:
+    """How many functions the egress prefixes hold: a /64 and a /30 each, by the index
+    of the function's address in function_prefix."""
+    six, four = ipaddress.IPv6Network(egress_prefix), ipaddress.IPv4Network(egress_prefix4)
+    return min(1 << (64 - six.prefixlen), 1 << (30 - four.prefixlen))
+
+
+def index(address: str, function_prefix: str) -> int:
+    """A function's place in function_prefix: ``::a`` is 10."""
+    return int(ipaddress.IPv6Address(address)) - int(
+        ipaddress.IPv6Network(function_prefix).network_address)

@@ -266,10 +266,23 @@ class Controller(Daemon):
         """Change a function's settings; the runner applies them without dropping
         connections in flight."""
         self.check_egress_allow(args["settings"].get("egress_allow"))
+        if args["settings"].get("network") == "egress":
+            self.check_egress_room(args["name"])
         settings = self.state.set(args["name"], args["settings"])
         return await self.changed({"name": args["name"], "settings": settings},
                                   "settings_changed", name=args["name"],
                                   changes=sorted(args["settings"]))
+
+    def check_egress_room(self, name: str) -> None:
+        """netagent derives the namespace's addresses from the function's place in
+        function_prefix: one past the egress prefixes' room is refused now."""
+        s = self.settings
+        at = egressnets.index(self.state.function(name)["address"], s.function_prefix)
+        room = egressnets.room(s.egress_prefix, s.egress_prefix4)
+        if at >= room:
+            raise FaasError(Code.CONFLICT, f"network=egress: {name}'s address is past what "
+                            f"egress_prefix and egress_prefix4 hold ({room} functions); "
+                            "widen them", {"key": "network", "room": room})
 
     def check_egress_allow(self, text: str | None) -> None:
         """A range netagent would refuse (faasd's own, loopback, link-local, multicast)

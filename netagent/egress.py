@@ -79,7 +79,7 @@ def plan(entries: list[dict[str, Any]], *, netns_dir: str,
          egress4: ipaddress.IPv4Network, forbidden: list[Any]) -> list[Plan]:
     """Check a sync's ``egress`` list against root's prefixes: one bad entry refuses
     the whole sync (bad_request or forbidden) before anything changes."""
-    room = min(1 << (64 - egress6.prefixlen), 1 << (30 - egress4.prefixlen))
+    room = egressnets.room(str(egress6), str(egress4))
     plans, seen = [], set()
     for i, entry in enumerate(entries):
         where, name = f"egress[{i}]", entry["name"]
@@ -293,9 +293,9 @@ class Egress:
     async def converge(self, plans: list[Plan]) -> dict[str, list[str]]:
         """Firewall first (no veth forwards unfiltered), then namespaces and veths, the
         forwarding switches, and last the removal of what no plan names."""
-        await self.firewall.apply(self.prefixes, [p.rules for p in plans])
         made: list[str] = []
-        if plans:
+        if plans:  # none: no veth, so no rule matters (and no iptables is needed)
+            await self.firewall.apply(self.prefixes, [p.rules for p in plans])
             await self.ns.private_dir()
             host = await self.ns.host_veths()
             made = [p.name for p in plans if await self.ns.converge(p, host)]
@@ -311,6 +311,7 @@ class Egress:
         if set(host) != {p.veth for p in plans} or any(
                 host[p.veth] != sorted([str(p.host4), str(p.host6)]) for p in plans):
             return "egress veths"
-        if not await self.firewall.installed(self.prefixes, [p.rules for p in plans]):
+        if plans and not await self.firewall.installed(self.prefixes,
+                                                       [p.rules for p in plans]):
             return "egress firewall"
         return None

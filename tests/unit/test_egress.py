@@ -150,3 +150,29 @@ def test_the_input_jump_is_kept_before_the_wireguard_chains():
     tables.calls.clear()
     asyncio.run(fw._first("ip6tables", "filter", "INPUT", ("-i", "fxeg+", "-j", "FAAS-EG-IN")))
     assert not [c for c in tables.calls if "-I" in c or "-D" in c]  # already first: no change
+
+
+class _Ctl:
+    """What the controller's egress checks read: its settings and one function."""
+
+    def __init__(self, address, **over):
+        self.settings = load({"FAAS_CONFIG": "/dev/null", "FAAS_ROOT": "/nonexistent",
+                              "FAAS_RUN": "/nonexistent/run",
+                              **{f"FAAS_{k.upper()}": v for k, v in over.items()}})
+        self.state = type("S", (), {"function": staticmethod(lambda n: {"address": address})})
+
+
+def test_the_controller_refuses_at_set_what_netagent_would_refuse_at_sync():
+    from controller.main import Controller
+    Controller.check_egress_room(_Ctl("fd00:faa5:1::3f", egress_prefix4="10.1.0.0/24"), "fib")
+    with pytest.raises(FaasError) as info:  # a /24 holds 64 /30s: ::40 is the 65th
+        Controller.check_egress_room(_Ctl("fd00:faa5:1::40", egress_prefix4="10.1.0.0/24"),
+                                     "fib")
+    assert info.value.code == Code.CONFLICT and "widen" in info.value.message
+    ctl = _Ctl("fd00:faa5:1::a")
+    Controller.check_egress_allow(ctl, "192.168.1.0/24:5432,fd12::/48")
+    Controller.check_egress_allow(ctl, "not a cidr")  # left to the parser's bad_request
+    for never in ("169.254.169.254/32", "fd00:faa5:1::/64", "10.250.1.0/24", "::1/128"):
+        with pytest.raises(FaasError) as info:
+            Controller.check_egress_allow(ctl, never)
+        assert info.value.code == Code.FORBIDDEN, never
