@@ -234,6 +234,33 @@ def test_egress_allow_opens_a_private_range(egress_platform, functions):
          .startswith("error connect"), 20)
 
 
+def dropped(netns, chain: str, match: str) -> int:
+    """Packets the DROP rule of ``chain`` holding ``match`` has dropped so far."""
+    out = run(*netns.argv("ip6tables", "-w", "5", "-v", "-S", chain)).stdout
+    [line] = [x for x in out.splitlines() if match in x and x.endswith("-j DROP")]
+    return int(line.split(" -c ")[1].split()[0])
+
+
+def test_the_vpn_stays_unrouted_with_forwarding_on(egress_platform, internet, netns,
+                                                   functions):
+    """Egress turns IPv6 forwarding on; neither a function nor a LAN neighbour that
+    routes the client prefix to this host gets a packet into the tunnel."""
+    p = egress_platform
+    p.faasctl("vpn", "add", "laptop", "--public-key", "A" * 43 + "=")  # fd00:faa5:0:100::2
+    assert run(*netns.argv("cat", "/proc/sys/net/ipv6/conf/all/forwarding")).stdout == "1\n"
+    fwd = f"FAAS-{p.interface}-FWD"
+    before = (dropped(netns, fwd, f"-A {fwd} "),
+              dropped(netns, "FAAS-EG-FWD", "-d fd00:faa5:0:100::/64"))
+    assert fetch(p, functions["caller"], "fd00:faa5:0:100::2").startswith("error connect")
+    run(*internet.argv("ip", "-6", "route", "replace", "fd00:faa5::/32", "via", PLATFORM6))
+    out = run(*internet.argv("curl", "-s", "-g", "-m", "2", "http://[fd00:faa5:0:100::2]/"),
+              check=False)
+    assert out.returncode != 0
+    assert dropped(netns, fwd, f"-A {fwd} ") > before[0]  # the neighbour's, at the tunnel
+    assert dropped(netns, "FAAS-EG-FWD", "-d fd00:faa5:0:100::/64") > before[1]
+    p.faasctl("vpn", "rm", "laptop")
+
+
 def caller_veth(platform) -> str:
     veths = json.loads(run(*platform.netns.argv("ip", "-j", "link", "show", "type", "veth"))
                        .stdout)
