@@ -90,10 +90,11 @@ def internet(netns):
         assert not left, f"processes left in the internet: {left}"
 
 
-@pytest.fixture(scope="module")
-def platform_config() -> str:
-    return (f'dns_upstreams = ["{INET4}"]\nhttp_listen_vpn = true\n'
-            'vpn_endpoint = "192.0.2.1:51820"\n')
+@pytest.fixture(scope="module", params=["runc", "crun"])
+def platform_config(request) -> str:
+    """Every test on both OCI runtimes: each joins the namespace by its path."""
+    return (f'runtime = "{request.param}"\ndns_upstreams = ["{INET4}"]\n'
+            'http_listen_vpn = true\nvpn_endpoint = "192.0.2.1:51820"\n')
 
 
 @pytest.fixture(scope="module")
