@@ -116,6 +116,9 @@ class Namespaces:
 
     def __init__(self, netns_dir: str, run: Run, check: Check):
         self.dir, self.run, self.check = netns_dir, run, check
+        # plans made whole since this netagent started: a sync looks inside their
+        # namespaces no more (3 nsenter each); their host side is still compared
+        self.done: dict[str, Plan] = {}
 
     def mounted(self) -> set[str]:
         """Names whose namespace bind mount is in place."""
@@ -166,8 +169,12 @@ class Namespaces:
         """Make one function's namespace and veth as planned; True if anything changed."""
         want_ns = sorted([str(p.ns4), str(p.ns6)]) + [f"via {p.host4.ip}", f"via {p.host6.ip}"]
         want_host = sorted([str(p.host4), str(p.host6)])
+        mounted = p.name in self.mounted()
+        if self.done.get(p.name) == p and mounted and host.get(p.veth) == want_host:
+            return False
+        self.done.pop(p.name, None)
         fresh = False
-        if p.name not in self.mounted():
+        if not mounted:
             if not os.path.exists(p.path):
                 with open(p.path, "x"):
                     pass
@@ -175,6 +182,7 @@ class Namespaces:
             fresh = True
         have_ns = [] if fresh else await self.ns_state_or_empty(p.path)
         if not fresh and have_ns == want_ns and host.get(p.veth) == want_host:
+            self.done[p.name] = p
             return False
         ns = ("nsenter", f"--net={p.path}")
         await self.run(*ns, "ip", "link", "set", "lo", "up")
@@ -195,6 +203,7 @@ class Namespaces:
         await self.run(*ns, "ip", "link", "set", NS_IF, "up")
         await self.run(*ns, "ip", "route", "replace", "default", "via", str(p.host4.ip))
         await self.run(*ns, "ip", "-6", "route", "replace", "default", "via", str(p.host6.ip))
+        self.done[p.name] = p
         return True
 
     async def ns_state_or_empty(self, path: str) -> list[str]:
@@ -223,6 +232,7 @@ class Namespaces:
                 await self.run("umount", "--lazy", path)
             if os.path.lexists(path):
                 os.unlink(path)
+            self.done.pop(name, None)
             removed.append(name)
         return removed
 

@@ -176,3 +176,37 @@ def test_the_controller_refuses_at_set_what_netagent_would_refuse_at_sync():
         with pytest.raises(FaasError) as info:
             Controller.check_egress_allow(ctl, never)
         assert info.value.code == Code.FORBIDDEN, never
+
+
+def test_namespaces_compare_before_they_act(tmp_path):
+    """A namespace as planned: nothing runs (and after one look, not even a look inside);
+    its veth gone: the pair is made again and moved into the same namespace."""
+    [p] = egress().plan([entry()])
+    calls: list[tuple[str, ...]] = []
+
+    async def run(*argv, stdin=None):
+        calls.append(argv)
+        return ""
+
+    async def check(*argv):
+        return False
+
+    from netagent.egress import Namespaces
+    ns = Namespaces(str(tmp_path), run, check)
+    ns.mounted = lambda: {"fib"}  # type: ignore[method-assign]
+    looks = []
+
+    async def ns_state(path):
+        looks.append(path)
+        return sorted([str(p.ns4), str(p.ns6)]) + [f"via {p.host4.ip}", f"via {p.host6.ip}"]
+    ns.ns_state = ns_state  # type: ignore[method-assign]
+    host = {p.veth: sorted([str(p.host4), str(p.host6)])}
+    assert asyncio.run(ns.converge(p, host)) is False and calls == [] and len(looks) == 1
+    assert asyncio.run(ns.converge(p, host)) is False and calls == [] and len(looks) == 1
+    assert asyncio.run(ns.converge(p, {})) is True  # the host side is gone
+    made = [c for c in calls if c[:3] == ("ip", "link", "add")]
+    assert made == [("ip", "link", "add", p.veth, "type", "veth", "peer", "name",
+                     "fyeg" + p.veth[4:])]
+    assert ("ip", "link", "set", "fyeg" + p.veth[4:], "netns", p.path) in calls
+    assert ("nsenter", f"--net={p.path}", "ip", "-6", "route", "replace", "default", "via",
+            str(p.host6.ip)) in calls
