@@ -877,7 +877,8 @@ def report(all_results: dict[str, dict[str, Any]], args: argparse.Namespace) -> 
             m, b = results[name], results[base]
             r = [ratio(m[kind], b[kind], p) for kind, p in
                  (("seq", 50), ("seq", 99), ("conc", 50), ("conc", 99))]
-            print(f"{rt:7} {name:6} {LABELS[base].split(':')[0]:18} {r[0]:7.2f}x {r[1]:7.2f}x "
+            against = LABELS[base].split(":")[0].split(" (")[0]
+            print(f"{rt:7} {name:6} {against:18} {r[0]:7.2f}x {r[1]:7.2f}x "
                   f"{r[2]:8.2f}x {r[3]:8.2f}x {rate(m['conc']) / rate(b['conc']):6.2f}x")
     if args.concurrency > 1 and args.rounds:
         print(f"\nalternating: direct and faasd reuse both up, {args.concurrency} clients, "
