@@ -20,6 +20,7 @@ from runner.bundle import BundleError, FunctionSettings, build_config
 from runner.container import Container
 from runner.fnlogs import FunctionLogs
 from runner.runtime import Runtime
+from runner.secretstore import MissingSecret, SecretStore
 from runner.serve import Function, settings_from
 
 
@@ -28,8 +29,10 @@ class Fleet:
 
     def __init__(self, root: str, run: str, runtime: Runtime, logs: FunctionLogs,
                  log: EventLog, image_config: Callable[[str], Mapping[str, Any] | None],
-                 budget: MemoryBudget | None = None):
+                 budget: MemoryBudget | None = None, secrets: SecretStore | None = None):
         self.paths = Layout(root, run)
+        self.secrets = secrets if secrets is not None else SecretStore(
+            self.paths.secrets, self.paths.secret_copies)
         self.images = self.paths.images
         self.bundles = self.paths.bundles
         self.ctl = self.paths.ctl
@@ -59,6 +62,7 @@ class Fleet:
                 else:
                     os.unlink(entry.path)
             counts[os.path.basename(path)] = len(entries)
+        counts.update(self.secrets.recover())
         return counts
 
     async def converge(self, specs: list[dict[str, Any]]) -> None:
@@ -123,14 +127,31 @@ class Fleet:
                 raise BundleError(f"the image of {name} ({spec['digest'][:19]}) is not on "
                                   f"this host: deploy it again (faasctl new {name} -f "
                                   "IMAGE.tar)")
-            return build_config(rootfs, image, container_id=container_id,
-                                hostname=name, control_socket=control_socket, settings=limits)
+            if not limits.secrets:  # nothing to pay for a function without secrets
+                return build_config(rootfs, image, container_id=container_id, hostname=name,
+                                    control_socket=control_socket, settings=limits)
+            config = build_config(rootfs, image, container_id=container_id, hostname=name,
+                                  control_socket=control_socket, settings=limits,
+                                  secrets_dir=self.secrets.copies_of(container_id))
+            user = config["process"]["user"]
+            try:
+                self.secrets.materialize(container_id, limits.secrets, user["uid"], user["gid"])
+            except MissingSecret as exc:  # names the secret, never a value
+                raise BundleError(str(exc)) from None
+            return config
 
         def sink(container: str, stream: str, request: str | None, lines: list[str]) -> None:
             if self.owners.get(name) is owner:  # else: removed, maybe deployed anew since
                 self.logs.write(name, container, stream, request, lines)
 
-        return lambda: Container(name, self.bundles, self.ctl, self.runtime, make_config, sink)
+        drop = self.secrets.drop if limits.secrets else None
+        return lambda: Container(name, self.bundles, self.ctl, self.runtime, make_config, sink,
+                                 drop)
+
+    def secret_users(self, secret: str) -> list[str]:
+        """Functions of the desired state that name ``secret``."""
+        return sorted(n for n, spec in self.specs.items()
+                      if secret in spec["settings"]["secrets"])
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Per-function pool and counters, by name."""

@@ -62,7 +62,9 @@ class Runner(AgentDaemon):
 
     def handlers(self) -> dict[str, Handler]:
         return {**super().handlers(), "image_add": self.op_image_add,
-                "image_progress": self.op_image_progress, "stats": self.op_stats}
+                "image_progress": self.op_image_progress, "stats": self.op_stats,
+                "secret_put": self.op_secret_put, "secret_list": self.op_secret_list,
+                "secret_rm": self.op_secret_rm}
 
     async def setup(self) -> None:
         # Containers are started detached: their init processes become our children
@@ -104,6 +106,26 @@ class Runner(AgentDaemon):
         assert self.fleet is not None
         return {"functions": self.fleet.snapshot(), "buckets": list(LATENCY_BUCKETS),
                 "memory": self.budget.snapshot()}
+
+    async def op_secret_put(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Store or replace a secret; containers started from now on see the new value."""
+        assert self.fleet is not None
+        row = self.fleet.secrets.put(args["name"], args["value"])
+        self.log.info("secret_stored", name=row["name"], size=row["size"])
+        return row
+
+    async def op_secret_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Names, sizes and times: never a value."""
+        assert self.fleet is not None
+        return {"secrets": self.fleet.secrets.rows()}
+
+    async def op_secret_rm(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Delete a secret that no function of the desired state uses (root's own check:
+        the controller's is only the earlier, friendlier one)."""
+        assert self.fleet is not None
+        result = self.fleet.secrets.remove(args["name"], self.fleet.secret_users(args["name"]))
+        self.log.info("secret_removed", name=args["name"])
+        return result
 
     async def converge(self, state: dict[str, Any]) -> None:
         assert self.fleet is not None
