@@ -27,6 +27,7 @@ from controller.access import Operators
 from controller.health import Monitor
 from controller.http import Endpoints, HttpApi, Tokens
 from controller.metrics import Metrics
+from controller.secretops import SecretOps
 from controller.state import State
 from controller.uploads import UNKNOWN_CALLER, Uploads
 
@@ -34,7 +35,7 @@ T = TypeVar("T")
 LOG_CHUNK = 256 << 10
 
 
-class Controller(Daemon):
+class Controller(SecretOps, Daemon):
     """The controller daemon."""
 
     service = "controller"
@@ -80,7 +81,8 @@ class Controller(Daemon):
             "vpn_rm": self.op_vpn_rm, "vpn_disable": self.op_vpn_disable,
             "vpn_enable": self.op_vpn_enable, "stats": self.op_stats,
             "token_create": self.op_token_create, "token_list": self.op_token_list,
-            "token_rm": self.op_token_rm,
+            "token_rm": self.op_token_rm, "secret_create": self.op_secret_create,
+            "secret_list": self.op_secret_list, "secret_rm": self.op_secret_rm,
         }
 
     async def op_ping(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -264,6 +266,7 @@ class Controller(Daemon):
     async def op_set(self, args: dict[str, Any]) -> dict[str, Any]:
         """Change a function's settings; the runner applies them without dropping
         connections in flight."""
+        await self.check_secrets(args["name"], args["settings"])
         settings = self.state.set(args["name"], args["settings"])
         return await self.changed({"name": args["name"], "settings": settings},
                                   "settings_changed", name=args["name"],
