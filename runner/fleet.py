@@ -153,6 +153,15 @@ class Fleet:
         return sorted(n for n, spec in self.specs.items()
                       if secret in spec["settings"]["secrets"])
 
+    def secret_changed(self, secret: str) -> None:
+        """A secret's value was replaced: the functions using it replace their idle
+        containers and reuse none in flight, so every connection from now on is served by
+        a container started with the new value."""
+        for name in self.secret_users(secret):
+            fn = self.functions.get(name)
+            if fn is not None:
+                fn.update(fn.settings, fn.new_container)
+
     def snapshot(self) -> list[dict[str, Any]]:
         """Per-function pool and counters, by name."""
         return [self.functions[name].snapshot() for name in sorted(self.functions)]

@@ -111,6 +111,7 @@ class Runner(AgentDaemon):
         """Store or replace a secret; containers started from now on see the new value."""
         assert self.fleet is not None
         row = self.fleet.secrets.put(args["name"], args["value"])
+        self.fleet.secret_changed(args["name"])
         self.log.info("secret_stored", name=row["name"], size=row["size"])
         return row
 
