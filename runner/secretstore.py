@@ -138,8 +138,9 @@ class SecretStore:
         """A value, for a container's copy: never followed through a symlink."""
         try:
             data = files.read_small(self._path(name), SECRET_MAX)
-        except FaasError:
-            data = None
+        except (FaasError, OSError):  # a symlink, a FIFO, a directory: not a secret of ours
+            raise MissingSecret(f"secret {name} is not a regular file in {self.store}: "
+                                f"remove it and create the secret again") from None
         if data is None:
             raise MissingSecret(f"secret {name} is not stored on this host (faasctl secret "
                                 f"create {name})")
