@@ -4,13 +4,16 @@ controller's checks, the CLI's and HTTP's reading of a value (which nothing may 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
+import json
 import os
 import stat
 from typing import Any
 
 import pytest
 
+from cli import backup as bk
 from cli import main as cli
 from common import fnsettings, protocol
 from common.errors import Code, FaasError
@@ -213,3 +216,73 @@ def test_an_oversized_value_is_refused_without_quoting_it():
         protocol.SECRET_CREATE.args.check(
             {"name": "db", "value": b"hunter2" * protocol.SECRET_MAX}, "args")
     assert err.value.code is Code.BAD_REQUEST and "hunter2" not in str(err.value.to_wire())
+
+
+# --- backup and restore -------------------------------------------------------------------
+
+
+def _host_with_secrets(tmp_path):
+    from tests.unit.test_backup import Host
+    host = Host(tmp_path / "old")
+    store = host.root / "secrets"
+    store.mkdir(mode=0o700)
+    (store / "db").write_bytes(VALUE)
+    (store / "api").write_bytes(b"k" * 100)
+    return host
+
+
+def test_a_backup_holds_secrets_only_when_asked_and_says_so(tmp_path):
+    from tests.unit.test_backup import members
+    host = _host_with_secrets(tmp_path)
+    try:
+        plain, full = tmp_path / "plain.tar.gz", tmp_path / "full.tar.gz"
+        out = io.StringIO()
+        bk.summary(str(plain), bk.backup(host.settings, str(plain)), out)
+        assert "secrets.json" not in [ti.name for ti, _ in members(plain)]
+        assert b"hunter2" not in gzip.decompress(plain.read_bytes())
+        assert "--with-secrets" in out.getvalue()
+        out = io.StringIO()
+        manifest = bk.backup(host.settings, str(full), with_secrets=True)
+        bk.summary(str(full), manifest, out)
+        assert manifest["secrets"] == ["api", "db"]
+        assert "holds the values of 2 secrets (api, db)" in out.getvalue()
+        assert "hunter2" not in out.getvalue()
+        assert stat.S_IMODE(full.stat().st_mode) == 0o600
+        got = {ti.name: (ti.mode, data) for ti, data in members(full)}
+        assert got["secrets.json"][0] == 0o600
+        assert [ti.name for ti, _ in members(full)][-2:] == ["secrets.json", "state.db"]
+    finally:
+        host.state.close()
+
+
+def test_restore_puts_secrets_back_root_0600(tmp_path):
+    from tests.unit.test_backup import make_settings, restore
+    host = _host_with_secrets(tmp_path)
+    try:
+        path = tmp_path / "full.tar.gz"
+        bk.backup(host.settings, str(path), with_secrets=True)
+    finally:
+        host.state.close()
+    settings = make_settings(tmp_path / "new")
+    for d in ("logs", "state", "dns", "spool"):
+        os.makedirs(os.path.join(settings.root, d))
+    out = restore(path, settings)
+    assert "2 secrets" in out and "hunter2" not in out
+    store = os.path.join(settings.root, "secrets")
+    assert stat.S_IMODE(os.stat(store).st_mode) == 0o700
+    with open(os.path.join(store, "db"), "rb") as f:
+        assert f.read() == VALUE
+    assert stat.S_IMODE(os.stat(os.path.join(store, "db")).st_mode) == 0o600
+
+
+def test_a_bad_secrets_member_refuses_the_restore_naming_no_value(tmp_path):
+    from runner import backup as part
+    for doc, fault in (({"format": 1, "secrets": {"../x": "YQ=="}}, "not a secret name"),
+                       ({"format": 1, "secrets": {"db": "!!hunter2"}}, "not base64"),
+                       ({"format": 2, "secrets": {}}, "not format 1"),
+                       ({"format": 1, "secrets": {"db": "A" * (protocol.SECRET_MAX * 2)}},
+                        "at most")):
+        with pytest.raises(FaasError) as err:
+            part.parse(json.dumps(doc).encode())
+        assert err.value.code is Code.BAD_REQUEST and fault in err.value.message
+        assert "hunter2" not in err.value.message
