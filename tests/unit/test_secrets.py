@@ -286,3 +286,17 @@ def test_a_bad_secrets_member_refuses_the_restore_naming_no_value(tmp_path):
             part.parse(json.dumps(doc).encode())
         assert err.value.code is Code.BAD_REQUEST and fault in err.value.message
         assert "hunter2" not in err.value.message
+
+
+def test_a_sync_naming_a_secret_by_path_is_refused_whole():
+    import ipaddress
+
+    from runner.bounds import check_state
+    prefix = ipaddress.IPv6Network("fd00:faa5:1::/64")
+    for bad in (["../../etc/shadow"], ["db", "db"], ["/run/secrets/db"], ["DB"]):
+        state = {"images": [], "functions": [{
+            "name": "fn", "address": "fd00:faa5:1::a", "digest": "sha256:" + "a" * 64,
+            "settings": {**fnsettings.defaults(), "secrets": bad}}]}
+        with pytest.raises(FaasError) as err:
+            check_state(state, prefix, {})
+        assert err.value.code is Code.BAD_REQUEST and "secrets" in err.value.message
