@@ -4,18 +4,28 @@ and refused where they would break something."""
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 import os
 import secrets
+import signal
 import stat
+import tarfile
 from pathlib import Path
 
 import pytest
-from harness import poll, run
+from harness import BIN, poll, run
 
 from tests.imagebuild import Dir, File, build_image
 
 USER = 4321  # the image's USER: the secret's copy must be this user's
+
+
+@pytest.fixture(scope="module", params=["runc", "crun"])
+def platform_config(request) -> str:
+    """Every test runs on both OCI runtimes: a platform each."""
+    return f'runtime = "{request.param}"\n'
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +103,8 @@ def test_a_secret_is_the_container_users_file_and_printed_nowhere(platform, user
     copies = platform.run_dir / "secrets"
     assert any(line.split()[4] == str(copies) and " - tmpfs " in line
                for line in open("/proc/self/mountinfo"))
-    poll("the finished container's copies removed", lambda: not os.listdir(copies), 10)
+    poll("the finished container's copies removed",
+         lambda: not [c for c in os.listdir(copies) if c.startswith("sec-")], 10)
     # listed by name and size, never by value: and nowhere else either
     listed = json.loads(platform.faasctl("--json", "secret", "list").stdout)["secrets"]
     assert listed == [{"name": "db", "size": len(value), "updated": listed[0]["updated"],
@@ -163,3 +174,47 @@ def test_a_missing_secret_fails_that_start_only_naming_it(platform, image_tar, u
         "secret gone is not stored" in str(line.get("error", ""))
         for line in platform.log_lines("runner")), 10)
     assert get(platform, healthy, "/")[0] == 200
+
+
+def test_a_killed_runner_leaves_no_copies_and_serves_secrets_again(platform, user_image):
+    value = new_value()
+    platform.faasctl("secret", "create", "warm", input=value)
+    address = deploy(platform, user_image, "warmfn", "secrets=warm", "min_warm=2")
+    copies = platform.run_dir / "secrets"
+
+    def mine() -> set[str]:
+        return {c for c in os.listdir(copies) if c.startswith("warmfn-")}
+
+    poll("two warm containers with their copies", lambda: len(mine()) == 2, 15)
+    before = mine()
+    runner = platform.status()["runner"]
+    os.kill(runner["pid"], signal.SIGKILL)
+    poll("the runner back and synced", lambda: platform.status()["runner"]["boot_id"]
+         != runner["boot_id"] and platform.healthy(), 30)
+    poll("the dead runner's copies removed", lambda: not before & mine(), 15)
+    assert get(platform, address, "/secret/warm")[1].endswith(f" {value}")
+    runtime = "crun" if "crun" in platform.config else "runc"
+
+    def live() -> set[str]:
+        out = run(runtime, "--root", platform.run_dir / runtime, "list", "-q", check=False)
+        return set(out.stdout.split())
+
+    poll("every copy belongs to a live container", lambda: mine() and mine() <= live(), 15)
+
+
+def test_a_backup_holds_secrets_only_with_the_flag_and_says_so(platform, tmp_path):
+    value = new_value()
+    platform.faasctl("secret", "create", "kept", input=value)
+    plain, full = tmp_path / "plain.tar.gz", tmp_path / "full.tar.gz"
+    out = run(BIN / "faasctl", "backup", plain, env=platform.env)
+    assert "not in it" in out.stdout and value not in out.stdout
+    assert value.encode() not in gzip.decompress(plain.read_bytes())
+    out = run(BIN / "faasctl", "backup", "--with-secrets", full, env=platform.env)
+    assert "holds the values of" in out.stdout and "kept" in out.stdout
+    assert value not in out.stdout + out.stderr
+    assert stat.S_IMODE(full.stat().st_mode) == 0o600
+    with tarfile.open(full, "r:gz") as tf:
+        member = tf.getmember("secrets.json")
+        doc = json.loads(tf.extractfile(member).read())
+    assert member.mode == 0o600
+    assert base64.b64decode(doc["secrets"]["kept"]).decode() == value
