@@ -170,20 +170,22 @@ async def _run(ns: argparse.Namespace) -> Any:
                 if getattr(ns, name, None) is not None}
         args.update({name: dict(args[name]) for name, field in op.args.fields.items()
                      if isinstance(field, MapOf) and name in args})
-        args.update({name: _read_bytes(args[name]) for name, field in op.args.fields.items()
+        args.update({name: _read_bytes(args[name], field.max_len + 1)
+                     for name, field in op.args.fields.items()
                      if isinstance(field, Bytes) and name in args})
         return await client.call(op.name, args, timeout=ns.timeout)
     finally:
         client.close()
 
 
-def _read_bytes(path: str) -> bytes:
-    """A file's bytes, or stdin's for "-"; an error names the file, never its content."""
+def _read_bytes(path: str, cap: int) -> bytes:
+    """At most ``cap`` bytes of a file, or of stdin for "-" (the schema refuses more than
+    its field takes); an error names the file, never its content."""
     if path == "-":
-        return sys.stdin.buffer.read()
+        return sys.stdin.buffer.read(cap)
     try:
         with open(path, "rb") as f:
-            return f.read()
+            return f.read(cap)
     except OSError as exc:
         raise FaasError(Code.BAD_REQUEST, f"cannot read {path}: {exc.strerror}") from None
 

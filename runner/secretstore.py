@@ -30,8 +30,10 @@ from common.paths import root_dir
 from common.protocol import NAME_PATTERN, SECRET_MAX
 
 MAX_SECRETS = 4096  # stored at once: the tmpfs and a listing stay small
-TMPFS_SIZE = 64 << 20  # of the copies' tmpfs: 32 secrets of SECRET_MAX for many containers
-TMPFS_MAGIC_NAME = "tmpfs"
+# A cap, not a reservation: a tmpfs takes memory only for what it holds (a page per
+# small file), so thousands of containers with a few secrets each fit well under it.
+TMPFS_SIZE = 256 << 20
+TMPFS = "tmpfs"
 _NAME = re.compile(NAME_PATTERN)
 
 
@@ -75,11 +77,11 @@ class SecretStore:
         the copies a previous run left (their containers are gone)."""
         root_dir(self.store, 0o700)
         root_dir(self.copies, 0o700)
-        if fs_type(self.copies)[0] != TMPFS_MAGIC_NAME:
+        if fs_type(self.copies)[0] != TMPFS:
             subprocess.run(["mount", "-t", "tmpfs", "-o",
                             f"mode=0700,size={TMPFS_SIZE},nosuid,nodev,noexec",
                             "faasd-secrets", self.copies], check=True, capture_output=True)
-            if fs_type(self.copies)[0] != TMPFS_MAGIC_NAME:
+            if fs_type(self.copies)[0] != TMPFS:
                 raise OSError(f"{self.copies} is not a tmpfs after mounting one")
         left = list(os.scandir(self.copies))
         for entry in left:
@@ -104,8 +106,8 @@ class SecretStore:
         if not isinstance(value, bytes) or len(value) > SECRET_MAX:
             raise FaasError(Code.TOO_LARGE, f"a secret is at most {SECRET_MAX} bytes",
                             {"max": SECRET_MAX})
-        path = self._path(name)
-        if name not in self.names() and len(self.names()) >= MAX_SECRETS:
+        path, names = self._path(name), self.names()
+        if name not in names and len(names) >= MAX_SECRETS:
             raise FaasError(Code.TOO_LARGE, f"{MAX_SECRETS} secrets are stored already: "
                             "remove some first", {"max": MAX_SECRETS})
         files.atomic_write(path, value, 0o600, (0, 0))

@@ -202,12 +202,13 @@ def test_faasctl_secret_create_reads_a_file_or_stdin_never_an_argument(tmp_path,
     ns = cli.build_parser().parse_args(["secret", "create", "db", "-f", str(tmp_path / "v")])
     assert ns.value == str(tmp_path / "v")
     (tmp_path / "v").write_bytes(VALUE)
-    assert cli._read_bytes(str(tmp_path / "v")) == VALUE
+    assert cli._read_bytes(str(tmp_path / "v"), 1 << 20) == VALUE
+    assert cli._read_bytes(str(tmp_path / "v"), 3) == VALUE[:3]  # a huge file is not read
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(VALUE)))
-    assert cli._read_bytes("-") == VALUE
+    assert cli._read_bytes("-", 1 << 20) == VALUE
     assert cli.build_parser().parse_args(["secret", "create", "db"]).value == "-"
     with pytest.raises(FaasError) as err:
-        cli._read_bytes(str(tmp_path / "missing"))
+        cli._read_bytes(str(tmp_path / "missing"), 10)
     assert err.value.code is Code.BAD_REQUEST and str(tmp_path / "missing") in err.value.message
 
 
