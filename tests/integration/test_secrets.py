@@ -71,12 +71,14 @@ def everything_printed(platform, names: list[str]) -> str:
                  ("status",), ("--json", "top"), *((c, n) for n in names
                                                     for c in ("info", "versions")),
                  *(("--json", "info", n) for n in names), *(("logs", n) for n in names)):
-        out = platform.faasctl(*args, check=False)
+        out = platform.faasctl(*args)  # each must work: an empty output proves nothing
         texts += [out.stdout, out.stderr]
     for path in ("/api/list", "/api/secrets", "/api/status", "/metrics",
                  *(f"/api/functions/{n}{tail}" for n in names
                    for tail in ("", "/settings", "/versions", "/logs"))):
-        texts.append(api(platform, "GET", path)[1])
+        code, body = api(platform, "GET", path)
+        assert code == 200, (path, body)
+        texts.append(body)
     logs = [p for p in platform.base.rglob("*.log") if p.is_file()]
     assert any(p.name == "supervisord.log" for p in logs) and any(
         p.parent.name == "functions" for p in logs)

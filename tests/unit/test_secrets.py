@@ -301,3 +301,18 @@ def test_a_sync_naming_a_secret_by_path_is_refused_whole():
         with pytest.raises(FaasError) as err:
             check_state(state, prefix, {})
         assert err.value.code is Code.BAD_REQUEST and "secrets" in err.value.message
+
+
+def test_faasctl_prints_names_sizes_and_users_of_secrets():
+    from cli.render import RENDERERS
+    out = io.StringIO()
+    RENDERERS["secret_list"]({"secrets": [
+        {"name": "db", "size": 9, "updated": 1700000005.0, "functions": ["web", "api"]},
+        {"name": "unused", "size": 1, "updated": 1700000005.0, "functions": []}]}, out)
+    lines = out.getvalue().splitlines()
+    assert lines[0].split() == ["NAME", "SIZE", "UPDATED", "USED", "BY"]
+    assert lines[1].split()[:2] == ["db", "9"] and lines[1].split()[-1] == "web,api"
+    assert lines[2].split()[-1] == "-"
+    out = io.StringIO()
+    RENDERERS["secret_create"]({"name": "db", "size": 9, "updated": 1.0}, out)
+    assert out.getvalue() == "secret db: 9 bytes stored\n"
