@@ -162,14 +162,14 @@ class Container:
                               504)
 
     def hand_over(self, client: socket.socket, request_id: str, remote: str,
-                  deadline: float) -> None:
+                  deadline: float, port: int = 80, peer: str | None = None) -> None:
         """Send one connection: the JSON packet with exactly that one fd attached.
 
         ``client`` must be a blocking socket: O_NONBLOCK lives on the open file, which
         the handler shares, and a handler written from the protocol's text expects a
         plain blocking socket (a socket from accept() on Linux is one)."""
         assert self.conn is not None
-        packet = conn_packet(request_id, remote, deadline)
+        packet = conn_packet(request_id, remote, deadline, port, peer)
         self._drain()  # what it wrote while idle keeps the tag it had (none)
         self.request = request_id
         self._done = done_packet(request_id)  # as the SDK writes it: no JSON to parse
