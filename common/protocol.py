@@ -342,6 +342,11 @@ NETAGENT_STATE: dict[str, Field] = {
                       help="function addresses (/128) to hold on the WireGuard interface"),
     "peers": List(item=PEER, max_items=65536, required=False, default=[],
                   help="VPN peers: each key may send from exactly its own /128"),
+    "ports": List(item=Record(fields={
+        "address": IPv6(), "ports": List(item=Int(min=1, max=65535), max_items=16)}),
+        max_items=65536, required=False, default=[],
+        help="the TCP ports peers may reach on each function address; an address of "
+             "addresses without an entry: 80"),
 }
 DNS_RECORD = Record(fields={"name": FunctionName(), "address": IPv6()})
 DNSAGENT_STATE: dict[str, Field] = {
@@ -353,6 +358,9 @@ RUNNER_STATE: dict[str, Field] = {
                    help="image digests whose rootfs must be kept; others are removed"),
     "functions": List(item=FUNCTION_SPEC, max_items=65536, required=False, default=[],
                       help="functions to serve: listener, version, settings"),
+    "peers": List(item=Record(fields={"name": PEER_NAME, "address": IPv6()}),
+                  max_items=65536, required=False, default=[],
+                  help="VPN peers by address, so a function knows (and allows) its caller"),
 }
 
 OPS: dict[str, dict[str, Op]] = {

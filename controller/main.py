@@ -93,9 +93,12 @@ class Controller(SecretOps, Daemon):
     def desired_state(self, agent: str) -> dict[str, Any]:
         """The whole desired state for one agent."""
         if agent == "runner":
-            return {"images": sorted(self.state.digests()), "functions": self.state.specs()}
+            return {"images": sorted(self.state.digests()), "functions": self.state.specs(),
+                    "peers": self.state.peer_names()}
         if agent == "netagent":
-            return {"addresses": self.state.addresses(), "peers": self.state.active_peers()}
+            return {"addresses": self.state.addresses(), "peers": self.state.active_peers(),
+                    "ports": [{"address": s["address"], "ports": s["settings"]["ports"]}
+                              for s in self.state.specs()]}
         if agent == "dnsagent":
             return {"records": [{"name": s["name"], "address": s["address"]}
                                 for s in self.state.specs()]}

@@ -1,8 +1,9 @@
 """Every function the runner serves, converged from the controller's desired state.
 
-A new function gets a listener at once; a changed one keeps its listener and connections
-in flight while new containers use the new version and settings; a removed one stops
-accepting, finishes what is in flight and stops its containers, and its logs are deleted.
+A new function gets its listeners at once; a changed one keeps its listeners (opening
+and closing only the ports that changed) and connections in flight while new containers
+use the new version and settings; a removed one stops accepting, finishes what is in
+flight and stops its containers, and its logs are deleted.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from common.log import EventLog
 from common.paths import root_dir
 from runner.budget import MemoryBudget
 from runner.bundle import BundleError, FunctionSettings, build_config
+from runner.callers import Callers
 from runner.container import Container
 from runner.fnlogs import FunctionLogs
 from runner.runtime import Runtime
@@ -29,7 +31,8 @@ class Fleet:
 
     def __init__(self, root: str, run: str, runtime: Runtime, logs: FunctionLogs,
                  log: EventLog, image_config: Callable[[str], Mapping[str, Any] | None],
-                 budget: MemoryBudget | None = None, secrets: SecretStore | None = None):
+                 budget: MemoryBudget | None = None, secrets: SecretStore | None = None,
+                 callers: Callers | None = None):
         self.paths = Layout(root, run)
         self.secrets = secrets if secrets is not None else SecretStore(
             self.paths.secrets, self.paths.secret_copies)
@@ -41,6 +44,7 @@ class Fleet:
         self.log = log
         self.image_config = image_config  # the runner's own record, by digest
         self.budget = budget if budget is not None else MemoryBudget()  # every function's
+        self.callers = callers  # the VPN peers by address, shared by every function
         self.functions: dict[str, Function] = {}
         self.specs: dict[str, dict[str, Any]] = {}
         self.closing: set[asyncio.Future[None]] = set()  # dropped functions finishing
@@ -88,7 +92,7 @@ class Fleet:
             if fn is None:
                 self.functions[name] = Function(name, spec["address"],
                                                 settings_from(spec["settings"]), factory, self.log,
-                                                budget=self.budget)
+                                                budget=self.budget, callers=self.callers)
                 self.log.info("serving", function=name, address=spec["address"],
                               digest=spec["digest"])
             else:

@@ -20,6 +20,7 @@ from common.rpc import Handler
 from common.settings import SettingsError
 from runner.bounds import check_state
 from runner.budget import MemoryBudget, budget_bytes
+from runner.callers import Callers
 from runner.fleet import Fleet
 from runner.fnlogs import FunctionLogs
 from runner.images.extract import DEFAULT_LIMITS
@@ -54,6 +55,7 @@ class Runner(AgentDaemon):
         # The bounds of every sync, from root's settings file (runner/bounds.py).
         self.function_prefix = ipaddress.IPv6Network(self.settings.function_prefix)
         self.maxima = fnsettings.host_maxima(self.settings)
+        self.callers = Callers(ipaddress.IPv6Network(self.settings.vpn_prefix))
         try:
             self.budget = MemoryBudget(budget_bytes(self.settings.container_memory_budget))
         except (OSError, ValueError) as exc:
@@ -72,7 +74,7 @@ class Runner(AgentDaemon):
         adopt_orphans()
         logs = FunctionLogs(layout.of(self.settings).function_logs, self._gid)
         self.fleet = Fleet(self.settings.root, self.settings.run, self.runtime, logs, self.log,
-                           self.store.config_of, self.budget)
+                           self.store.config_of, self.budget, callers=self.callers)
         removed = await self.remove_leftover_containers()
         self.log.info("recovered", containers=removed, **self.store.recover(),
                       **self.fleet.recover())
@@ -131,6 +133,8 @@ class Runner(AgentDaemon):
     async def converge(self, state: dict[str, Any]) -> None:
         assert self.fleet is not None
         check_state(state, self.function_prefix, self.maxima)  # before anything changes
+        peers = self.callers.check(state.get("peers", []))
+        self.callers.update(peers)  # before the functions: a new allow sees its peers
         await self.fleet.converge(state["functions"])
         for digest in self.store.keep(state["images"]):
             self.log.info("image_removed", digest=digest)
