@@ -7,6 +7,8 @@
  *         /id      uid gid                      /write  tries to write the rootfs
  *         /secret/NAME  "uid gid mode rw|ro value" of /run/secrets/NAME (rw: it could
  *                  create a file beside it)
+ *         /conn    the conn packet it got
+ * Not HTTP: "HELLO" first gets the conn packet back, raw, and the connection closed.
  * TEST_MODE (env): noconnect, noread, crash, forkbomb misbehave on purpose.
  * FAAS_REUSE=1: answer "done" and wait for the next connection. */
 #include <dirent.h>
@@ -108,6 +110,16 @@ int main(void) {
         fprintf(stderr, "request %s\n", id);
         char body[4096];
         if (!strncmp(req, "GET /sleep", 10)) { for (;;) pause(); }
+        if (!strncmp(req, "HELLO", 5)) { /* another protocol on another port */
+            write(conn, packet, strlen(packet));
+            write(conn, "\n", 1);
+            close(conn);
+            if (!reuse) return 0;
+            char done[256];
+            int m = snprintf(done, sizeof done, "{\"type\": \"done\", \"id\": \"%s\"}", id);
+            send(ctl, done, m, 0);
+            continue;
+        }
         if (!strncmp(req, "GET /exit", 9)) return 3;
         if (!strncmp(req, "GET /slow", 9)) sleep(2);
         if (!strncmp(req, "GET /fds", 8)) fds(body, sizeof body);
@@ -118,6 +130,7 @@ int main(void) {
             snprintf(body, sizeof body, "%s", w < 0 ? strerror(errno) : "written");
         } else if (!strncmp(req, "GET /slow", 9)) snprintf(body, sizeof body, "slow done");
         else if (!strncmp(req, "GET /net", 8)) proc_field(body, sizeof body, "/proc/net/dev", ":");
+        else if (!strncmp(req, "GET /conn", 9)) snprintf(body, sizeof body, "%s", packet);
         else if (!strncmp(req, "GET /caps", 9)) proc_field(body, sizeof body, "/proc/self/status", "CapEff:");
         else snprintf(body, sizeof body, "ok %d pid %d", served, getpid());
         reply(conn, body);
