@@ -150,6 +150,40 @@ def test_a_peer_not_in_allow_is_refused_before_any_container(platform, address, 
     platform.faasctl("set", NAME, "allow=*")
 
 
+def laptop_rx(platform) -> int:
+    peers = json.loads(platform.faasctl("--json", "vpn", "list").stdout)["peers"]
+    return next(p["rx_bytes"] for p in peers if p["name"] == PEER)
+
+
+def test_a_peer_cannot_pose_as_another_peer(platform, address, client):
+    """WireGuard takes a packet from a key only with that key's /128 as its source
+    (netagent sets AllowedIPs so): the laptop sending from the address of peer ci, whom
+    allow names, reaches nothing, while from its own it gets the runner's 403."""
+    ci = json.loads(platform.faasctl("--json", "vpn", "add", "ci").stdout)["address"]
+    platform.faasctl("set", NAME, "allow=ci")
+    try:
+        poll("403 for the laptop", lambda: client.curl(f"http://{NAME}.faas/")[0] == 403, 10)
+        before, received = figures(platform), laptop_rx(platform)
+        run(*client.ns.argv("ip", "-6", "addr", "add", f"{ci}/128", "dev", client.interface,
+                            "nodad"))
+        try:
+            out = run(*client.argv("curl", "-s", "-g", "-m", "3", "--interface", ci, "-o",
+                                   "/dev/null", "-w", "%{http_code}",
+                                   f"http://[{address}]/conn"), check=False)
+            assert out.stdout == "000", out.stdout  # dropped by the server's WireGuard
+        finally:
+            run(*client.ns.argv("ip", "-6", "addr", "del", f"{ci}/128", "dev",
+                                client.interface))
+        assert laptop_rx(platform) > received  # it came through the tunnel, and no further
+        after = figures(platform)
+        assert (after["served"], after["forbidden"]) == (before["served"],
+                                                         before["forbidden"])
+        assert client.curl(f"http://{NAME}.faas/")[0] == 403  # its own address: itself
+    finally:
+        platform.faasctl("set", NAME, "allow=*")
+        platform.faasctl("vpn", "rm", "ci")
+
+
 BAD_PORTS = ["0", "53", "80,80", ",".join(str(p) for p in range(1000, 1017)), "", "http",
              "65536"]
 
