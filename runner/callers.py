@@ -17,6 +17,7 @@ A source address then means:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -58,17 +59,25 @@ class Callers:
         self.names = names
 
     def identify(self, remote: str) -> tuple[str | None, bool]:
-        """(peer name or None, whether the caller is local)."""
+        """(peer name or None, whether the caller is local). Every accepted connection
+        asks: a peer is one dict lookup, any other address is parsed once (clients come
+        back)."""
         name = self.names.get(remote)
         if name is not None:
             return name, False
-        try:
-            ip = ipaddress.IPv6Address(remote)
-        except ValueError:  # an IPv4 caller of an IPv6 listener never gets here
-            return None, True
-        return None, ip not in self.prefix or ip == self.server
+        return None, _local(self.prefix, self.server, remote)
 
     @staticmethod
     def allowed(allow: Sequence[str], peer: str | None, local: bool) -> bool:
         """Whether ``allow`` lets this caller in."""
         return local or ANY in allow or (peer is not None and peer in allow)
+
+
+@functools.lru_cache(maxsize=4096)
+def _local(prefix: ipaddress.IPv6Network, server: ipaddress.IPv6Address, remote: str) -> bool:
+    """Whether ``remote`` is this host's: outside the VPN prefix, or the server's own."""
+    try:
+        ip = ipaddress.IPv6Address(remote)
+    except ValueError:  # an IPv4 caller of an IPv6 listener never gets here
+        return True
+    return ip not in prefix or ip == server
