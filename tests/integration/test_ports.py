@@ -13,6 +13,8 @@ and closes listeners and firewall rules without dropping the function.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -228,3 +230,13 @@ def test_changing_ports_opens_the_new_closes_the_removed_and_keeps_the_function(
     assert not client.tcp_open(address, 80)  # the firewall closed it too
     assert raw(client.ns.argv, address, 5432)["peer"] == PEER  # kept as it was
     assert figures(platform)["served"] > served  # the same function: its counters go on
+
+
+def test_a_killed_runner_comes_back_on_every_port_knowing_its_peers(platform, address,
+                                                                    client):
+    os.kill(platform.status()["runner"]["pid"], signal.SIGKILL)
+    packet = poll("5432 served again, to the named peer",
+                  lambda: raw(client.ns.argv, address, 5432), 40)
+    assert (packet["port"], packet["peer"]) == (5432, PEER)  # the resync carried the peers
+    status, body = client.curl(f"http://{NAME}.faas:8080/conn")
+    assert status == 200 and json.loads(body)["peer"] == PEER
