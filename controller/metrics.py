@@ -77,7 +77,7 @@ class Snapshot:
                    ) -> Iterator[Metric]:
         invocations = CounterMetricFamily(
             "faasd_invocations", "connections served, by hand-over (cold, warm, reused, "
-            "none) and result (done, exited, timeout, rejected, failed, error)",
+            "none) and result (done, exited, timeout, rejected, forbidden, failed, error)",
             labels=["function", "handover", "result"])
         handovers = CounterMetricFamily("faasd_handovers", "connections handed to a "
                                         "container, by how it was found",
