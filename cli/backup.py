@@ -71,13 +71,16 @@ def _of_part(part: str, files: dict[str, str]) -> dict[str, str]:
 
 # --- backup ----------------------------------------------------------------------------
 
-def backup(settings: Settings, target: str) -> dict[str, Any]:
+def backup(settings: Settings, target: str, with_secrets: bool = False) -> dict[str, Any]:
     """Write the archive to ``target`` atomically (mode 0600); return its manifest.
-    Each daemon's part copies its own files into a private directory first."""
+    Each daemon's part copies its own files into a private directory first; the
+    secrets' values only ``with_secrets``."""
     with tempfile.TemporaryDirectory(prefix="faasd-backup-") as work:
         files: dict[str, str] = {}
         facts: dict[str, Any] = {}
         for part in ("controller", *(p for p in parts.PARTS if p != "controller")):
+            if part in parts.OPTIONAL and not with_secrets:
+                continue
             sub = os.path.join(work, part)
             os.mkdir(sub, 0o700)
             got = parts.call(part, "export", settings, work=sub, members=caps_of(part))
@@ -91,6 +94,8 @@ def backup(settings: Settings, target: str) -> dict[str, Any]:
             facts.update(got)
         manifest = make_manifest(settings, files, facts["contents"],
                                  facts.get("server_public_key"))
+        if with_secrets:
+            manifest["secrets"] = facts.get("secrets", [])  # names: the values are a member
         write_archive(target, manifest, files)
     return manifest
 
@@ -107,6 +112,7 @@ class Archive:
     contents: dict[str, Any]  # schema, functions, versions, peers (controller/backup.py)
     warnings: list[str]
     server_key: str | None = None  # the public half of the archived private key
+    secrets: list[str] | None = None  # names of the secrets it holds (with --with-secrets)
 
 
 def read_archive(path: str, work: str, settings: Settings) -> Archive:
@@ -121,7 +127,8 @@ def read_archive(path: str, work: str, settings: Settings) -> Archive:
         mine = _of_part(part, files)
         if mine:
             facts.update(parts.call(part, "check", settings, files=mine))
-    return Archive(manifest, files, facts["contents"], warnings, facts.get("server_public_key"))
+    return Archive(manifest, files, facts["contents"], warnings, facts.get("server_public_key"),
+                   facts.get("secrets") or [])
 
 
 def check_stopped(settings: Settings) -> None:
@@ -197,6 +204,8 @@ def report(archive: Archive, settings: Settings, out: IO[str]) -> None:
     have = [_count(len(c["functions"]), "function"), _count(len(c["peers"]), "VPN peer")]
     have += ["the zone"] if "dns/faas.db" in archive.files else []
     have += ["the WireGuard server key"] if "wireguard/private.key" in archive.files else []
+    if "secrets.json" in archive.files:
+        have.append(_count(len(archive.secrets), "secret"))
     print(f"Restored {', '.join(have)} into {settings.root}, from the backup of "
           f"{m['hostname']} (faasd {m['faasd_version']}, {m['created_utc']}).", file=out)
     if archive.server_key:
@@ -250,6 +259,9 @@ def add_commands(sub: Any) -> None:
     """backup and restore as faasctl subcommands (for --help and for parsing here)."""
     b = sub.add_parser("backup", help=BACKUP_HELP, description=BACKUP_HELP)
     b.add_argument("file", metavar="FILE", help="the archive to write (replaced atomically)")
+    b.add_argument("--with-secrets", action="store_true",
+                   help="also the secrets' values (faasctl secret): the archive is then as "
+                   "sensitive as all of them")
     r = sub.add_parser("restore", help=RESTORE_HELP, description=RESTORE_HELP)
     r.add_argument("file", metavar="FILE", help="an archive faasctl backup wrote")
     r.add_argument("--force", action="store_true",
@@ -258,6 +270,13 @@ def add_commands(sub: Any) -> None:
 
 def summary(target: str, manifest: dict[str, Any], out: IO[str]) -> None:
     files = manifest["files"]
+    if "secrets" in manifest:
+        print(f"{target} holds the values of {_count(len(manifest['secrets']), 'secret')} "
+              f"({', '.join(manifest['secrets']) or 'none'}): keep it as you keep them.",
+              file=out)
+    else:
+        print("Secrets' values are not in it (faasctl backup --with-secrets FILE adds them).",
+              file=out)
     print(f"Wrote {target} ({os.path.getsize(target)} bytes, mode 0600: it holds the "
           f"server's private key): {_count(len(manifest['functions']), 'function')}, "
           f"{_count(len(manifest['peers']), 'VPN peer')}, {', '.join(sorted(files))}.",
@@ -284,7 +303,7 @@ def main(argv: list[str]) -> int:
     try:
         settings = load()
         if ns.command == "backup":
-            summary(ns.file, backup(settings, ns.file), sys.stdout)
+            summary(ns.file, backup(settings, ns.file, ns.with_secrets), sys.stdout)
         else:
             restore(ns.file, settings, ns.force, Owners(owner_ids(settings)), sys.stdout)
     except SettingsError as exc:

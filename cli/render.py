@@ -181,6 +181,15 @@ def render_token_list(result: dict[str, Any], out: TextIO) -> None:
     table(rows, out)
 
 
+def render_secret_list(result: dict[str, Any], out: TextIO) -> None:
+    """faasctl secret list: names, sizes and dates (the controller has no values)."""
+    rows = [["NAME", "SIZE", "UPDATED", "USED BY"]]
+    for s in result["secrets"]:
+        rows.append([s["name"], str(s["size"]), _age(s["updated"]),
+                     ",".join(s["functions"]) or "-"])
+    table(rows, out)
+
+
 RENDERERS: dict[str, Callable[[Any, TextIO], None]] = {
     "status": render_status, "list": render_list, "info": render_info,
     "versions": render_versions, "new": render_new,
@@ -191,6 +200,9 @@ RENDERERS: dict[str, Callable[[Any, TextIO], None]] = {
     "rollback": lambda r, out: out.write(f"{r['name']} now serves version {r['version']}\n"),
     "rm": lambda r, out: out.write(f"removed {r['name']} ({r['address']})\n"),
     "set": lambda r, out: _settings(r["settings"], out),
+    "secret_list": render_secret_list,
+    "secret_create": lambda r, out: out.write(f"secret {r['name']}: {r['size']} bytes stored\n"),
+    "secret_rm": lambda r, out: out.write(f"removed secret {r['name']}\n"),
 }
 
 

@@ -27,6 +27,7 @@ from controller.access import Operators
 from controller.health import Monitor
 from controller.http import Endpoints, HttpApi, Tokens
 from controller.metrics import Metrics
+from controller.secretops import SecretOps
 from controller.state import State
 from controller.uploads import UNKNOWN_CALLER, Uploads
 
@@ -34,7 +35,7 @@ T = TypeVar("T")
 LOG_CHUNK = 256 << 10
 
 
-class Controller(Daemon):
+class Controller(SecretOps, Daemon):
     """The controller daemon."""
 
     service = "controller"
@@ -80,7 +81,8 @@ class Controller(Daemon):
             "vpn_rm": self.op_vpn_rm, "vpn_disable": self.op_vpn_disable,
             "vpn_enable": self.op_vpn_enable, "stats": self.op_stats,
             "token_create": self.op_token_create, "token_list": self.op_token_list,
-            "token_rm": self.op_token_rm,
+            "token_rm": self.op_token_rm, "secret_create": self.op_secret_create,
+            "secret_list": self.op_secret_list, "secret_rm": self.op_secret_rm,
         }
 
     async def op_ping(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -91,9 +93,12 @@ class Controller(Daemon):
     def desired_state(self, agent: str) -> dict[str, Any]:
         """The whole desired state for one agent."""
         if agent == "runner":
-            return {"images": sorted(self.state.digests()), "functions": self.state.specs()}
+            return {"images": sorted(self.state.digests()), "functions": self.state.specs(),
+                    "peers": self.state.peer_names()}
         if agent == "netagent":
             return {"addresses": self.state.addresses(), "peers": self.state.active_peers(),
+                    "ports": [{"address": s["address"], "ports": s["settings"]["ports"]}
+                              for s in self.state.specs()],
                     "egress": self.state.egress()}
         if agent == "dnsagent":
             return {"records": [{"name": s["name"], "address": s["address"]}
@@ -265,6 +270,7 @@ class Controller(Daemon):
     async def op_set(self, args: dict[str, Any]) -> dict[str, Any]:
         """Change a function's settings; the runner applies them without dropping
         connections in flight."""
+        await self.check_secrets(args["name"], args["settings"])
         self.check_egress_allow(args["settings"].get("egress_allow"))
         if args["settings"].get("network") == "egress":
             self.check_egress_room(args["name"])
