@@ -132,7 +132,8 @@ SETTINGS: tuple[Setting, ...] = (
             "/30 each, NATed out of the default route", _v4net),
     Setting("vpn_endpoint", str, "", "HOST:PORT that peers dial; printed in client configs",
             _endpoint),
-    Setting("dns_upstreams", list, [], "resolvers for names outside faas. (none by default)",
+    Setting("dns_upstreams", list, [], "resolvers for names outside faas., for VPN peers and "
+            "egress functions (unset: the host's resolv.conf, for egress functions only)",
             _upstreams),
     Setting("runtime", str, "runc", "OCI runtime for function containers: runc or crun",
             _one_of("runc", "crun")),

@@ -49,6 +49,7 @@ BIND_USER = "bind"
 DNS_PORT = 53
 MAX_CACHE = "64m"  # the forwarding cache; BIND's default is 90% of the machine's memory
 EX_NOPERM = 77
+RESOLV_CONF = "/etc/resolv.conf"  # the host's resolver: egress functions' default upstream
 # The faas user's PATH under supervisord may lack the sbin directories.
 TOOL_DIRS = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
@@ -84,23 +85,50 @@ def _network(text: str) -> str:
     return f"{ipaddress.IPv6Address(int(net.network_address))}/{net.prefixlen}"
 
 
-def _recursion(settings: Settings) -> list[str]:
-    """Forward to the upstreams for VPN clients only; without upstreams, no recursion."""
-    upstreams = [_address(a) for a in settings.dns_upstreams]
+def host_resolvers(resolv_conf: str = RESOLV_CONF) -> list[str]:
+    """The ``nameserver`` addresses of the host's resolv.conf (loopback ones included:
+    named runs on the host, so systemd-resolved's 127.0.0.53 works); none if unreadable."""
+    try:
+        with open(resolv_conf, encoding="utf-8", errors="replace") as f:
+            lines = f.read(65536).splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        words = line.split()
+        if len(words) >= 2 and words[0] == "nameserver" and "%" not in words[1]:
+            try:
+                out.append(str(ipaddress.ip_address(words[1])))
+            except ValueError:
+                continue
+    return out[:3]  # as many as the libc resolver uses
+
+
+def _recursion(settings: Settings, resolv_conf: str = RESOLV_CONF) -> list[str]:
+    """Who may resolve names outside faas., through which upstreams. ``dns_upstreams``
+    set: VPN peers and egress functions, through those. Unset: egress functions only
+    (network=egress promises public names), through the host's own resolvers; VPN peers
+    keep getting REFUSED for them, as before egress existed. No resolver: no recursion."""
+    egress = _network(settings.egress_prefix)  # egress functions ask from these addresses
+    if settings.dns_upstreams:
+        upstreams = [_address(a) for a in settings.dns_upstreams]
+        clients = f"{_network(settings.vpn_prefix)}; {egress}"
+    else:
+        upstreams = host_resolvers(resolv_conf)
+        clients = egress
     if not upstreams:
         return ["recursion no;", "allow-recursion { none; };", "allow-query-cache { none; };"]
-    # network=egress functions ask from their egress_prefix addresses (docs/network.md)
-    vpn = f"{_network(settings.vpn_prefix)}; {_network(settings.egress_prefix)}"
     return [
         "recursion yes;",
-        f"allow-recursion {{ {vpn}; }};",
-        f"allow-query-cache {{ {vpn}; }};",
+        f"allow-recursion {{ {clients}; }};",
+        f"allow-query-cache {{ {clients}; }};",
         "forward only;",
         "forwarders { " + " ".join(f"{a};" for a in upstreams) + " };",
     ]
 
 
-def render_named_conf(settings: Settings, layout: Layout, rndc_port: int = RNDC_PORT) -> str:
+def render_named_conf(settings: Settings, layout: Layout, rndc_port: int = RNDC_PORT,
+                      resolv_conf: str = RESOLV_CONF) -> str:
     """named.conf for this instance: authoritative for faas., listening on the VPN
     server address only, forwarding to the upstreams for VPN clients, no transfers."""
     ns = vpn_server(settings.vpn_prefix).ip
@@ -127,7 +155,7 @@ def render_named_conf(settings: Settings, layout: Layout, rndc_port: int = RNDC_
         "// that strips DNSSEC records, and would fetch root keys at every start.",
         "dnssec-validation no;",
         f"max-cache-size {MAX_CACHE};",
-        *_recursion(settings),
+        *_recursion(settings, resolv_conf),
     ]
     zone_opts = [
         "type primary;",

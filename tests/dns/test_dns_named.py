@@ -221,8 +221,32 @@ def test_prepared_config_passes_named_checkconf_with_and_without_upstreams():
             if upstreams:
                 assert "allow-recursion { fd00:faa5:0:100::/64; fd00:faa5:e::/48; };" in conf
                 assert f"forwarders {{ {UPSTREAM}; 192.0.2.53; }};" in conf
-            else:
-                assert "recursion no;" in conf and "forwarders" not in conf
+            else:  # the host's resolvers, for egress functions only
+                assert "fd00:faa5:0:100::/64" not in conf.split("recursion", 1)[-1]
+    finally:
+        shutil.rmtree(root)
+
+
+def test_without_upstreams_egress_functions_resolve_through_the_hosts_resolvers(tmp_path):
+    """dns_upstreams unset: the host's resolv.conf nameservers serve egress functions only
+    (VPN peers still get REFUSED for outside names); no nameserver there: no recursion."""
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("# made by dhcp\nsearch lan\nnameserver 127.0.0.53\n"
+                      "nameserver fe80::1%eth0\nnameserver not-an-ip\nnameserver 2001:db8::53\n")
+    root = instance_dir()
+    try:
+        settings = load(settings_for(root, FAAS_DNS_UPSTREAMS=""))
+        conf = named.render_named_conf(settings, named.Layout(settings.root),
+                                       resolv_conf=str(resolv))
+        assert "allow-recursion { fd00:faa5:e::/48; };" in conf
+        assert "forwarders { 127.0.0.53; 2001:db8::53; };" in conf
+        resolv.write_text("search lan\n")
+        conf = named.render_named_conf(settings, named.Layout(settings.root),
+                                       resolv_conf=str(resolv))
+        assert "recursion no;" in conf and "forwarders" not in conf
+        conf = named.render_named_conf(settings, named.Layout(settings.root),
+                                       resolv_conf=str(tmp_path / "missing"))
+        assert "recursion no;" in conf
     finally:
         shutil.rmtree(root)
 
