@@ -163,6 +163,7 @@ class Function:
         self.callers = callers  # None: every caller is local (no VPN peers known)
         self.bind = bind  # the port to bind for a function port (tests: 0, any free one)
         self.listeners: dict[int, socket.socket] = {}  # by the function's port
+        self.listen_failed: set[int] = set()  # ports that could not be bound: retried
         self._accepting = False
         self._listen(settings.ports)
         self.active = 0  # slots taken: requests being served or their container started
@@ -226,14 +227,19 @@ class Function:
         for port in [p for p in ports if p not in self.listeners]:
             try:
                 self.listeners[port] = sock = listen(self.address, self.bind(port))
-            except OSError as exc:  # in use by something else on this host: the others go on
-                self.log.error("listen_failed", function=self.name, port=port,
-                               error=str(exc))
+            except OSError as exc:  # in use by something else on this host: the others go
+                # on, and the janitor tries again every second (logged once per port)
+                if port not in self.listen_failed:
+                    self.listen_failed.add(port)
+                    self.log.error("listen_failed", function=self.name, port=port,
+                                   error=str(exc), retry="every second")
                 continue
             if self._accepting:
                 self.loop.add_reader(sock, self._on_accept, sock, port)
-            if changed:
+            if changed or port in self.listen_failed:
                 self.log.info("port_opened", function=self.name, port=port)
+            self.listen_failed.discard(port)
+        self.listen_failed &= set(ports)
 
     def _accept(self) -> None:
         self._resume_accept = None
@@ -623,6 +629,8 @@ class Function:
                     now - self.idle[0].idle_since > self.settings.idle_timeout:
                 self._spawn(self.idle.pop(0).stop())
             self.refill()  # a pool that lost containers, or whose start failed, fills up
+            if self.listen_failed:
+                self._listen(self.settings.ports)
 
     async def _reply(self, conn: socket.socket, data: bytes) -> None:
         """Answer the client ourselves. Its request is read away first: closing a socket

@@ -107,14 +107,15 @@ class Harness:
     ::1, so per_client is off unless a test sets it."""
 
     def __init__(self, budget: MemoryBudget | None = None, address: str = "::1",
-                 callers: Callers | None = None, **settings: Any):
+                 callers: Callers | None = None, bind: Any = lambda port: 0,
+                 **settings: Any):
         settings.setdefault("per_client", PER_CLIENT_OFF)
         self.containers: list[FakeContainer] = []
         self.make: dict[str, Any] = {}
         self.out = io.StringIO()
         self.log = EventLog("runner", stream=self.out)
         self.fn = Function("fake", address, ServeSettings(**settings), self.new, self.log,
-                           budget=budget, callers=callers, bind=lambda port: 0)
+                           budget=budget, callers=callers, bind=bind)
         self.port = self.fn.listeners[80].getsockname()[1]
 
     def new(self) -> FakeContainer:

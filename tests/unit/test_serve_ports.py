@@ -140,3 +140,25 @@ def test_changing_ports_opens_the_new_and_closes_the_removed_without_dropping_an
         await h.fn.close()
         assert all(s.fileno() == -1 for s in (old,))
     run(main())
+
+
+def test_a_port_that_cannot_be_bound_is_tried_again_and_logged_once():
+    """Something else holds [address]:5432 for a while: port 80 serves meanwhile, the
+    failure is logged once, and the janitor opens 5432 once it is free."""
+    async def main() -> None:
+        held = {"busy": 3}  # the first three binds of 5432 fail, as EADDRINUSE would
+
+        def bind(port: int) -> int:
+            if port == 5432 and held["busy"]:
+                held["busy"] -= 1
+                raise OSError(98, "Address already in use")
+            return 0
+        h = Harness(ports=[80, 5432], bind=bind)
+        assert set(h.fn.listeners) == {80}
+        await until("5432 bound on a later try", lambda: 5432 in h.fn.listeners, timeout=10)
+        events = [(e["event"], e.get("port")) for e in h.log_lines()
+                  if e["event"] in ("listen_failed", "port_opened")]
+        assert events == [("listen_failed", 5432), ("port_opened", 5432)]
+        assert not h.fn.listen_failed
+        await h.fn.close()
+    run(main())
