@@ -54,6 +54,8 @@ DIRS = (
 FILES = {
     "state_db": ("controller", "state/state.db"),
     "bundles": ("runner", "bundles/"),
+    "volumes": ("runner", "volumes/"),
+    "volume_mounts": ("runner", "volumes/mnt/"),
     "zone_file": ("dnsagent", "dns/faas.db"),
     "serial_file": ("dnsagent", "dns/serial"),
     "rndc_conf": ("dnsagent", "dns/rndc.conf"),
@@ -108,6 +110,14 @@ class Layout:
     @property
     def bundles(self) -> str:
         return self._r("bundles")
+
+    @property
+    def volumes(self) -> str:
+        return self._r("volumes")
+
+    @property
+    def volume_mounts(self) -> str:
+        return self._r("volumes", "mnt")
 
     @property
     def dns_dir(self) -> str:

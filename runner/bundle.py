@@ -117,13 +117,16 @@ def check_env(env: Mapping[str, str]) -> None:
 def build_config(rootfs: str, image_config: Mapping[str, Any], *, container_id: str,
                  hostname: str, control_socket: str,
                  settings: FunctionSettings = FunctionSettings(),
-                 cgroup_parent: str = CGROUP_PARENT) -> dict[str, Any]:
+                 cgroup_parent: str = CGROUP_PARENT,
+                 volumes: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The OCI config of one container of an image.
 
     ``rootfs`` is the image's extracted root (absolute), ``image_config`` its normalized
     config (entrypoint, cmd, env, workdir, user), ``control_socket`` the host path of the
-    container's control socket. Raises :class:`BundleError` for an image or settings that
-    cannot make a container (no command, unknown user, bad environment, bad limits).
+    container's control socket, ``volumes`` the host directory of each volume that
+    ``settings.mounts`` names (runner/volumes.py). Raises :class:`BundleError` for an
+    image or settings that cannot make a container (no command, unknown user, bad
+    environment, bad limits, a volume without its directory).
     """
     _check_names(rootfs, container_id, hostname, control_socket, cgroup_parent)
     settings.validate()
@@ -156,7 +159,8 @@ def build_config(rootfs: str, image_config: Mapping[str, Any], *, container_id: 
         },
         "root": {"path": rootfs, "readonly": True},
         "hostname": hostname,
-        "mounts": mounts(control_socket, settings.tmp_bytes, uid, gid),
+        "mounts": [*mounts(control_socket, settings.tmp_bytes, uid, gid),
+                   *volume_mounts(settings.mounts, volumes or {})],
         "linux": {
             "namespaces": [{"type": t} for t in NAMESPACES],
             # Absolute: the same place on cgroup v1, hybrid and v2 (docs/containers.md).
@@ -222,6 +226,25 @@ def mounts(control_socket: str, tmp_bytes: int, uid: int, gid: int) -> list[dict
         mount(CONTROL_SOCKET, "bind", control_socket, "bind", "nosuid", "nodev", "noexec",
               "ro"),
     ]
+
+
+def volume_mounts(specs: list[str], sources: Mapping[str, str]) -> list[dict[str, Any]]:
+    """A bind mount of each ``VOL:/path[:ro]``, parents before what they hold: the
+    volume's directory, without devices, set-id or executables (a volume holds data)."""
+    out = []
+    for spec in specs:
+        if not BY_KEY["mounts"].canonical([spec]):  # the last check before runc
+            raise BundleError(f"mount {spec[:100]!r} is not VOLUME:/path[:ro]")
+        name, dest, *ro = spec.split(":")
+        source = sources.get(name)
+        if source is None or not source.startswith("/"):
+            raise BundleError(f"volume {name} has no host directory")
+        out.append({"destination": dest, "type": "bind", "source": source,
+                    "options": ["bind", "nosuid", "nodev", "noexec", "ro" if ro else "rw"]})
+    dests = [m["destination"] for m in out]
+    if len(set(dests)) != len(dests):
+        raise BundleError(f"two volumes are mounted at the same path: {', '.join(dests)}")
+    return sorted(out, key=lambda m: m["destination"].count("/"))
 
 
 def resources(settings: FunctionSettings) -> dict[str, Any]:

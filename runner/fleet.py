@@ -21,6 +21,7 @@ from runner.container import Container
 from runner.fnlogs import FunctionLogs
 from runner.runtime import Runtime
 from runner.serve import Function, settings_from
+from runner.volumes import Volumes
 
 
 class Fleet:
@@ -28,7 +29,7 @@ class Fleet:
 
     def __init__(self, root: str, run: str, runtime: Runtime, logs: FunctionLogs,
                  log: EventLog, image_config: Callable[[str], Mapping[str, Any] | None],
-                 budget: MemoryBudget | None = None):
+                 budget: MemoryBudget | None = None, volumes: Volumes | None = None):
         self.paths = Layout(root, run)
         self.images = self.paths.images
         self.bundles = self.paths.bundles
@@ -38,6 +39,7 @@ class Fleet:
         self.log = log
         self.image_config = image_config  # the runner's own record, by digest
         self.budget = budget if budget is not None else MemoryBudget()  # every function's
+        self.volumes = volumes  # where a function's mounts come from (runner/volumes.py)
         self.functions: dict[str, Function] = {}
         self.specs: dict[str, dict[str, Any]] = {}
         self.closing: set[asyncio.Future[None]] = set()  # dropped functions finishing
@@ -123,14 +125,31 @@ class Fleet:
                 raise BundleError(f"the image of {name} ({spec['digest'][:19]}) is not on "
                                   f"this host: deploy it again (faasctl new {name} -f "
                                   "IMAGE.tar)")
-            return build_config(rootfs, image, container_id=container_id,
-                                hostname=name, control_socket=control_socket, settings=limits)
+            sources = {}
+            if limits.mounts:
+                if self.volumes is None:
+                    raise BundleError("this runner serves no volumes")
+                sources = self.volumes.sources(limits.mounts)
+            config = build_config(rootfs, image, container_id=container_id, hostname=name,
+                                  control_socket=control_socket, settings=limits,
+                                  volumes=sources)
+            if sources:
+                user = config["process"]["user"]
+                assert self.volumes is not None
+                self.volumes.adopt(sources, user["uid"], user["gid"])
+            return config
 
         def sink(container: str, stream: str, request: str | None, lines: list[str]) -> None:
             if self.owners.get(name) is owner:  # else: removed, maybe deployed anew since
                 self.logs.write(name, container, stream, request, lines)
 
         return lambda: Container(name, self.bundles, self.ctl, self.runtime, make_config, sink)
+
+    def mounting(self, volume: str) -> list[str]:
+        """The functions of the desired state whose mounts name ``volume``."""
+        return sorted(name for name, spec in self.specs.items()
+                      if any(m.split(":", 1)[0] == volume
+                             for m in spec["settings"]["mounts"]))
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Per-function pool and counters, by name."""
