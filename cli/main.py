@@ -68,10 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="HTTP API tokens for automation: create, list, rm",
                            description="A token lets a CI job or a VPN peer use the HTTP "
                            "API (Authorization: Bearer TOKEN) with the rights of its role.")
+    volume = sub.add_parser("volume", help="Volumes, storage that survives redeploys: create, "
+                            "list, rm; mount with set NAME mounts=VOL:/path[:ro]",
+                            description="A volume is a filesystem of a fixed size, kept "
+                            "across redeploys, restarts and reboots (docs/volumes.md).")
     groups = {"vpn": vpn.add_subparsers(dest="group_command", required=True,
                                         metavar="COMMAND"),
               "token": token.add_subparsers(dest="group_command", required=True,
-                                            metavar="COMMAND")}
+                                            metavar="COMMAND"),
+              "volume": volume.add_subparsers(dest="group_command", required=True,
+                                              metavar="COMMAND")}
     for op in protocol.OPS["controller"].values():
         if op.cli:
             _add_op(groups[op.group] if op.group else sub, op)
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         from cli import backup  # root on the server, without the controller
         sys.exit(backup.main(args))
     ns = build_parser().parse_args(args)
-    if ns.command in ("vpn", "token"):
+    if ns.command in ("vpn", "token", "volume"):
         ns.command = f"{ns.command}_{ns.group_command}"
     try:
         result = asyncio.run(_run(ns))

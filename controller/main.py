@@ -29,12 +29,13 @@ from controller.http import Endpoints, HttpApi, Tokens
 from controller.metrics import Metrics
 from controller.state import State
 from controller.uploads import UNKNOWN_CALLER, Uploads
+from controller.volumes import VolumeOps
 
 T = TypeVar("T")
 LOG_CHUNK = 256 << 10
 
 
-class Controller(Daemon):
+class Controller(Daemon, VolumeOps):
     """The controller daemon."""
 
     service = "controller"
@@ -81,6 +82,7 @@ class Controller(Daemon):
             "vpn_enable": self.op_vpn_enable, "stats": self.op_stats,
             "token_create": self.op_token_create, "token_list": self.op_token_list,
             "token_rm": self.op_token_rm,
+            **self.volume_handlers(),
         }
 
     async def op_ping(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -264,6 +266,7 @@ class Controller(Daemon):
     async def op_set(self, args: dict[str, Any]) -> dict[str, Any]:
         """Change a function's settings; the runner applies them without dropping
         connections in flight."""
+        await self.check_mounts(args["settings"])
         settings = self.state.set(args["name"], args["settings"])
         return await self.changed({"name": args["name"], "settings": settings},
                                   "settings_changed", name=args["name"],

@@ -109,6 +109,9 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/tokens", "token_list", answer=lambda r: r["tokens"]),
     Route("POST", "/api/tokens", "token_create", body=JSON_BODY),
     Route("DELETE", "/api/tokens/{name}", "token_rm"),
+    Route("GET", "/api/volumes", "volume_list", answer=lambda r: r["volumes"]),
+    Route("POST", "/api/volumes", "volume_create", body=JSON_BODY),
+    Route("DELETE", "/api/volumes/{name}", "volume_rm"),
 )
 
 
