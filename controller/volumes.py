@@ -56,7 +56,7 @@ class VolumeOps:
         for fn in self.state.functions():
             for m in fn["settings"]["mounts"]:
                 users.setdefault(m.split(":", 1)[0], []).append(fn["name"])
-        return users
+        return {name: sorted(set(fns)) for name, fns in users.items()}
 
     async def op_volume_create(self, args: dict[str, Any]) -> dict[str, Any]:
         """A new volume, made by the runner within the host's bounds."""
