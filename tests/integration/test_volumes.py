@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tarfile
 
 import pytest
-from harness import Platform, poll, run
+from harness import BIN, Platform, poll, run
 
 MiB = 1 << 20
 
@@ -217,3 +218,34 @@ def test_sizes_outside_the_hosts_bounds_are_refused(platform):
     assert out.returncode == 4, out.stderr
     assert not (platform.root / "volumes" / "huge.img").exists()
     assert not (platform.root / "volumes" / "tiny.img").exists()
+
+
+def members(archive) -> list[str]:
+    with tarfile.open(archive) as tf:
+        return tf.getnames()
+
+
+def test_backups_hold_volumes_only_with_with_volumes(platform, keeper, tmp_path):
+    plain, full = tmp_path / "plain.tar.gz", tmp_path / "full.tar.gz"
+    platform.faasctl("backup", plain)
+    assert not [m for m in members(plain) if m.startswith("volumes/")]
+    out = platform.faasctl("backup", "--with-volumes", full)
+    assert "volumes/store.tar" in out.stdout
+    assert "volumes/store.tar" in members(full)
+    # The volume is lost with everything in it; restore brings it back at its size, with
+    # its files and their owners, and the function reads them again.
+    platform.stop()
+    run(*platform.netns.argv(BIN / "faasd", "down"), env=platform.env)
+    assert mounts_under(platform.root) == []
+    (platform.root / "volumes" / "store.img").unlink()
+    restored = run(*platform.netns.argv(BIN / "faasctl", "restore", "--force", full),
+                   env=platform.env, check=False)
+    assert restored.returncode == 0, restored.stderr
+    assert "volume" in restored.stdout
+    assert (platform.root / "volumes" / "store.img").stat().st_size == 16 * MiB
+    assert mounts_under(platform.root) == []  # the runner mounts it at its start
+    platform.start()
+    platform.wait_healthy()
+    answers(platform, "keeper", "/get/data/keep", "kept")
+    data = platform.root / "volumes" / "mnt" / "store" / "data"
+    assert (data.stat().st_uid, (data / "keep").stat().st_uid) == (65534, 65534)
