@@ -225,3 +225,42 @@ def test_list_adds_the_functions_that_mount_each():
     ops = controller(["data", "idle"], {"fn": ["data:/d"]})
     rows = asyncio.run(ops.op_volume_list({}))["volumes"]
     assert [(r["name"], r["functions"]) for r in rows] == [("data", ["fn"]), ("idle", [])]
+
+
+# --- backup: the tars restore accepts ------------------------------------------------------
+
+
+def tar_of(path, *entries: tuple[str, bytes | str | None, int]) -> str:
+    """A tar of (name, data, type) entries: bytes a file, str a link's target, None a dir."""
+    import io
+    import tarfile
+    with tarfile.open(path, "w") as tf:
+        for name, data, kind in entries:
+            ti = tarfile.TarInfo(name)
+            ti.type = kind
+            if isinstance(data, str):
+                ti.linkname = data
+            if isinstance(data, bytes):
+                ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data) if isinstance(data, bytes) else None)
+    return str(path)
+
+
+def test_a_volume_tar_is_checked_before_restore_writes(tmp_path):
+    import tarfile
+
+    from runner.backup import check_tar
+    reg, sym, lnk, dev = tarfile.REGTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE
+    good = tar_of(tmp_path / "good.tar", (".", None, tarfile.DIRTYPE), ("./a", b"", reg),
+                  ("./l", "/etc/passwd", sym), ("./h", "a", lnk))
+    check_tar(good, "v", 8 * MiB)
+    for bad, entries in {
+        "dotdot": [("../x", b"", reg)], "absolute": [("/etc/x", b"", reg)],
+        "device": [("./null", b"", dev)], "under-symlink": [("./l", "/etc", sym),
+                                                            ("./l/passwd", b"", reg)],
+        "hardlink-out": [("./h", "/etc/shadow", lnk)],
+        "too-big": [("./a", bytes(100), reg), ("./b", bytes(100), reg)],
+    }.items():
+        with pytest.raises(FaasError) as err:
+            check_tar(tar_of(tmp_path / f"{bad}.tar", *entries), "v", 150)
+        assert err.value.code == Code.BAD_REQUEST, bad
