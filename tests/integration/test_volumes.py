@@ -10,7 +10,7 @@ import signal
 import tarfile
 
 import pytest
-from harness import BIN, Platform, poll, run
+from harness import BIN, Netns, Platform, poll, run
 
 MiB = 1 << 20
 
@@ -220,6 +220,22 @@ def test_sizes_outside_the_hosts_bounds_are_refused(platform):
     assert not (platform.root / "volumes" / "tiny.img").exists()
 
 
+def test_an_unmounted_volume_fails_its_functions_starts_only(platform, keeper, image_tar):
+    point = platform.root / "volumes" / "mnt" / "store"
+    run("umount", point)  # behind faasd's back
+    platform.faasctl("new", "bystander", "-f", image_tar)
+    addr = address(platform, "keeper")
+    poll("keeper refused", lambda: get(platform, addr, "/get/data/keep")[0] not in (0, 200),
+         20)
+    answers(platform, "bystander", "/", "ok 1 pid 1")
+    poll("the reason in the runner's log", lambda: any(
+        "volume store is not mounted" in json.dumps(line)
+        for line in platform.log_lines("runner")), 10)
+    assert volumes(platform)["store"]["mounted"] is False
+    platform.ctl("restart", "runner")  # a start mounts it again
+    answers(platform, "keeper", "/get/data/keep", "kept")
+
+
 def members(archive) -> list[str]:
     with tarfile.open(archive) as tf:
         return tf.getnames()
@@ -249,3 +265,29 @@ def test_backups_hold_volumes_only_with_with_volumes(platform, keeper, tmp_path)
     answers(platform, "keeper", "/get/data/keep", "kept")
     data = platform.root / "volumes" / "mnt" / "store" / "data"
     assert (data.stat().st_uid, (data / "keep").stat().st_uid) == (65534, 65534)
+
+
+def test_crun_binds_volumes_as_runc_does(image_tar):
+    """The other runtime (crun, in a private mount namespace on a hybrid host) gets the
+    same mount, rw and ro."""
+    ns = Netns("faas-vol")
+    p = Platform(ns, 'runtime = "crun"\n')
+    p.start()
+    try:
+        p.wait_healthy()
+        p.faasctl("volume", "create", "shared", "--size", "4M")
+        p.faasctl("new", "writer", "-f", image_tar)
+        p.faasctl("new", "reader", "-f", image_tar)
+        p.faasctl("set", "writer", "mounts=shared:/data")
+        p.faasctl("set", "reader", "mounts=shared:/data:ro")
+        answers(p, "writer", "/put/data/keep", "put")
+        answers(p, "reader", "/get/data/keep", "kept")
+        answers(p, "reader", "/put/data/keep", "Read-only file system")
+    finally:
+        p.stop()
+        left = mounts_under(p.root)
+        for point in reversed(left):
+            run("umount", "-l", point, check=False)
+        p.remove()
+        stray = ns.delete()
+        assert not left and not stray, (left, stray)
