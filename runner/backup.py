@@ -6,7 +6,8 @@ read back by GNU tar with numeric owners and modes, so the files keep the uids t
 functions wrote them with; its size is in the manifest.
 
 - export: nothing unless ``with_volumes``; then each volume's files. A volume that is
-  not mounted (faasd stopped) is mounted read-only for the copy and unmounted after.
+  not mounted (faasd stopped) is mounted read-only at a private directory of
+  ``volumes/`` for the copy and unmounted after.
   The copy is of a live filesystem: files written during it may be caught half-way
   (docs/backup.md).
 - ready: ``volumes/`` is a real directory or missing.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tarfile
+import tempfile
 from typing import Any
 
 from common import layout, parts
@@ -62,19 +64,24 @@ def export(settings: Settings, work: str, members: dict[str, int],
         return {"files": {}, "volumes": {}}
     files, sizes = {}, {}
     for name in vols.names():
-        mounted_here = not vols.mounted(name)
-        if mounted_here:
-            os.makedirs(vols.mountpoint(name), mode=0o700, exist_ok=True)
-            run_command(["mount", "-t", "ext4", "-o", "ro,loop,nodev,nosuid,noexec",
-                         vols.image(name), vols.mountpoint(name)])
+        # Not mounted (faasd stopped): read-only at a private place, so a runner that
+        # starts meanwhile still finds its own mount point free.
+        private = None if vols.mounted(name) else tempfile.mkdtemp(prefix=".backup-",
+                                                                     dir=vols.dir)
         try:
+            if private is not None:
+                run_command(["mount", "-t", "ext4", "-o", "ro,loop,nodev,nosuid,noexec",
+                             vols.image(name), private])
+            data = vols.data(name) if private is None else os.path.join(private, "data")
             files[f"{PREFIX}{name}{SUFFIX}"] = path = os.path.join(work, f"{name}.tar")
             # 1: a file changed while it was read (a live copy); the rest is copied
-            _tar(["-cpf", path, "-C", vols.data(name), "."], ok=(0, 1))
+            _tar(["-cpf", path, "-C", data, "."], ok=(0, 1))
             sizes[name] = os.lstat(vols.image(name)).st_size
         finally:
-            if mounted_here:
-                run_command(["umount", vols.mountpoint(name)])
+            if private is not None:
+                if os.path.ismount(private):
+                    run_command(["umount", private])
+                os.rmdir(private)
     return {"files": files, "volumes": sizes}
 
 
