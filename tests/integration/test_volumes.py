@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 from harness import BIN, Netns, Platform, poll, run
 
 MiB = 1 << 20
+HERE = Path(__file__).parent
 
 
 def get(platform, address: str, path: str) -> tuple[int, str]:
@@ -191,6 +194,25 @@ def test_rm_while_mounted_is_refused_naming_the_functions(platform, keeper, imag
     status, body = api(platform, "DELETE", "/api/volumes/store")
     assert status == 409 and body["error"]["details"]["functions"] == ["keeper", "second"]
     assert volumes(platform)["store"]["mounted"]
+    answers(platform, "keeper", "/get/data/keep", "kept")
+
+
+def as_faas(platform, op: str, args: dict) -> dict:
+    """One request straight to the runner as the faas user: a compromised controller."""
+    out = run("setpriv", "--reuid=faas", "--regid=faas", "--init-groups", sys.executable,
+              HERE / "rogue.py", platform.run_dir, "runner", op, json.dumps(args),
+              env={**platform.env, "PYTHONPATH": str(HERE.parents[1])})
+    return json.loads(out.stdout)
+
+
+def test_the_runner_holds_the_bounds_against_the_faas_user(platform, keeper):
+    refused = as_faas(platform, "volume_rm", {"name": "store"})
+    assert refused["code"] == "conflict" and "keeper" in refused["message"], refused
+    huge = as_faas(platform, "volume_create", {"name": "huge", "size": 1 << 50})
+    assert huge["code"] == "forbidden" and "max_volume_bytes" in huge["message"], huge
+    sneaky = as_faas(platform, "volume_create", {"name": "../../etc", "size": 8 * MiB})
+    assert sneaky["code"] == "bad_request", sneaky
+    assert sorted(volumes(platform)) == ["small", "store"]
     answers(platform, "keeper", "/get/data/keep", "kept")
 
 
