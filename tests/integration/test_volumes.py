@@ -44,6 +44,14 @@ def mounts_under(path) -> list[str]:
     return [p for p in points if p == str(path) or p.startswith(f"{path}/")]
 
 
+def runner_tail(platform, n: int = 12) -> str:
+    """The runner's last log lines, for a failure's message."""
+    try:
+        return "\n".join(json.dumps(line) for line in platform.log_lines("runner")[-n:])
+    except OSError as exc:
+        return repr(exc)
+
+
 def volumes(platform) -> dict[str, dict]:
     rows = json.loads(platform.faasctl("--json", "volume", "list").stdout)["volumes"]
     return {v["name"]: v for v in rows}
@@ -138,7 +146,7 @@ def test_kept_across_runner_kill_9_and_mounted_once(platform, keeper):
 
 def test_kept_across_faasd_down_and_up(platform, keeper):
     platform.stop()
-    assert mounts_under(platform.root) == [], "faasd down left a volume mounted"
+    assert mounts_under(platform.root) == [], runner_tail(platform)
     platform.start()
     platform.wait_healthy()
     answers(platform, "keeper", "/get/data/keep", "kept")
@@ -274,7 +282,7 @@ def test_backups_hold_volumes_only_with_with_volumes(platform, keeper, tmp_path)
     # its files and their owners, and the function reads them again.
     platform.stop()
     run(*platform.netns.argv(BIN / "faasd", "down"), env=platform.env)
-    assert mounts_under(platform.root) == []
+    assert mounts_under(platform.root) == [], runner_tail(platform)
     stopped = tmp_path / "stopped.tar.gz"  # faasd down: each volume mounted just for it
     platform.faasctl("backup", "--with-volumes", stopped)
     assert "volumes/store.tar" in members(stopped) and mounts_under(platform.root) == []
@@ -282,7 +290,7 @@ def test_backups_hold_volumes_only_with_with_volumes(platform, keeper, tmp_path)
     (platform.root / "volumes" / "store.img").unlink()
     restored = run(*platform.netns.argv(BIN / "faasctl", "restore", "--force", stopped),
                    env=platform.env, check=False)
-    assert restored.returncode == 0, restored.stderr
+    assert restored.returncode == 0, (restored.stdout, restored.stderr)
     assert "volume" in restored.stdout
     assert (platform.root / "volumes" / "store.img").stat().st_size == 16 * MiB
     assert mounts_under(platform.root) == []  # the runner mounts it at its start
