@@ -57,6 +57,7 @@ MEMBERS = (
     Member("wireguard/endpoints.json", "netagent", 16 << 20),
     Member("dns/serial", "dnsagent", 64),
     Member("dns/faas.db", "dnsagent", 16 << 20),
+    Member("secrets.json", "runner", 512 << 20),  # only with --with-secrets
     Member("state.db", "controller", 256 << 20, required=True),
 )
 BY_NAME = {m.name: m for m in MEMBERS}

@@ -72,17 +72,22 @@ def _of_part(part: str, files: dict[str, str]) -> dict[str, str]:
 
 # --- backup ----------------------------------------------------------------------------
 
-def backup(settings: Settings, target: str, with_volumes: bool = False) -> dict[str, Any]:
+def backup(settings: Settings, target: str, with_secrets: bool = False,
+           with_volumes: bool = False) -> dict[str, Any]:
     """Write the archive to ``target`` atomically (mode 0600); return its manifest.
     Each daemon's part copies its own files into a private directory first; the
-    runner's (the volumes) copies nothing unless ``with_volumes``."""
+    runner's, the secrets' values only ``with_secrets`` and the volumes' files only
+    ``with_volumes``."""
     with tempfile.TemporaryDirectory(prefix="faasd-backup-") as work:
         files: dict[str, str] = {}
         facts: dict[str, Any] = {}
         for part in ("controller", *(p for p in parts.PARTS if p != "controller")):
+            if part in parts.OPTIONAL and not (with_secrets or with_volumes):
+                continue
             sub = os.path.join(work, part)
             os.mkdir(sub, 0o700)
-            extra = {"with_volumes": with_volumes} if part == "runner" else {}
+            extra = {"with_secrets": with_secrets, "with_volumes": with_volumes} \
+                if part == "runner" else {}
             got = parts.call(part, "export", settings, work=sub, members=caps_of(part),
                              **extra)
             exported = got.pop("files", {})
@@ -96,6 +101,8 @@ def backup(settings: Settings, target: str, with_volumes: bool = False) -> dict[
             facts.update(got)
         manifest = make_manifest(settings, files, facts["contents"],
                                  facts.get("server_public_key"), facts.get("volumes"))
+        if with_secrets:
+            manifest["secrets"] = facts.get("secrets", [])  # names: the values are a member
         write_archive(target, manifest, files)
     return manifest
 
@@ -113,6 +120,7 @@ class Archive:
     warnings: list[str]
     server_key: str | None = None  # the public half of the archived private key
     force: bool = False  # restore --force: volumes of the same name are replaced
+    secrets: list[str] | None = None  # names of the secrets it holds (with --with-secrets)
 
 
 def _runner_args(part: str, manifest: dict[str, Any], force: bool) -> dict[str, Any]:
@@ -134,7 +142,7 @@ def read_archive(path: str, work: str, settings: Settings, force: bool = False) 
             facts.update(parts.call(part, "check", settings, files=mine,
                                     **_runner_args(part, manifest, force)))
     return Archive(manifest, files, facts["contents"], warnings, facts.get("server_public_key"),
-                   force)
+                   force, facts.get("secrets") or [])
 
 
 def check_stopped(settings: Settings) -> None:
@@ -211,6 +219,8 @@ def report(archive: Archive, settings: Settings, out: IO[str]) -> None:
     have = [_count(len(c["functions"]), "function"), _count(len(c["peers"]), "VPN peer")]
     have += ["the zone"] if "dns/faas.db" in archive.files else []
     have += ["the WireGuard server key"] if "wireguard/private.key" in archive.files else []
+    if "secrets.json" in archive.files:
+        have.append(_count(len(archive.secrets), "secret"))
     have += [_count(len(m["volumes"]), "volume")] if m["volumes"] else []
     print(f"Restored {', '.join(have)} into {settings.root}, from the backup of "
           f"{m['hostname']} (faasd {m['faasd_version']}, {m['created_utc']}).", file=out)
@@ -265,6 +275,9 @@ def add_commands(sub: Any) -> None:
     """backup and restore as faasctl subcommands (for --help and for parsing here)."""
     b = sub.add_parser("backup", help=BACKUP_HELP, description=BACKUP_HELP)
     b.add_argument("file", metavar="FILE", help="the archive to write (replaced atomically)")
+    b.add_argument("--with-secrets", action="store_true",
+                   help="also the secrets' values (faasctl secret): the archive is then as "
+                   "sensitive as all of them")
     b.add_argument("--with-volumes", action="store_true",
                    help="also the files of every volume (docs/volumes.md)")
     r = sub.add_parser("restore", help=RESTORE_HELP, description=RESTORE_HELP)
@@ -276,6 +289,13 @@ def add_commands(sub: Any) -> None:
 
 def summary(target: str, manifest: dict[str, Any], out: IO[str]) -> None:
     files = manifest["files"]
+    if "secrets" in manifest:
+        print(f"{target} holds the values of {_count(len(manifest['secrets']), 'secret')} "
+              f"({', '.join(manifest['secrets']) or 'none'}): keep it as you keep them.",
+              file=out)
+    else:
+        print("Secrets' values are not in it (faasctl backup --with-secrets FILE adds them).",
+              file=out)
     print(f"Wrote {target} ({os.path.getsize(target)} bytes, mode 0600: it holds the "
           f"server's private key): {_count(len(manifest['functions']), 'function')}, "
           f"{_count(len(manifest['peers']), 'VPN peer')}, {', '.join(sorted(files))}.",
@@ -302,7 +322,8 @@ def main(argv: list[str]) -> int:
     try:
         settings = load()
         if ns.command == "backup":
-            summary(ns.file, backup(settings, ns.file, ns.with_volumes), sys.stdout)
+            summary(ns.file, backup(settings, ns.file, ns.with_secrets, ns.with_volumes),
+                    sys.stdout)
         else:
             restore(ns.file, settings, ns.force, Owners(owner_ids(settings)), sys.stdout)
     except SettingsError as exc:

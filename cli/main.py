@@ -23,7 +23,7 @@ from cli.upload import ProgressLine, source, upload
 from common import protocol
 from common.errors import EXIT_STATUS, Code, FaasError
 from common.rpc import Client
-from common.schema import Int, MapOf
+from common.schema import Bytes, Int, MapOf
 from common.settings import SettingsError, load
 
 NEW_HELP = ("Deploy a docker save tarball (stdin or -f FILE) as a new version of function "
@@ -72,11 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "list, rm; mount with set NAME mounts=VOL:/path[:ro]",
                             description="A volume is a filesystem of a fixed size, kept "
                             "across redeploys, restarts and reboots (docs/volumes.md).")
+    secret = sub.add_parser("secret", help="secrets for functions: create, list, rm",
+                            description="A function with secrets=NAME,... reads each at "
+                            "/run/secrets/NAME; values are kept by root and never printed.")
     groups = {"vpn": vpn.add_subparsers(dest="group_command", required=True,
                                         metavar="COMMAND"),
               "token": token.add_subparsers(dest="group_command", required=True,
                                             metavar="COMMAND"),
               "volume": volume.add_subparsers(dest="group_command", required=True,
+                                              metavar="COMMAND"),
+              "secret": secret.add_subparsers(dest="group_command", required=True,
                                               metavar="COMMAND")}
     for op in protocol.OPS["controller"].values():
         if op.cli:
@@ -131,7 +136,10 @@ def _add_op(sub: Any, op: protocol.Op) -> None:
     for name, field in op.args.fields.items():
         kind: Any = int if isinstance(field, Int) else str
         text = f"{field.help} ({field.describe()})"
-        if isinstance(field, MapOf):
+        if isinstance(field, Bytes):  # read from a file or stdin, never an argument (ps)
+            cmd.add_argument("-f", "--file", dest=name, metavar="FILE", default="-",
+                             help=f"{field.help}: read from FILE (default: stdin)")
+        elif isinstance(field, MapOf):
             cmd.add_argument(name, type=_key_value, nargs="+", metavar="KEY=VALUE", help=text)
         elif name in op.positional:
             cmd.add_argument(name, type=kind, help=text,
@@ -168,9 +176,24 @@ async def _run(ns: argparse.Namespace) -> Any:
                 if getattr(ns, name, None) is not None}
         args.update({name: dict(args[name]) for name, field in op.args.fields.items()
                      if isinstance(field, MapOf) and name in args})
+        args.update({name: _read_bytes(args[name], field.max_len + 1)
+                     for name, field in op.args.fields.items()
+                     if isinstance(field, Bytes) and name in args})
         return await client.call(op.name, args, timeout=ns.timeout)
     finally:
         client.close()
+
+
+def _read_bytes(path: str, cap: int) -> bytes:
+    """At most ``cap`` bytes of a file, or of stdin for "-" (the schema refuses more than
+    its field takes); an error names the file, never its content."""
+    if path == "-":
+        return sys.stdin.buffer.read(cap)
+    try:
+        with open(path, "rb") as f:
+            return f.read(cap)
+    except OSError as exc:
+        raise FaasError(Code.BAD_REQUEST, f"cannot read {path}: {exc.strerror}") from None
 
 
 CLIENT_COMMANDS = ("connect", "disconnect", "pubkey")
@@ -186,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         from cli import backup  # root on the server, without the controller
         sys.exit(backup.main(args))
     ns = build_parser().parse_args(args)
-    if ns.command in ("vpn", "token", "volume"):
+    if ns.command in ("vpn", "token", "secret", "volume"):
         ns.command = f"{ns.command}_{ns.group_command}"
     try:
         result = asyncio.run(_run(ns))

@@ -200,6 +200,15 @@ def render_volume_list(result: dict[str, Any], out: TextIO) -> None:
     table(rows, out)
 
 
+def render_secret_list(result: dict[str, Any], out: TextIO) -> None:
+    """faasctl secret list: names, sizes and dates (the controller has no values)."""
+    rows = [["NAME", "SIZE", "UPDATED", "USED BY"]]
+    for s in result["secrets"]:
+        rows.append([s["name"], str(s["size"]), _age(s["updated"]),
+                     ",".join(s["functions"]) or "-"])
+    table(rows, out)
+
+
 RENDERERS: dict[str, Callable[[Any, TextIO], None]] = {
     "status": render_status, "list": render_list, "info": render_info,
     "versions": render_versions, "new": render_new,
@@ -214,6 +223,9 @@ RENDERERS: dict[str, Callable[[Any, TextIO], None]] = {
     "volume_create": lambda r, out: out.write(f"created volume {r['name']} "
                                               f"({_bytes(r['size'])})\n"),
     "volume_rm": lambda r, out: out.write(f"removed volume {r['name']}\n"),
+    "secret_list": render_secret_list,
+    "secret_create": lambda r, out: out.write(f"secret {r['name']}: {r['size']} bytes stored\n"),
+    "secret_rm": lambda r, out: out.write(f"removed secret {r['name']}\n"),
 }
 
 

@@ -56,6 +56,8 @@ FILES = {
     "bundles": ("runner", "bundles/"),
     "volumes": ("runner", "volumes/"),
     "volume_mounts": ("runner", "volumes/mnt/"),
+    "secrets": ("runner", "secrets/"),
+    "secret_copies": ("runner", "secrets/"),
     "zone_file": ("dnsagent", "dns/faas.db"),
     "serial_file": ("dnsagent", "dns/serial"),
     "rndc_conf": ("dnsagent", "dns/rndc.conf"),
@@ -118,6 +120,11 @@ class Layout:
     @property
     def volume_mounts(self) -> str:
         return self._r("volumes", "mnt")
+
+    @property
+    def secrets(self) -> str:
+        """The secrets' values (runner/secretstore.py): root 0700, files root 0600."""
+        return self._r("secrets")
 
     @property
     def dns_dir(self) -> str:
@@ -190,6 +197,11 @@ class Layout:
     @property
     def ctl(self) -> str:
         return self._u("ctl")
+
+    @property
+    def secret_copies(self) -> str:
+        """Per-container copies of secrets, on a tmpfs: root 0700."""
+        return self._u("secrets")
 
     def runtime_state(self, runtime: str) -> str:
         """The OCI runtime's state directory (``runtime`` a name or a path to the binary)."""

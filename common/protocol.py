@@ -268,6 +268,32 @@ RUNNER_VOLUME_LIST = Op("volume_list", "Every volume: size, used, free, mounted.
 RUNNER_VOLUME_REMOVE = Op("volume_rm", "Unmount and delete a volume no function of the "
                           "desired state mounts.", VOLUME_ARGS, idempotent=False,
                           timeout=50.0)
+# --- secrets (docs/security.md "Secrets") ------------------------------------------------
+
+SECRET_MAX = 64 << 10  # bytes of one secret's value: keys, passwords, certificates
+SECRET_NAME = Str(max_len=63, pattern=NAME_PATTERN,
+                  help="secret name: a DNS label (a-z, 0-9, inner '-'), at most 63 characters")
+SECRET_VALUE = Bytes(max_len=SECRET_MAX, help="the secret's value (never printed)")
+SECRET_ARGS = Record(fields={"name": SECRET_NAME})
+SECRET_CREATE = Op(
+    "secret_create",
+    "Create or replace secret NAME from stdin or -f FILE. Functions with secrets=NAME "
+    "read it at /run/secrets/NAME; a replaced value reaches the next container started. "
+    "The value is kept by root and never printed.",
+    Record(fields={"name": SECRET_NAME, "value": SECRET_VALUE}),
+    cli=True, positional=("name",), group="secret", timeout=10.0)
+SECRET_LIST = Op("secret_list", "List secrets: name, size and when last set (never a value).",
+                 cli=True, group="secret", role="read")
+SECRET_REMOVE = Op("secret_rm", "Remove secret NAME; refused while a function uses it.",
+                   SECRET_ARGS, idempotent=False, cli=True, positional=("name",),
+                   group="secret", timeout=10.0)
+# The runner's: it holds the values (root only), and refuses to remove one its desired
+# state uses, whatever the controller says.
+SECRET_PUT = Op("secret_put", "Store a secret's value (root 0600, atomic).",
+                Record(fields={"name": SECRET_NAME, "value": SECRET_VALUE}), timeout=10.0)
+SECRET_NAMES = Op("secret_list", "Every stored secret: name, size, mtime.", timeout=5.0)
+SECRET_DELETE = Op("secret_rm", "Delete a secret no function of the desired state uses.",
+                   SECRET_ARGS, idempotent=False, timeout=10.0)
 
 RUNNER_STATS = Op("stats", "Every served function's pool (idle, busy, starting, waiting) "
                    "and counters (hand-overs, outcomes, latency histogram).", timeout=3.0)
@@ -345,6 +371,11 @@ NETAGENT_STATE: dict[str, Field] = {
                       help="function addresses (/128) to hold on the WireGuard interface"),
     "peers": List(item=PEER, max_items=65536, required=False, default=[],
                   help="VPN peers: each key may send from exactly its own /128"),
+    "ports": List(item=Record(fields={
+        "address": IPv6(), "ports": List(item=Int(min=1, max=65535), max_items=16)}),
+        max_items=65536, required=False, default=[],
+        help="the TCP ports peers may reach on each function address; an address of "
+             "addresses without an entry: 80"),
 }
 DNS_RECORD = Record(fields={"name": FunctionName(), "address": IPv6()})
 DNSAGENT_STATE: dict[str, Field] = {
@@ -356,6 +387,9 @@ RUNNER_STATE: dict[str, Field] = {
                    help="image digests whose rootfs must be kept; others are removed"),
     "functions": List(item=FUNCTION_SPEC, max_items=65536, required=False, default=[],
                       help="functions to serve: listener, version, settings"),
+    "peers": List(item=Record(fields={"name": PEER_NAME, "address": IPv6()}),
+                  max_items=65536, required=False, default=[],
+                  help="VPN peers by address, so a function knows (and allows) its caller"),
 }
 
 OPS: dict[str, dict[str, Op]] = {
@@ -363,7 +397,7 @@ OPS: dict[str, dict[str, Op]] = {
         PING, STATUS, UPLOAD_BEGIN, UPLOAD_CHUNK, UPLOAD_ABORT, DEPLOY, DEPLOY_PROGRESS,
         LIST, INFO, IP, VERSIONS, ROLLBACK, REMOVE, SET, LOGS,
         VPN_ADD, VPN_LIST, VPN_REMOVE, VPN_DISABLE, VPN_ENABLE, STATS,
-        TOKEN_CREATE, TOKEN_LIST, TOKEN_REMOVE,
+        TOKEN_CREATE, TOKEN_LIST, TOKEN_REMOVE, SECRET_CREATE, SECRET_LIST, SECRET_REMOVE,
         VOLUME_CREATE, VOLUME_LIST, VOLUME_REMOVE)},
     "netagent": {op.name: op for op in (PING, WG_INFO, PEERS, _sync(
         "Converge the interface, addresses, peers and firewall to this state.",
@@ -372,6 +406,7 @@ OPS: dict[str, dict[str, Op]] = {
         "Converge the faas. zone to this state.", DNSAGENT_STATE))},
     "runner": {op.name: op for op in (PING, IMAGE_ADD, IMAGE_PROGRESS, RUNNER_STATS, _sync(
         "Converge listeners, pools and images to this state.", RUNNER_STATE),
+        SECRET_PUT, SECRET_NAMES, SECRET_DELETE,
         RUNNER_VOLUME_CREATE, RUNNER_VOLUME_LIST, RUNNER_VOLUME_REMOVE)},
 }
 

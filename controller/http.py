@@ -43,6 +43,7 @@ from common.rpc import Handler
 from controller import access
 from controller.access import Caller, Operators
 from controller.routes import (
+    BYTES,
     IDLE_SECONDS,
     IMAGE,
     JSON_BODY,
@@ -50,6 +51,7 @@ from controller.routes import (
     ROUTES,
     Answer,
     MethodNotAllowed,
+    bytes_body,
     check_type,
     error_answer,
     json_answer,
@@ -364,7 +366,10 @@ class HttpApi:
         args: dict[str, Any] = dict(params)
         if route.query:
             args.update(query_args(req.raw_path.partition("?")[2], op))
-        if route.body != NO_BODY:
+        if route.body == BYTES:
+            assert route.body_field is not None
+            args[route.body_field] = await bytes_body(req)
+        elif route.body != NO_BODY:
             body = await json_body(req, required=route.body == JSON_BODY)
             if route.body_field is not None:
                 args[route.body_field] = body

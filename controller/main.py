@@ -27,6 +27,7 @@ from controller.access import Operators
 from controller.health import Monitor
 from controller.http import Endpoints, HttpApi, Tokens
 from controller.metrics import Metrics
+from controller.secretops import SecretOps
 from controller.state import State
 from controller.uploads import UNKNOWN_CALLER, Uploads
 from controller.volumes import VolumeOps
@@ -35,7 +36,7 @@ T = TypeVar("T")
 LOG_CHUNK = 256 << 10
 
 
-class Controller(Daemon, VolumeOps):
+class Controller(SecretOps, VolumeOps, Daemon):
     """The controller daemon."""
 
     service = "controller"
@@ -81,7 +82,8 @@ class Controller(Daemon, VolumeOps):
             "vpn_rm": self.op_vpn_rm, "vpn_disable": self.op_vpn_disable,
             "vpn_enable": self.op_vpn_enable, "stats": self.op_stats,
             "token_create": self.op_token_create, "token_list": self.op_token_list,
-            "token_rm": self.op_token_rm,
+            "token_rm": self.op_token_rm, "secret_create": self.op_secret_create,
+            "secret_list": self.op_secret_list, "secret_rm": self.op_secret_rm,
             **self.volume_handlers(),
         }
 
@@ -93,9 +95,12 @@ class Controller(Daemon, VolumeOps):
     def desired_state(self, agent: str) -> dict[str, Any]:
         """The whole desired state for one agent."""
         if agent == "runner":
-            return {"images": sorted(self.state.digests()), "functions": self.state.specs()}
+            return {"images": sorted(self.state.digests()), "functions": self.state.specs(),
+                    "peers": self.state.peer_names()}
         if agent == "netagent":
-            return {"addresses": self.state.addresses(), "peers": self.state.active_peers()}
+            return {"addresses": self.state.addresses(), "peers": self.state.active_peers(),
+                    "ports": [{"address": s["address"], "ports": s["settings"]["ports"]}
+                              for s in self.state.specs()]}
         if agent == "dnsagent":
             return {"records": [{"name": s["name"], "address": s["address"]}
                                 for s in self.state.specs()]}
@@ -267,6 +272,7 @@ class Controller(Daemon, VolumeOps):
         """Change a function's settings; the runner applies them without dropping
         connections in flight."""
         await self.check_mounts(args["settings"])
+        await self.check_secrets(args["name"], args["settings"])
         settings = self.state.set(args["name"], args["settings"])
         return await self.changed({"name": args["name"], "settings": settings},
                                   "settings_changed", name=args["name"],

@@ -77,7 +77,7 @@ class Snapshot:
                    ) -> Iterator[Metric]:
         invocations = CounterMetricFamily(
             "faasd_invocations", "connections served, by hand-over (cold, warm, reused, "
-            "none) and result (done, exited, timeout, rejected, failed, error)",
+            "none) and result (done, exited, timeout, rejected, forbidden, failed, error)",
             labels=["function", "handover", "result"])
         handovers = CounterMetricFamily("faasd_handovers", "connections handed to a "
                                         "container, by how it was found",
@@ -97,6 +97,8 @@ class Snapshot:
              "first_byte_timeout"),
             ("first_byte_dropped", "connections closed unanswered: too many were waiting "
              "for their first byte"),
+            ("forbidden", "connections from a VPN peer the function's allow does not name: "
+             "403 on port 80, closed on another, before any container"),
         )}
         failed = CounterMetricFamily("faasd_failed", "connections answered 502/504 before "
                                      "a hand-over (container failed to start or connect)",

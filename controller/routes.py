@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl
 from aiohttp import http_exceptions, web
 
 from common.errors import Code, FaasError
-from common.protocol import CHUNK_SIZE, OPS, Op
+from common.protocol import CHUNK_SIZE, OPS, SECRET_MAX, Op
 from common.schema import Float, Int
 
 HTTP_STATUS = {
@@ -35,6 +35,7 @@ IMAGE_TYPES = BODY_TYPES | {"application/x-tar"}
 
 # What a route does with the request body.
 NO_BODY, JSON_BODY, OPTIONAL_JSON, IMAGE = "none", "json", "optional json", "image"
+BYTES = "bytes"  # the whole body is the argument body_field (a secret's value)
 
 def _same(result: Any) -> Any:
     return result
@@ -112,6 +113,9 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/volumes", "volume_list", answer=lambda r: r["volumes"]),
     Route("POST", "/api/volumes", "volume_create", body=JSON_BODY),
     Route("DELETE", "/api/volumes/{name}", "volume_rm"),
+    Route("GET", "/api/secrets", "secret_list", answer=lambda r: r["secrets"]),
+    Route("PUT", "/api/secrets/{name}", "secret_create", body=BYTES, body_field="value"),
+    Route("DELETE", "/api/secrets/{name}", "secret_rm"),
 )
 
 
@@ -207,6 +211,19 @@ async def json_body(req: web.BaseRequest, required: bool) -> Any:
         raise FaasError(Code.BAD_REQUEST, f"body must be a JSON object, not "
                         f"{type(body).__name__}")
     return body
+
+
+async def bytes_body(req: web.BaseRequest, cap: int = SECRET_MAX) -> bytes:
+    """The whole request body as bytes, at most ``cap`` of them (a secret's value: no
+    error or log line ever quotes it)."""
+    if not has_body(req):
+        return b""
+    data = bytearray()
+    async for chunk in read_body(req):
+        data += chunk
+        if len(data) > cap:
+            raise FaasError(Code.TOO_LARGE, f"body over {cap} bytes", {"max": cap})
+    return bytes(data)
 
 
 async def read_body(req: web.BaseRequest) -> AsyncIterator[bytes]:

@@ -274,6 +274,12 @@ class State:
                 self.db.execute("SELECT public_key, address FROM peers WHERE state='enabled'"
                                 " ORDER BY address")]
 
+    def peer_names(self) -> list[dict[str, str]]:
+        """What the runner needs to know its callers: enabled peers, name and address."""
+        return [{"name": r["name"], "address": r["address"]} for r in
+                self.db.execute("SELECT name, address FROM peers WHERE state='enabled'"
+                                " ORDER BY address")]
+
     def add_peer(self, name: str, public_key: str, expires: float | None) -> dict[str, Any]:
         """A new peer with the next free address of the VPN prefix (from ::2)."""
         with self.tx() as db:

@@ -1,4 +1,4 @@
-"""netagent's ip6tables chains: VPN peers reach function port 80 and DNS, nothing else.
+"""netagent's ip6tables chains: VPN peers reach each function's ports and DNS, nothing else.
 
 Three chains of its own per WireGuard interface, ``FAAS-<if>-IN`` (jumped to from INPUT
 for packets arriving on the interface), ``FAAS-<if>-FWD`` (from FORWARD) and
@@ -11,15 +11,21 @@ The chains are written whole with one ``ip6tables-restore --noflush`` (declaring
 flushes it, so the new rules replace the old in one atomic batch); the jumps are added
 once, checked with ``-C`` first; removal takes the jumps out and then flushes and
 deletes the chains in one batch. ``-w`` always: another tool may hold the xtables lock.
+
+A function's ports (its ``ports`` setting, 80 unless set) are one rule per function
+address, ``-m multiport --dports`` with at most :data:`MULTIPORT_MAX` ports per rule
+(the match's limit), so a peer reaches exactly those ports of exactly that address.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 Run = Callable[..., Awaitable[str]]
 Check = Callable[..., Awaitable[bool]]
+Ports = Mapping[ipaddress.IPv6Address, Sequence[int]]  # a function address's TCP ports
+MULTIPORT_MAX = 15  # ports one multiport match may list
 
 # ICMPv6 a peer needs for the tunnel's traffic to work (PMTU discovery above all), plus
 # echo to the server's VPN address, so `ping` says whether the tunnel is up.
@@ -32,9 +38,22 @@ def chain_names(interface: str) -> tuple[str, str, str]:
     return f"FAAS-{interface}-IN", f"FAAS-{interface}-FWD", f"FAAS-{interface}-EXT"
 
 
+def port_rules(chain: str, ports: Ports) -> list[str]:
+    """ACCEPT rules for each function address's ports, in address order."""
+    rules = []
+    for address in sorted(ports):
+        listed = list(ports[address])
+        for i in range(0, len(listed), MULTIPORT_MAX):
+            chunk = ",".join(str(p) for p in listed[i:i + MULTIPORT_MAX])
+            rules.append(f"-A {chain} -d {address}/128 -p tcp -m multiport --dports {chunk} "
+                         "-j ACCEPT")
+    return rules
+
+
 def render(interface: str, function_prefix: ipaddress.IPv6Network,
-           server: ipaddress.IPv6Address) -> str:
-    """The ip6tables-restore batch that (re)fills both chains."""
+           server: ipaddress.IPv6Address, ports: Ports | None = None) -> str:
+    """The ip6tables-restore batch that (re)fills both chains; ``ports``: the TCP ports
+    peers may reach, by function address (none: no function is reachable)."""
     chain_in, chain_fwd, chain_ext = chain_names(interface)
     rules = [
         f"-A {chain_in} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
@@ -42,7 +61,7 @@ def render(interface: str, function_prefix: ipaddress.IPv6Network,
           for t in ICMP_ERRORS),
         f"-A {chain_in} -d {server}/128 -p ipv6-icmp -m icmp6 --icmpv6-type echo-request "
         "-j ACCEPT",
-        f"-A {chain_in} -d {function_prefix} -p tcp -m tcp --dport 80 -j ACCEPT",
+        *port_rules(chain_in, ports or {}),
         f"-A {chain_in} -d {server}/128 -p udp -m udp --dport 53 -j ACCEPT",
         f"-A {chain_in} -d {server}/128 -p tcp -m tcp --dport 53 -j ACCEPT",
         f"-A {chain_in} -j DROP",
@@ -75,17 +94,18 @@ class Firewall:
         self.check = check  # check(*argv) -> True when the command exits 0
 
     async def apply(self, function_prefix: ipaddress.IPv6Network,
-                    server: ipaddress.IPv6Address) -> None:
+                    server: ipaddress.IPv6Address, ports: Ports | None = None) -> None:
         """Fill both chains, then make sure the jumps to them exist (first in their
         built-in chains, so no earlier ACCEPT lets a peer past them)."""
-        batch = render(self.interface, function_prefix, server)
+        batch = render(self.interface, function_prefix, server, ports)
         await self.run("ip6tables-restore", "-w", "5", "--noflush", stdin=batch.encode())
         for chain, *spec in jumps(self.interface):
             if not await self.check("ip6tables", "-w", "5", "-C", chain, *spec):
                 await self.run("ip6tables", "-w", "5", "-I", chain, "1", *spec)
 
     async def installed(self, function_prefix: ipaddress.IPv6Network | None = None,
-                        server: ipaddress.IPv6Address | None = None) -> bool:
+                        server: ipaddress.IPv6Address | None = None,
+                        ports: Ports | None = None) -> bool:
         """Every jump is in place and, given the prefix and server, every chain holds as
         many rules as :func:`render` writes (a chain flushed by hand is caught). One
         listing of the table: netagent asks this every second."""
@@ -94,7 +114,7 @@ class Firewall:
             return False
         if function_prefix is None or server is None:
             return True
-        want = render(self.interface, function_prefix, server).splitlines()
+        want = render(self.interface, function_prefix, server, ports).splitlines()
         for chain in chain_names(self.interface):
             have = sum(1 for line in listing if line.startswith(f"-A {chain} "))
             if have != sum(1 for line in want if line.startswith(f"-A {chain} ")):

@@ -29,13 +29,13 @@ import os
 import sys
 from typing import Any
 
-from common import layout
+from common import fnsettings, layout
 from common.daemon import AgentDaemon, run_main
 from common.errors import Code, FaasError
 from common.files import atomic_write
 from common.rpc import Handler
 from common.settings import EX_CONFIG, SettingsError, load, vpn_server
-from netagent.firewall import Firewall
+from netagent.firewall import Firewall, Ports
 from netagent.net import Net
 
 KEEPALIVE = 25  # seconds, for a peer the server greets first (see set_peer)
@@ -62,7 +62,7 @@ class NetAgent(AgentDaemon):
         self._lock = asyncio.Lock()
         # the last state converged to: the drift check holds the interface to it
         self.desired: tuple[set[ipaddress.IPv6Interface],
-                            dict[str, ipaddress.IPv6Network]] | None = None
+                            dict[str, ipaddress.IPv6Network], Ports] | None = None
 
     def handlers(self) -> dict[str, Handler]:
         return {**super().handlers(), "wg_info": self.op_wg_info, "peers": self.op_peers}
@@ -101,17 +101,41 @@ class NetAgent(AgentDaemon):
             seen.add(ip)
         return wanted
 
+    def check_ports(self, functions: set[ipaddress.IPv6Interface],
+                    ports: list[dict[str, Any]]) -> Ports:
+        """The TCP ports peers may reach, by function address: each entry's address one
+        of this sync's function addresses, its ports a value the ``ports`` setting could
+        have (1-16 ports, none twice, not 53), else bad_request; an address without an
+        entry gets 80 (what every function served before ``ports`` existed)."""
+        out: dict[ipaddress.IPv6Address, list[int]] = {i.ip: [80] for i in functions}
+        seen: set[ipaddress.IPv6Address] = set()
+        for i, entry in enumerate(ports):
+            ip = ipaddress.IPv6Address(entry["address"])
+            if ip not in out or ip in seen:
+                raise FaasError(Code.BAD_REQUEST, f"ports[{i}]: {ip} is not a function "
+                                "address of this sync, or appears twice",
+                                {"field": f"ports[{i}].address"})
+            if not fnsettings.BY_KEY["ports"].canonical(entry["ports"]):
+                raise FaasError(Code.BAD_REQUEST, f"ports[{i}]: {entry['ports']!r:.80} is "
+                                "not 1-16 TCP ports, none twice, not 53",
+                                {"field": f"ports[{i}].ports"})
+            out[ip] = list(entry["ports"])
+            seen.add(ip)
+        return out
+
     # --- converging ------------------------------------------------------------------
 
     async def converge(self, state: dict[str, Any]) -> None:
-        addresses = self.check_addresses(state["addresses"]) | {self.server}
+        functions = self.check_addresses(state["addresses"])
+        ports = self.check_ports(functions, state.get("ports", []))
+        addresses = functions | {self.server}
         peers = self.check_peers(state["peers"])
         async with self._lock:  # a sync and the drift check, one at a time
-            await self._converge(addresses, peers)
-            self.desired = (addresses, peers)
+            await self._converge(addresses, peers, ports)
+            self.desired = (addresses, peers, ports)
 
     async def _converge(self, addresses: set[ipaddress.IPv6Interface],
-                        peers: dict[str, ipaddress.IPv6Network]) -> None:
+                        peers: dict[str, ipaddress.IPv6Network], ports: Ports) -> None:
         if not await self.net.link_exists():
             kind = await self.net.create_link()
             self.log.info("interface_created", interface=self.net.interface, kind=kind)
@@ -119,7 +143,7 @@ class NetAgent(AgentDaemon):
         if await self.net.listen_port() != self.settings.wg_port or \
                 not await self.net.public_key():
             await self.net.configure(self.key_path, self.settings.wg_port)
-        await self.firewall.apply(self.function_prefix, self.server.ip)
+        await self.firewall.apply(self.function_prefix, self.server.ip, ports)
         await self.net.set_up()
         await self.converge_addresses(addresses)
         await self.net.route(self.function_prefix)
@@ -188,7 +212,7 @@ class NetAgent(AgentDaemon):
                 self.log.error("drift_check_failed", error=repr(exc))
 
     async def drift(self, addresses: set[ipaddress.IPv6Interface],
-                    peers: dict[str, ipaddress.IPv6Network]) -> str | None:
+                    peers: dict[str, ipaddress.IPv6Network], ports: Ports) -> str | None:
         """What differs from the desired state, cheaply, or None."""
         if not await self.net.link_exists():
             return "interface missing"
@@ -196,7 +220,7 @@ class NetAgent(AgentDaemon):
                 if a.ip in self.function_prefix or a.ip in self.vpn_prefix}
         if have != addresses:
             return "addresses"
-        if not await self.firewall.installed(self.function_prefix, self.server.ip):
+        if not await self.firewall.installed(self.function_prefix, self.server.ip, ports):
             return "firewall"
         current = await self.net.peers()
         if {k: p["allowed_ips"] for k, p in current.items()} != \

@@ -1,163 +1,137 @@
-"""The runner's part of a backup: the volumes, only with ``faasctl backup --with-volumes``.
+"""The runner's part of a backup: the secrets' values, only with ``--with-secrets``, and
+the volumes' files, only with ``--with-volumes`` (runner/volumebackup.py).
 
-Run by faasctl as ``python -I -m runner.backup ACTION``, as root (common/parts.py). A
-volume travels as a tar of its ``data/`` directory (``volumes/<name>.tar``), made and
-read back by GNU tar with numeric owners and modes, so the files keep the uids the
-functions wrote them with; its size is in the manifest.
+Run by faasctl as ``python -I -m runner.backup ACTION``, as root (common/parts.py):
+``secrets/`` is root's alone, so values are read and written here, by root, and never
+pass through the unprivileged controller or onto stdout; only names are reported.
 
-- export: nothing unless ``with_volumes``; then each volume's files. A volume that is
-  not mounted (faasd stopped) is mounted read-only at a private directory of
-  ``volumes/`` for the copy and unmounted after.
-  The copy is of a live filesystem: files written during it may be caught half-way
-  (docs/backup.md).
-- ready: ``volumes/`` is a real directory or missing.
-- check: each tar holds only relative names without ``..``, regular files, directories,
-  symlinks and hard links to its own files, nothing below a symlink, and no more bytes
-  than the volume's size; a volume that exists here is a conflict unless ``--force``.
-- install: each volume made anew at its size (within this host's bounds), filled from
-  its tar, and unmounted: the runner mounts it at its start.
+- export: every secret, as ``secrets.json`` (``{"format": 1, "secrets": {NAME:
+  base64}}``), in the work directory; never through a symlink or a FIFO.
+- ready: a conflict if ``secrets/`` is not a real directory.
+- check: names are secret names, values base64 of at most SECRET_MAX bytes.
+- install: root 0600 files in ``secrets/`` (root 0700), each replaced atomically; secrets
+  already there and not in the archive are kept.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import os
-import subprocess
-import tarfile
-import tempfile
+import re
 from typing import Any
 
 from common import layout, parts
 from common.errors import Code, FaasError
+from common.files import atomic_write, read_small
+from common.protocol import NAME_PATTERN, SECRET_MAX
 from common.settings import Settings
-from runner.volumes import MIN_BYTES, Volumes, run_command
+from runner import volumebackup
 
-PREFIX, SUFFIX = "volumes/", ".tar"
-TAR_TIMEOUT = 3600.0
-
-
-def _volumes(settings: Settings) -> Volumes:
-    return Volumes(layout.of(settings), settings.max_volume_bytes,
-                   settings.volumes_max_bytes, settings.min_free_bytes)
+MEMBER = "secrets.json"
+FORMAT = 1
+_NAME = re.compile(NAME_PATTERN)
 
 
-def _tar(argv: list[str], ok: tuple[int, ...] = (0,)) -> None:
-    proc = subprocess.run(["tar", "--numeric-owner", *argv], stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=TAR_TIMEOUT)
-    if proc.returncode not in ok:
-        raise OSError(f"tar failed ({proc.returncode}): {proc.stderr.strip()[:300]}")
+def _bad(message: str) -> FaasError:
+    return FaasError(Code.BAD_REQUEST, message)
 
 
-def _name_of(member: str) -> str:
-    return member.removeprefix(PREFIX).removesuffix(SUFFIX)
+def parse(data: bytes) -> dict[str, bytes]:
+    """The values of a secrets.json as export writes it; bad_request naming the fault
+    (a name, never a value)."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except ValueError:
+        raise _bad(f"{MEMBER} is not JSON") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or \
+            not isinstance(doc.get("secrets"), dict):
+        raise _bad(f"{MEMBER} is not format {FORMAT} of faasd's secrets")
+    values = {}
+    for name, text in doc["secrets"].items():
+        if not _NAME.fullmatch(name):
+            raise _bad(f"{MEMBER}: {name[:70]!r} is not a secret name")
+        try:
+            values[name] = base64.b64decode(text, validate=True) if isinstance(text, str) \
+                else None
+        except (binascii.Error, ValueError):
+            values[name] = None
+        if values[name] is None or len(values[name]) > SECRET_MAX:
+            raise _bad(f"{MEMBER}: secret {name} is not base64 of at most {SECRET_MAX} bytes")
+    return values  # type: ignore[return-value]
 
 
 # --- the actions ------------------------------------------------------------------------
 
-def export(settings: Settings, work: str, members: dict[str, int],
+def export(settings: Settings, work: str, members: dict[str, int], with_secrets: bool = True,
            with_volumes: bool = False) -> dict[str, Any]:
-    """Each volume's files as a tar in ``work``, and its size; nothing without
-    ``with_volumes``."""
-    if not with_volumes:
-        return {"files": {}, "volumes": {}}
-    vols = _volumes(settings)
-    if not os.path.isdir(vols.dir):
-        return {"files": {}, "volumes": {}}
-    files, sizes = {}, {}
-    for name in vols.names():
-        # Not mounted (faasd stopped): read-only at a private place, so a runner that
-        # starts meanwhile still finds its own mount point free.
-        private = None if vols.mounted(name) else tempfile.mkdtemp(prefix=".backup-",
-                                                                     dir=vols.dir)
-        try:
-            if private is not None:
-                run_command(["mount", "-t", "ext4", "-o", "ro,loop,nodev,nosuid,noexec",
-                             vols.image(name), private])
-            data = vols.data(name) if private is None else os.path.join(private, "data")
-            files[f"{PREFIX}{name}{SUFFIX}"] = path = os.path.join(work, f"{name}.tar")
-            # 1: a file changed while it was read (a live copy); the rest is copied
-            _tar(["-cpf", path, "-C", data, "."], ok=(0, 1))
-            sizes[name] = os.lstat(vols.image(name)).st_size
-        finally:
-            if private is not None:
-                if os.path.ismount(private):
-                    run_command(["umount", private])
-                os.rmdir(private)
-    return {"files": files, "volumes": sizes}
+    """The secrets (``with_secrets``) and the volumes (``with_volumes``) into ``work``."""
+    out: dict[str, Any] = {"files": {}, "volumes": {}}
+    if with_secrets:
+        out = {**out, **export_secrets(settings, work, members)}
+    if with_volumes:
+        got = volumebackup.export(settings, work)
+        out["files"] = {**out["files"], **got["files"]}
+        out["volumes"] = got["volumes"]
+    return out
+
+
+def export_secrets(settings: Settings, work: str, members: dict[str, int]) -> dict[str, Any]:
+    """Every stored secret in one file in ``work``; their names."""
+    store = layout.of(settings).secrets
+    values = {}
+    if os.path.isdir(store):
+        for entry in sorted(os.scandir(store), key=lambda e: e.name):
+            if _NAME.fullmatch(entry.name):
+                data = read_small(entry.path, SECRET_MAX)
+                if data is not None:
+                    values[entry.name] = base64.b64encode(data).decode()
+    body = json.dumps({"format": FORMAT, "secrets": values}).encode()
+    if len(body) > members[MEMBER]:
+        raise FaasError(Code.TOO_LARGE, f"the secrets take more than {members[MEMBER]} "
+                        "bytes in a backup")
+    path = os.path.join(work, MEMBER)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with open(fd, "wb") as f:
+        f.write(body)
+    return {"files": {MEMBER: path}, "secrets": sorted(values)}
 
 
 def ready(settings: Settings, force: bool) -> None:
-    """Conflict if volumes/ is not a directory."""
-    parts.real_dir_or_none(layout.of(settings).volumes)
+    """Conflict if secrets/ or volumes/ is not a directory."""
+    parts.real_dir_or_none(layout.of(settings).secrets)
+    volumebackup.ready(settings)
 
 
 def check(settings: Settings, files: dict[str, str], sizes: dict[str, int] | None = None,
           force: bool = False) -> dict[str, Any]:
-    """Each tar is one the runner would make, within its volume's size; a volume of the
-    same name here is a conflict unless ``force``."""
-    sizes = sizes or {}
-    vols = _volumes(settings)
-    for member, path in files.items():
-        name = _name_of(member)
-        size = sizes.get(name)
-        if not isinstance(size, int) or not MIN_BYTES <= size <= 1 << 50:
-            raise FaasError(Code.BAD_REQUEST, f"volume {name}: no usable size in the manifest")
-        if os.path.lexists(vols.image(name)) and not force:
-            raise FaasError(Code.CONFLICT, f"volume {name} exists here: `faasctl volume rm "
-                            f"{name}` first, or restore --force to replace it")
-        check_tar(path, name, size)
-    return {}
-
-
-def check_tar(path: str, name: str, size: int) -> None:
-    """Relative names without ``..``, only files, directories, symlinks and hard links to
-    earlier files, nothing under a symlink, at most ``size`` bytes of files."""
-    total = 0
-    seen: set[str] = set()
-    links: set[str] = set()
-    try:
-        with tarfile.open(path, mode="r:") as tf:
-            for ti in tf:
-                norm = os.path.normpath(ti.name)
-                parts_ = norm.split("/")
-                if ti.name.startswith("/") or ".." in parts_:
-                    raise _bad(name, f"{ti.name[:80]!r} is not a relative name inside it")
-                if any("/".join(parts_[:i]) in links for i in range(1, len(parts_))):
-                    raise _bad(name, f"{ti.name[:80]!r} lies below a symlink")
-                if ti.islnk() and os.path.normpath(ti.linkname) not in seen:
-                    raise _bad(name, f"hard link {ti.name[:80]!r} to a file not before it")
-                if not (ti.isreg() or ti.isdir() or ti.issym() or ti.islnk()):
-                    raise _bad(name, f"{ti.name[:80]!r} is a device, FIFO or socket")
-                if ti.issym():
-                    links.add(norm)
-                seen.add(norm)
-                total += ti.size if ti.isreg() else 0
-    except tarfile.TarError as exc:
-        raise _bad(name, f"not a readable tar: {exc}") from None
-    if total > size:
-        raise _bad(name, f"holds {total} bytes, more than its size {size}")
-
-
-def _bad(name: str, message: str) -> FaasError:
-    return FaasError(Code.BAD_REQUEST, f"volume {name}: {message}")
+    """The files are what export writes; the secrets' names. ``sizes`` are the volumes'
+    (the manifest's); ``force`` lets a volume of the same name be replaced."""
+    volumebackup.check(settings, {n: p for n, p in files.items()
+                                  if volumebackup.is_member(n)}, sizes, force)
+    if MEMBER not in files:
+        return {}
+    with open(files[MEMBER], "rb") as f:
+        return {"secrets": sorted(parse(f.read()))}
 
 
 def install(settings: Settings, files: dict[str, str], owners: dict[str, list[int]],
             sizes: dict[str, int] | None = None, force: bool = False) -> None:
-    """Each volume made at its size, filled from its tar, unmounted."""
-    sizes = sizes or {}
-    vols = _volumes(settings)
-    layout.ensure_dir(vols.dir, (0, 0), 0o700)
-    layout.ensure_dir(vols.mnt, (0, 0), 0o700)
-    for member, path in sorted(files.items()):
-        name = _name_of(member)
-        if os.path.lexists(vols.image(name)) and force:
-            vols.remove(name)
-        vols.create(name, sizes[name])
-        try:
-            # The volume's data/ is the tar's "." entry: its owner and mode come back too.
-            _tar(["-xpf", path, "-C", vols.data(name)])
-        finally:
-            run_command(["umount", vols.mountpoint(name)])
+    """Root 0600 files in secrets/ (root 0700), as the runner makes them; each volume
+    made anew and filled."""
+    volumebackup.install(settings, {n: p for n, p in files.items()
+                                    if volumebackup.is_member(n)}, sizes, force)
+    if MEMBER not in files:
+        return
+    with open(files[MEMBER], "rb") as f:
+        values = parse(f.read())
+    store = layout.of(settings).secrets
+    root = (int(owners["root"][0]), int(owners["root"][1]))
+    layout.ensure_dir(store, root, 0o700)
+    for name, value in values.items():
+        atomic_write(os.path.join(store, name), value, 0o600, root)
 
 
 if __name__ == "__main__":

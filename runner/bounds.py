@@ -3,7 +3,7 @@
 The controller runs as the ``faas`` user, and whoever holds that user can send the
 runner any sync the schema allows. So before anything changes, every function is held to
 limits only root sets (the settings file): its address inside ``function_prefix`` (the
-runner listens there, on port 80; a spec names no port), its settings within the
+runner listens there, on the ports of its settings), its settings within the
 per-function table and this host's maxima, its env free of the loader's (``LD_*``) and
 faasd's (``FAAS_*``) names (:func:`common.fnsettings.check_values`). What a container
 runs, as whom, is not in a spec at all: the runner reads it from its own record of the

@@ -24,6 +24,7 @@ from runner import seccomp
 MiB = 1 << 20
 OCI_VERSION = "1.0.2"
 CONTROL_SOCKET = "/control.sock"  # where the per-container control socket appears inside
+SECRETS_DIR = "/run/secrets"  # where a function's secrets appear inside, one file each
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NOBODY = 65534  # the user (and group) of an image that names none
 CGROUP_PARENT = "/faasd"
@@ -118,17 +119,20 @@ def build_config(rootfs: str, image_config: Mapping[str, Any], *, container_id: 
                  hostname: str, control_socket: str,
                  settings: FunctionSettings = FunctionSettings(),
                  cgroup_parent: str = CGROUP_PARENT,
+                 secrets_dir: str | None = None,
                  volumes: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The OCI config of one container of an image.
 
     ``rootfs`` is the image's extracted root (absolute), ``image_config`` its normalized
     config (entrypoint, cmd, env, workdir, user), ``control_socket`` the host path of the
-    container's control socket, ``volumes`` the host directory of each volume that
-    ``settings.mounts`` names (runner/volumes.py). Raises :class:`BundleError` for an
-    image or settings that cannot make a container (no command, unknown user, bad
-    environment, bad limits, a volume without its directory).
+    container's control socket, ``secrets_dir`` the host directory of its secrets' copies
+    (runner/secretstore.py), bound read-only at /run/secrets, ``volumes`` the host
+    directory of each volume that ``settings.mounts`` names (runner/volumes.py). Raises
+    :class:`BundleError` for an image or settings that cannot make a container (no
+    command, unknown user, bad environment, bad limits, a volume without its directory).
     """
-    _check_names(rootfs, container_id, hostname, control_socket, cgroup_parent)
+    _check_names(rootfs, container_id, hostname, control_socket, cgroup_parent,
+                 *([secrets_dir] if secrets_dir is not None else []))
     settings.validate()
     args = [*(image_config.get("entrypoint") or []), *(image_config.get("cmd") or [])]
     if not args:
@@ -159,8 +163,12 @@ def build_config(rootfs: str, image_config: Mapping[str, Any], *, container_id: 
         },
         "root": {"path": rootfs, "readonly": True},
         "hostname": hostname,
-        "mounts": [*mounts(control_socket, settings.tmp_bytes, uid, gid),
-                   *volume_mounts(settings.mounts, volumes or {})],
+        "mounts": mounts(control_socket, settings.tmp_bytes, uid, gid) + ([
+            # The directory and its files are the container user's, read-only; the bind
+            # is read-only too, so not even that user can add or replace one.
+            {"destination": SECRETS_DIR, "type": "bind", "source": secrets_dir,
+             "options": ["bind", "nosuid", "nodev", "noexec", "ro"]}]
+            if secrets_dir is not None else []) + volume_mounts(settings.mounts, volumes or {}),
         "linux": {
             "namespaces": [{"type": t} for t in NAMESPACES],
             # Absolute: the same place on cgroup v1, hybrid and v2 (docs/containers.md).
@@ -174,13 +182,13 @@ def build_config(rootfs: str, image_config: Mapping[str, Any], *, container_id: 
 
 
 def _check_names(rootfs: str, container_id: str, hostname: str, control_socket: str,
-                 cgroup_parent: str) -> None:
+                 cgroup_parent: str, secrets_dir: str = "/") -> None:
     if not _ID.fullmatch(container_id):
         raise BundleError(f"container id {container_id[:80]!r} is not [A-Za-z0-9_.+-]{{1,128}}")
     if not _HOSTNAME.fullmatch(hostname):
         raise BundleError(f"hostname {hostname[:80]!r} is not a DNS label")
     for what, path in (("rootfs", rootfs), ("control socket", control_socket),
-                       ("cgroup parent", cgroup_parent)):
+                       ("cgroup parent", cgroup_parent), ("secrets", secrets_dir)):
         if not path.startswith("/") or "\0" in path or ".." in path.split("/"):
             raise BundleError(f"{what} path {path[:120]!r} must be absolute, without '..'")
 

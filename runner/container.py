@@ -59,7 +59,8 @@ class Container:
 
     def __init__(self, function: str, bundles: str, ctl_dir: str, runtime: Runtime,
                  make_config: Callable[[str, str], dict[str, Any]],
-                 sink: Callable[[str, str, str | None, list[str]], None]):
+                 sink: Callable[[str, str, str | None, list[str]], None],
+                 on_remove: Callable[[str], None] | None = None):
         self.id = f"{function}-{secrets.token_hex(6)}"
         self.function = function
         self.bundle = os.path.join(bundles, self.id)
@@ -67,6 +68,7 @@ class Container:
         self.runtime = runtime
         self.make_config = make_config  # (container id, control socket path) -> config
         self.sink = sink  # (container id, stream, request id, lines)
+        self.on_remove = on_remove  # (container id): what make_config made beside the bundle
         self.listener: socket.socket | None = None
         self.conn: socket.socket | None = None
         self.running: Running | None = None  # from the runtime's spawn_run
@@ -160,14 +162,14 @@ class Container:
                               504)
 
     def hand_over(self, client: socket.socket, request_id: str, remote: str,
-                  deadline: float) -> None:
+                  deadline: float, port: int = 80, peer: str | None = None) -> None:
         """Send one connection: the JSON packet with exactly that one fd attached.
 
         ``client`` must be a blocking socket: O_NONBLOCK lives on the open file, which
         the handler shares, and a handler written from the protocol's text expects a
         plain blocking socket (a socket from accept() on Linux is one)."""
         assert self.conn is not None
-        packet = conn_packet(request_id, remote, deadline)
+        packet = conn_packet(request_id, remote, deadline, port, peer)
         self._drain()  # what it wrote while idle keeps the tag it had (none)
         self.request = request_id
         self._done = done_packet(request_id)  # as the SDK writes it: no JSON to parse
@@ -283,10 +285,13 @@ class Container:
             await asyncio.wait_for(asyncio.shield(self.exited), 5)
 
     async def remove(self) -> None:
-        """Delete the runtime's record, the bundle and the control socket."""
+        """Delete the runtime's record, the bundle, the secrets' copies and the control
+        socket."""
         with contextlib.suppress(RuntimeFailed):  # a container the runtime could not
             await self.runtime.delete(self.id)  # delete is deleted at the runner's next start
         shutil.rmtree(self.bundle, ignore_errors=True)
+        if self.on_remove is not None:
+            self.on_remove(self.id)
         try:
             os.unlink(self.ctl_path)
         except FileNotFoundError:

@@ -1,8 +1,9 @@
 """Every function the runner serves, converged from the controller's desired state.
 
-A new function gets a listener at once; a changed one keeps its listener and connections
-in flight while new containers use the new version and settings; a removed one stops
-accepting, finishes what is in flight and stops its containers, and its logs are deleted.
+A new function gets its listeners at once; a changed one keeps its listeners (opening
+and closing only the ports that changed) and connections in flight while new containers
+use the new version and settings; a removed one stops accepting, finishes what is in
+flight and stops its containers, and its logs are deleted.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from common.log import EventLog
 from common.paths import root_dir
 from runner.budget import MemoryBudget
 from runner.bundle import BundleError, FunctionSettings, build_config
+from runner.callers import Callers
 from runner.container import Container
 from runner.fnlogs import FunctionLogs
 from runner.runtime import Runtime
+from runner.secretstore import MissingSecret, SecretStore
 from runner.serve import Function, settings_from
 from runner.volumes import Volumes
 
@@ -29,8 +32,11 @@ class Fleet:
 
     def __init__(self, root: str, run: str, runtime: Runtime, logs: FunctionLogs,
                  log: EventLog, image_config: Callable[[str], Mapping[str, Any] | None],
-                 budget: MemoryBudget | None = None, volumes: Volumes | None = None):
+                 budget: MemoryBudget | None = None, secrets: SecretStore | None = None,
+                 callers: Callers | None = None, volumes: Volumes | None = None):
         self.paths = Layout(root, run)
+        self.secrets = secrets if secrets is not None else SecretStore(
+            self.paths.secrets, self.paths.secret_copies)
         self.images = self.paths.images
         self.bundles = self.paths.bundles
         self.ctl = self.paths.ctl
@@ -40,6 +46,7 @@ class Fleet:
         self.image_config = image_config  # the runner's own record, by digest
         self.budget = budget if budget is not None else MemoryBudget()  # every function's
         self.volumes = volumes  # where a function's mounts come from (runner/volumes.py)
+        self.callers = callers  # the VPN peers by address, shared by every function
         self.functions: dict[str, Function] = {}
         self.specs: dict[str, dict[str, Any]] = {}
         self.closing: set[asyncio.Future[None]] = set()  # dropped functions finishing
@@ -61,6 +68,7 @@ class Fleet:
                 else:
                     os.unlink(entry.path)
             counts[os.path.basename(path)] = len(entries)
+        counts.update(self.secrets.recover())
         return counts
 
     async def converge(self, specs: list[dict[str, Any]]) -> None:
@@ -86,7 +94,7 @@ class Fleet:
             if fn is None:
                 self.functions[name] = Function(name, spec["address"],
                                                 settings_from(spec["settings"]), factory, self.log,
-                                                budget=self.budget)
+                                                budget=self.budget, callers=self.callers)
                 self.log.info("serving", function=name, address=spec["address"],
                               digest=spec["digest"])
             else:
@@ -130,20 +138,46 @@ class Fleet:
                 if self.volumes is None:
                     raise BundleError("this runner serves no volumes")
                 sources = self.volumes.sources(limits.mounts)
+            if not limits.secrets and not sources:  # nothing to pay for a plain function
+                return build_config(rootfs, image, container_id=container_id, hostname=name,
+                                    control_socket=control_socket, settings=limits)
             config = build_config(rootfs, image, container_id=container_id, hostname=name,
                                   control_socket=control_socket, settings=limits,
-                                  volumes=sources)
+                                  secrets_dir=self.secrets.copies_of(container_id)
+                                  if limits.secrets else None, volumes=sources)
+            user = config["process"]["user"]
             if sources:
-                user = config["process"]["user"]
                 assert self.volumes is not None
                 self.volumes.adopt(sources, user["uid"], user["gid"])
+            if limits.secrets:
+                try:
+                    self.secrets.materialize(container_id, limits.secrets, user["uid"],
+                                             user["gid"])
+                except MissingSecret as exc:  # names the secret, never a value
+                    raise BundleError(str(exc)) from None
             return config
 
         def sink(container: str, stream: str, request: str | None, lines: list[str]) -> None:
             if self.owners.get(name) is owner:  # else: removed, maybe deployed anew since
                 self.logs.write(name, container, stream, request, lines)
 
-        return lambda: Container(name, self.bundles, self.ctl, self.runtime, make_config, sink)
+        drop = self.secrets.drop if limits.secrets else None
+        return lambda: Container(name, self.bundles, self.ctl, self.runtime, make_config, sink,
+                                 drop)
+
+    def secret_users(self, secret: str) -> list[str]:
+        """Functions of the desired state that name ``secret``."""
+        return sorted(n for n, spec in self.specs.items()
+                      if secret in spec["settings"]["secrets"])
+
+    def secret_changed(self, secret: str) -> None:
+        """A secret's value was replaced: the functions using it replace their idle
+        containers and reuse none in flight, so every connection from now on is served by
+        a container started with the new value."""
+        for name in self.secret_users(secret):
+            fn = self.functions.get(name)
+            if fn is not None:
+                fn.update(fn.settings, fn.new_container)
 
     def mounting(self, volume: str) -> list[str]:
         """The functions of the desired state whose mounts name ``volume``."""

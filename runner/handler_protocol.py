@@ -17,13 +17,17 @@ import json
 CONTROL_PACKET = 4096  # the most the runner reads of a handler's packet
 
 
-def conn_packet(request_id: str, remote: str, deadline: float) -> bytes:
-    """``{"type": "conn", "id": ..., "remote": ..., "deadline": ...}``: what json.dumps
-    writes, without its cost for the ids the runner makes."""
+def conn_packet(request_id: str, remote: str, deadline: float, port: int = 80,
+                peer: str | None = None) -> bytes:
+    """``{"type": "conn", "id": ..., "remote": ..., "deadline": ..., "port": ...,
+    "peer": ...}``: what json.dumps writes, without its cost for the ids the runner
+    makes. The members of version 1.0 come first, as they always have (1.1 added ``port``
+    and ``peer`` after them: a handler that looks for ``"type": "conn"`` still finds it)."""
     rid = f'"{request_id}"' if request_id.isascii() and request_id.isalnum() \
         else json.dumps(request_id)
     return (f'{{"type": "conn", "id": {rid}, "remote": {_quoted(remote)}, '
-            f'"deadline": {deadline!r}}}').encode()
+            f'"deadline": {deadline!r}, "port": {int(port)}, '
+            f'"peer": {"null" if peer is None else _quoted(peer)}}}').encode()
 
 
 def done_packet(request_id: str) -> bytes:

@@ -21,6 +21,7 @@ from common.rpc import Handler
 from common.settings import SettingsError
 from runner.bounds import check_state
 from runner.budget import MemoryBudget, budget_bytes
+from runner.callers import Callers
 from runner.fleet import Fleet
 from runner.fnlogs import FunctionLogs
 from runner.images.extract import DEFAULT_LIMITS
@@ -59,6 +60,7 @@ class Runner(AgentDaemon):
         # The bounds of every sync, from root's settings file (runner/bounds.py).
         self.function_prefix = ipaddress.IPv6Network(self.settings.function_prefix)
         self.maxima = fnsettings.host_maxima(self.settings)
+        self.callers = Callers(ipaddress.IPv6Network(self.settings.vpn_prefix))
         try:
             self.budget = MemoryBudget(budget_bytes(self.settings.container_memory_budget))
         except (OSError, ValueError) as exc:
@@ -69,7 +71,9 @@ class Runner(AgentDaemon):
         return {**super().handlers(), "image_add": self.op_image_add,
                 "image_progress": self.op_image_progress, "stats": self.op_stats,
                 "volume_create": self.op_volume_create, "volume_list": self.op_volume_list,
-                "volume_rm": self.op_volume_rm}
+                "volume_rm": self.op_volume_rm,
+                "secret_put": self.op_secret_put, "secret_list": self.op_secret_list,
+                "secret_rm": self.op_secret_rm}
 
     async def setup(self) -> None:
         # Containers are started detached: their init processes become our children
@@ -77,7 +81,8 @@ class Runner(AgentDaemon):
         adopt_orphans()
         logs = FunctionLogs(layout.of(self.settings).function_logs, self._gid)
         self.fleet = Fleet(self.settings.root, self.settings.run, self.runtime, logs, self.log,
-                           self.store.config_of, self.budget, self.volumes)
+                           self.store.config_of, self.budget, callers=self.callers,
+                           volumes=self.volumes)
         removed = await self.remove_leftover_containers()
         counts, failed = await asyncio.to_thread(self.volumes.recover)
         self.log.info("volumes", **counts)
@@ -151,9 +156,32 @@ class Runner(AgentDaemon):
         self.log.info("volume_removed", volume=name)
         return {"name": name}
 
+    async def op_secret_put(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Store or replace a secret; containers started from now on see the new value."""
+        assert self.fleet is not None
+        row = self.fleet.secrets.put(args["name"], args["value"])
+        self.fleet.secret_changed(args["name"])
+        self.log.info("secret_stored", name=row["name"], size=row["size"])
+        return row
+
+    async def op_secret_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Names, sizes and times: never a value."""
+        assert self.fleet is not None
+        return {"secrets": self.fleet.secrets.rows()}
+
+    async def op_secret_rm(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Delete a secret that no function of the desired state uses (root's own check:
+        the controller's is only the earlier, friendlier one)."""
+        assert self.fleet is not None
+        result = self.fleet.secrets.remove(args["name"], self.fleet.secret_users(args["name"]))
+        self.log.info("secret_removed", name=args["name"])
+        return result
+
     async def converge(self, state: dict[str, Any]) -> None:
         assert self.fleet is not None
         check_state(state, self.function_prefix, self.maxima)  # before anything changes
+        peers = self.callers.check(state.get("peers", []))
+        self.callers.update(peers)  # before the functions: a new allow sees its peers
         await self.fleet.converge(state["functions"])
         for digest in self.store.keep(state["images"]):
             self.log.info("image_removed", digest=digest)

@@ -1,7 +1,10 @@
-"""Serving one function: its listener on [address]:80, its pool, its limits.
+"""Serving one function: its listeners on [address]:PORT, its pool, its limits.
 
-Each function has its own listener, so a slow or broken function never delays
-another. A connection takes one of ``concurrency`` slots or waits in a queue of at most
+Each function has its own listeners (one per port of its ``ports`` setting), so a slow or
+broken function never delays another. A connection from a VPN peer that the function's
+``allow`` does not name is refused at accept, before anything else (runner/callers.py):
+on port 80 with an HTTP 403 written by the runner, on other ports by closing it. Any
+other connection takes one of ``concurrency`` slots or waits in a queue of at most
 ``queue`` (for at most ``timeout``; past either the runner answers 503 with Retry-After
 itself), takes a warm container (reused or pre-started) or starts one, is handed over,
 and ends with ``done``, the container's exit, or the timeout (then the container is
@@ -41,6 +44,7 @@ from common.fnsettings import BY_KEY, per_client_limit
 from common.log import EventLog, request_id
 from common.protocol import new_id
 from runner.budget import MemoryBudget
+from runner.callers import Callers
 from runner.container import Container, ContainerFailed
 
 # Upper bounds (seconds) of the request-latency histogram's buckets; one more for +Inf.
@@ -84,6 +88,7 @@ class Stats:
     cold: int = 0
     warm: int = 0
     reused: int = 0
+    forbidden: int = 0  # a peer not in allow: 403 (port 80) or closed, at accept
     rejected: int = 0  # 503, for any of the reasons below
     rejected_client: int = 0  # 503: the client address holds per_client connections
     rejected_memory: int = 0  # 503: a new container would go past the memory budget
@@ -124,11 +129,15 @@ def http_error(status: int, reason: str, text: str, retry_after: int | None = No
 class Request:
     """One client connection, from accept() to its end."""
 
-    __slots__ = ("conn", "remote", "id", "started", "queued_until", "counted")
+    __slots__ = ("conn", "remote", "port", "peer", "id", "started", "queued_until",
+                 "counted")
 
-    def __init__(self, conn: socket.socket, remote: str, started: float):
+    def __init__(self, conn: socket.socket, remote: str, started: float, port: int = 80,
+                 peer: str | None = None):
         self.conn = conn
         self.remote = remote
+        self.port = port  # the function's port it came to
+        self.peer = peer  # the VPN peer's name; None: a local caller (or unknown)
         self.id = new_id()
         self.started = started  # loop time
         self.queued_until = 0.0  # in the queue; waiting for the first byte: until then
@@ -141,8 +150,9 @@ class Function:
     refusing = 0  # 503s being written now, by every function of the runner (REFUSING_MAX)
 
     def __init__(self, name: str, address: str, settings: ServeSettings,
-                 new_container: Callable[[], Container], log: EventLog, port: int = 80,
-                 budget: MemoryBudget | None = None):
+                 new_container: Callable[[], Container], log: EventLog,
+                 budget: MemoryBudget | None = None, callers: Callers | None = None,
+                 bind: Callable[[int], int] = int):
         self.name = name
         self.address = address
         self.settings = settings
@@ -150,7 +160,11 @@ class Function:
         self.log = log
         self.budget = budget if budget is not None else MemoryBudget()
         self.loop = asyncio.get_running_loop()
-        self.sock = listen(address, port)
+        self.callers = callers  # None: every caller is local (no VPN peers known)
+        self.bind = bind  # the port to bind for a function port (tests: 0, any free one)
+        self.listeners: dict[int, socket.socket] = {}  # by the function's port
+        self._accepting = False
+        self._listen(settings.ports)
         self.active = 0  # slots taken: requests being served or their container started
         self.pending: deque[Request] = deque()  # waiting for a slot, oldest first
         self._expiry: asyncio.TimerHandle | None = None  # of the oldest pending request
@@ -171,7 +185,6 @@ class Function:
         self.drained = asyncio.Event()  # no request in flight or waiting
         self.drained.set()
         self.closed = False
-        self._accepting = False
         self._resume_accept: asyncio.TimerHandle | None = None
         self._accept()
         self.janitor = asyncio.ensure_future(self._janitor())
@@ -186,6 +199,7 @@ class Function:
         idle ones are replaced."""
         self.new_container = new_container
         self.settings = settings
+        self._listen(settings.ports, changed=True)
         self.per_client = per_client_limit(settings.per_client, settings.concurrency)
         self.generation += 1
         while self.idle:
@@ -200,35 +214,62 @@ class Function:
 
     # --- accepting -------------------------------------------------------------------
 
+    def _listen(self, ports: list[int], changed: bool = False) -> None:
+        """Listen on exactly ``ports``: new ones opened, removed ones closed (their
+        connections already accepted go on)."""
+        for port in [p for p in self.listeners if p not in ports]:
+            sock = self.listeners.pop(port)
+            if self._accepting:
+                self.loop.remove_reader(sock)
+            sock.close()
+            self.log.info("port_closed", function=self.name, port=port)
+        for port in [p for p in ports if p not in self.listeners]:
+            try:
+                self.listeners[port] = sock = listen(self.address, self.bind(port))
+            except OSError as exc:  # in use by something else on this host: the others go on
+                self.log.error("listen_failed", function=self.name, port=port,
+                               error=str(exc))
+                continue
+            if self._accepting:
+                self.loop.add_reader(sock, self._on_accept, sock, port)
+            if changed:
+                self.log.info("port_opened", function=self.name, port=port)
+
     def _accept(self) -> None:
         self._resume_accept = None
         if not self.closed:
-            self.loop.add_reader(self.sock, self._on_accept)
+            for port, sock in self.listeners.items():
+                self.loop.add_reader(sock, self._on_accept, sock, port)
             self._accepting = True
 
-    def _on_accept(self) -> None:
-        """The listener is readable: take what the backlog holds (a bounded batch, so
+    def _on_accept(self, sock: socket.socket, port: int) -> None:
+        """A listener is readable: take what its backlog holds (a bounded batch, so
         one busy function does not starve the others)."""
         now = self.loop.time()
         for _ in range(64):
             try:
-                conn, addr = self.sock.accept()
+                conn, addr = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:  # the client gave up while in the backlog
                 continue
             except OSError as exc:  # EMFILE and friends: back off, keep serving
                 self.log.warning("accept_failed", function=self.name, error=str(exc))
-                self.loop.remove_reader(self.sock)
+                for listener in self.listeners.values():
+                    self.loop.remove_reader(listener)
                 self._accepting = False
                 self._resume_accept = self.loop.call_later(0.1, self._accept)
                 return
-            self._arrive(Request(conn, addr[0], now))
+            self._arrive(Request(conn, addr[0], now, port))
 
     def _arrive(self, req: Request) -> None:
-        """A connection just accepted: count it for its address, then admit it if its
-        first byte is there (usually: it came with the handshake's last ACK), else let
-        it wait for it without a slot."""
+        """A connection just accepted: refused if its peer is not allowed; else counted
+        for its address, then admitted if its first byte is there (usually: it came with
+        the handshake's last ACK), else left to wait for it without a slot."""
+        if self.callers is not None:
+            req.peer, local = self.callers.identify(req.remote)
+            if not self.callers.allowed(self.settings.allow, req.peer, local):
+                return self._forbid(req)
         if self.per_client:
             held = self.clients.get(req.remote, 0)
             if held >= self.per_client:
@@ -330,6 +371,18 @@ class Function:
         else:
             self._check_drained()
 
+    def _forbid(self, req: Request) -> None:
+        """A peer ``allow`` does not name: no slot, no container. Port 80 is HTTP's, so
+        it gets a 403 as a 503 is written; another port's protocol is unknown: closed."""
+        self.stats.forbidden += 1
+        if req.port != 80 or Function.refusing >= REFUSING_MAX:
+            req.conn.close()
+            return self._account(req, "forbidden")
+        Function.refusing += 1
+        self._spawn(self._refuse_reply(req, http_error(
+            403, "Forbidden", f"{self.name} does not allow {req.peer or 'this peer'}"), False,
+            "forbidden"))
+
     def _refuse(self, req: Request, why: str = "", slot: bool = False) -> None:
         self.stats.rejected += 1
         if Function.refusing >= REFUSING_MAX:  # a flood: closed now, holding nothing
@@ -344,9 +397,10 @@ class Function:
         self._spawn(self._refuse_reply(req, http_error(
             503, "Service Unavailable", why or f"{self.name} is at capacity", 1), slot))
 
-    async def _refuse_reply(self, req: Request, data: bytes, slot: bool) -> None:
+    async def _refuse_reply(self, req: Request, data: bytes, slot: bool,
+                            outcome: str = "rejected") -> None:
         try:
-            await self._reply_and_end(req, data, "rejected", slot)
+            await self._reply_and_end(req, data, outcome, slot)
         finally:
             Function.refusing -= 1
 
@@ -405,7 +459,8 @@ class Function:
     def _hand_over(self, req: Request, container: Container, how: str) -> None:
         timeout = self.settings.timeout
         try:
-            container.hand_over(req.conn, req.id, req.remote, time.time() + timeout)
+            container.hand_over(req.conn, req.id, req.remote, time.time() + timeout,
+                                req.port, req.peer)
         except ContainerFailed as exc:
             self._spawn(container.stop(0))
             self.stats.failed += 1
@@ -594,7 +649,8 @@ class Function:
         """Close the listener now (its address may be served again at once)."""
         self.closed = True
         if self._accepting:
-            self.loop.remove_reader(self.sock)
+            for sock in self.listeners.values():
+                self.loop.remove_reader(sock)
             self._accepting = False
         if self._resume_accept is not None:
             self._resume_accept.cancel()
@@ -604,7 +660,8 @@ class Function:
             self._expiry_first.cancel()
             self._expiry_first = None
         self.janitor.cancel()
-        self.sock.close()
+        for sock in self.listeners.values():
+            sock.close()
 
     async def close(self) -> None:
         """Stop accepting, let requests in flight (and waiting) finish, stop every

@@ -47,7 +47,7 @@ __all__ = [  # serve() and wsgi() are the API; the rest are its parts, for other
     "main", "parse_conn", "parse_packet", "read_request", "receive", "render", "serve",
     "serve_connection", "wsgi",
 ]
-__version__ = "1"
+__version__ = "1.1"  # the handler protocol's: 1.1 added conn's port and peer
 
 DEFAULT_CONTROL_SOCKET = "/control.sock"
 MAX_BODY = 8 << 20  # request bodies above this get 413; serve(max_body=...) changes it
@@ -104,19 +104,23 @@ class Request:
     value of a repeated name wins), ``query_items`` (every pair, in order), ``version``
     ("HTTP/1.1"), ``headers`` (lower-case names; repeated ones joined with ", "),
     ``header_list`` (every (name, value) as sent), ``body`` (bytes), ``remote`` (the
-    client's address, from the runner), ``id`` (the runner's request id), ``deadline``
+    client's address, from the runner), ``peer`` (the calling VPN peer's name; None for
+    a local caller), ``port`` (the function's port the connection came to; None from a
+    runner before protocol 1.1), ``id`` (the runner's request id), ``deadline``
     (unix time after which the runner kills the container, or None), ``reuse`` (whether
     this process will serve more connections) and ``sock`` (the connection, for
     ``getsockname()`` and the like; the SDK writes the response and closes it).
     """
 
-    __slots__ = ("body", "deadline", "header_list", "headers", "id", "method", "path", "query",
-                 "query_items", "query_string", "remote", "reuse", "sock", "target", "version")
+    __slots__ = ("body", "deadline", "header_list", "headers", "id", "method", "path", "peer",
+                 "port", "query", "query_items", "query_string", "remote", "reuse", "sock",
+                 "target", "version")
 
     def __init__(self, method: str, target: str, version: str, header_list: "HeaderList",
                  body: bytes = b"", *, remote: str = "", id: str = "",
                  deadline: "float | None" = None, reuse: bool = False,
-                 sock: "_socket.socket | None" = None) -> None:
+                 sock: "_socket.socket | None" = None, peer: "str | None" = None,
+                 port: "int | None" = None) -> None:
         self.method, self.target, self.version = method, target, version
         raw_path, _, self.query_string = target.partition("?")
         self.path = _unquote(raw_path.encode("latin-1")).decode("utf-8", "replace")
@@ -129,6 +133,7 @@ class Request:
             self.headers[key] = f"{self.headers[key]}, {value}" if key in self.headers else value
         self.body, self.remote, self.id = body, remote, id
         self.deadline, self.reuse, self.sock = deadline, reuse, sock
+        self.peer, self.port = peer, port
 
     @property
     def text(self) -> str:
@@ -498,7 +503,8 @@ def _answer(handler: "Handler", sock: "_socket.socket", msg: dict, reuse: bool,
     conn = _conn(msg)
     sock.settimeout(_remaining(conn["deadline"]))
     fields = {"remote": str(conn["remote"]), "id": str(conn["id"]),
-              "deadline": conn["deadline"], "reuse": reuse, "sock": sock}
+              "deadline": conn["deadline"], "reuse": reuse, "sock": sock,
+              "peer": conn["peer"], "port": conn["port"]}
     try:
         request = read_request(sock, max_body=max_body, **fields)
     except HTTPError as exc:
@@ -673,8 +679,11 @@ def _flat_value(text: str, i: int) -> tuple[object, int]:
 
 
 def parse_conn(data: bytes) -> dict | None:
-    """The fields of a ``conn`` packet (``id``, ``remote``, ``deadline``), None for
-    anything else (unknown types are ignored, as the protocol says)."""
+    """The fields of a ``conn`` packet (``id``, ``remote``, ``deadline``, ``port``,
+    ``peer``), None for anything else (unknown types are ignored, as the protocol says).
+    A raw (non-HTTP) handler gets the caller's identity here: ``peer`` is the VPN peer's
+    name, None for a local caller; ``port`` the function's port the connection came to
+    (None from a runner before protocol 1.1, which served port 80 only)."""
     return conn_fields(parse_packet(data))
 
 
@@ -687,8 +696,11 @@ def conn_fields(msg: dict | None) -> dict | None:
 
 
 def _conn(msg: dict) -> dict:
+    port, peer = msg.get("port"), msg.get("peer")
     return {"id": msg.get("id", ""), "remote": msg.get("remote", ""),
-            "deadline": msg.get("deadline")}
+            "deadline": msg.get("deadline"),
+            "port": port if isinstance(port, int) and not isinstance(port, bool) else None,
+            "peer": peer if isinstance(peer, str) else None}
 
 
 def done_packet(request_id: object) -> bytes:
@@ -853,7 +865,11 @@ def environ(request: Request) -> dict:
         "faas.request": request,
         "faas.id": request.id,
         "faas.deadline": request.deadline,
+        "faas.peer": request.peer,
+        "faas.port": request.port,
     }
+    if request.peer:  # who is calling, as a front server that authenticated them says
+        env["REMOTE_USER"] = request.peer
     if "content-type" in request.headers:
         env["CONTENT_TYPE"] = request.headers["content-type"]
     if request.body or "content-length" in request.headers:

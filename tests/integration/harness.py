@@ -106,13 +106,14 @@ class Platform:
         log.close()
 
     def faasctl(self, *args: Any, as_user: tuple[int, int, list[int]] | None = None,
-                check: bool = True) -> subprocess.CompletedProcess[str]:
+                check: bool = True, input: str | None = None
+                ) -> subprocess.CompletedProcess[str]:
         argv = [BIN / "faasctl", *args]
         if as_user is not None:
             uid, gid, groups = as_user
             grp_arg = ("--groups=" + ",".join(map(str, groups))) if groups else "--clear-groups"
             argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", grp_arg, *argv]
-        return run(*argv, env=self.env, check=check)
+        return run(*argv, env=self.env, check=check, input=input)
 
     def status(self) -> dict[str, dict[str, Any]]:
         """faasctl --json status, by process name (exit status ignored: 9 while unhealthy)."""
@@ -150,5 +151,14 @@ class Platform:
                 self.proc.kill()
                 self.proc.wait()
 
+    def mounts(self) -> list[str]:
+        """Mount points under this instance's directory, deepest first."""
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f]
+        return sorted((p for p in points if p.startswith(f"{self.base}/")), reverse=True)
+
     def remove(self) -> None:
+        # The runner mounts a tmpfs for secrets' copies where FAAS_RUN is not one (/tmp)
+        for point in self.mounts():
+            run("umount", "-l", point, check=False)
         shutil.rmtree(self.base, ignore_errors=True)

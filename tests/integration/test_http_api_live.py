@@ -9,6 +9,7 @@ schema; the last test checks that every documented operation was exercised here.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +54,9 @@ def call(platform, method: str, path: str, body: Any = None, *, file=None,
     if file is not None:  # as the guide does it: curl's default (form) Content-Type
         argv += ["--data-binary", f"@{file}"]
     elif data is not None:
-        argv += ["-H", "Content-Type: application/json", "--data-binary", "@-"]
+        if not any(h.lower().startswith("content-type:") for h in headers):
+            argv += ["-H", "Content-Type: application/json"]
+        argv += ["--data-binary", "@-"]
     elif method in ("POST", "PUT", "PATCH", "DELETE"):
         argv += ["-H", "Content-Type: application/json"]  # a form could not send it
     if chunked:
@@ -245,6 +248,24 @@ def test_tokens(platform):
     refused(call(platform, "DELETE", "/api/tokens/ci"), 404, "not_found")
     logs = (platform.root / "logs" / "controller.log").read_text()
     assert made["token"] not in logs and "token_created" in logs
+
+
+def test_secrets(platform):
+    value = f"s3cret-{os.urandom(8).hex()}".encode()
+    octets = ("Content-Type: application/octet-stream",)
+    answer = call(platform, "PUT", "/api/secrets/db", raw=value, headers=octets)
+    assert ok(answer) == {**answer.value, "name": "db", "size": len(value)}
+    assert value not in answer.body
+    listed = ok(call(platform, "GET", "/api/secrets"))
+    assert [(s["name"], s["size"], s["functions"]) for s in listed] == [("db", len(value), [])]
+    refused(call(platform, "PUT", "/api/secrets/Bad", raw=value, headers=octets),
+            400, "bad_request")
+    refused(call(platform, "PUT", "/api/secrets/big", raw=bytes((64 << 10) + 1),
+                 headers=octets), 413, "too_large")
+    assert ok(call(platform, "DELETE", "/api/secrets/db"))["name"] == "db"
+    refused(call(platform, "DELETE", "/api/secrets/db"), 404, "not_found")
+    for program in ("controller", "runner"):
+        assert value.decode() not in (platform.root / "logs" / f"{program}.log").read_text()
 
 
 def test_every_documented_operation_was_exercised():

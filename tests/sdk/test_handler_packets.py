@@ -25,11 +25,30 @@ def ids(examples: list[Any]) -> list[str]:
 
 @pytest.mark.parametrize("conn", FIXTURE["conn"], ids=ids(FIXTURE["conn"]))
 def test_the_runners_conn_is_what_the_sdk_reads(conn: dict[str, Any]) -> None:
-    packet = hp.conn_packet(conn["id"], conn["remote"], conn["deadline"])
+    packet = hp.conn_packet(conn["id"], conn["remote"], conn["deadline"], conn["port"],
+                            conn["peer"])
     assert len(packet) < hp.CONTROL_PACKET
     assert json.loads(packet) == {"type": "conn", **conn}  # JSON, whatever the SDK does
     assert fh.parse_conn(packet) == conn
     assert fh.conn_fields(fh.parse_packet(packet)) == conn
+
+
+@pytest.mark.parametrize("conn", FIXTURE["conn"], ids=ids(FIXTURE["conn"]))
+def test_a_handler_written_from_version_1_0_reads_the_1_1_conn(conn: dict[str, Any]) -> None:
+    """1.1 only adds members, after 1.0's, in the same spelling: a handler that parses
+    JSON gets 1.0's packet plus members it ignores; one that looks for the text
+    ``"type": "conn"`` (as tests/integration/handlers/testhandler.c and
+    examples/c-hello do) and ``"id": "`` still finds them where they were."""
+    new = hp.conn_packet(conn["id"], conn["remote"], conn["deadline"], conn["port"],
+                         conn["peer"])
+    msg = json.loads(new)
+    assert list(msg)[:4] == ["type", "id", "remote", "deadline"]
+    assert {k: msg[k] for k in ("type", "id", "remote", "deadline")} == {
+        "type": "conn", "id": conn["id"], "remote": conn["remote"],
+        "deadline": conn["deadline"]}
+    assert new.startswith(b'{"type": "conn", "id": ')
+    old_prefix = hp.conn_packet(conn["id"], conn["remote"], conn["deadline"])[:-1]
+    assert new.startswith(old_prefix.replace(b', "port": 80, "peer": null', b""))
 
 
 @pytest.mark.parametrize("example", FIXTURE["conn_from_others"],

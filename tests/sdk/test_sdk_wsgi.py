@@ -174,3 +174,50 @@ def test_environ_of_a_request_without_a_tcp_socket() -> None:
         env = fh.environ(request)
     assert (env["SERVER_NAME"], env["SERVER_PORT"], env["PATH_INFO"]) == ("::1", "81", "/p")
     assert env["REMOTE_PORT"] == ""
+
+
+def _serve_one(handler: Callable, msg: dict) -> bytes:
+    """One request over real loopback TCP, served by serve_connection as ``msg`` says."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        conn, _ = server.accept()
+        with client:
+            client.sendall(b"GET /who HTTP/1.1\r\nHost: fn\r\nRemote-User: mallory\r\n\r\n")
+            fh.serve_connection(handler, conn.detach(), msg)
+            data = b""
+            while chunk := client.recv(65536):
+                data += chunk
+            return data
+
+
+def who(environ: dict, start_response: Callable) -> Iterable[bytes]:
+    seen = {k: environ.get(k, "absent") for k in ("REMOTE_USER", "faas.peer", "faas.port")}
+    seen["request"] = [environ["faas.request"].peer, environ["faas.request"].port]
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [json.dumps(seen).encode()]
+
+
+def test_the_calling_peer_is_remote_user_and_the_port_is_faas_port() -> None:
+    msg = {"type": "conn", "id": "w1", "remote": "fd00:faa5:0:100::2", "deadline": None,
+           "port": 5432, "peer": "laptop"}
+    body = _serve_one(fh.wsgi(who), msg).partition(b"\r\n\r\n")[2]
+    assert json.loads(body) == {"REMOTE_USER": "laptop", "faas.peer": "laptop",
+                                "faas.port": 5432, "request": ["laptop", 5432]}
+
+
+def test_a_local_caller_has_no_remote_user_even_if_a_header_says_so() -> None:
+    msg = {"type": "conn", "id": "w2", "remote": "::1", "deadline": None, "port": 80,
+           "peer": None}
+    body = _serve_one(fh.wsgi(who), msg).partition(b"\r\n\r\n")[2]
+    # the client's Remote-User header is HTTP_REMOTE_USER, never REMOTE_USER
+    assert json.loads(body) == {"REMOTE_USER": "absent", "faas.peer": None, "faas.port": 80,
+                                "request": [None, 80]}
+
+
+def test_a_runner_before_1_1_leaves_peer_and_port_none() -> None:
+    msg = {"type": "conn", "id": "w3", "remote": "::1", "deadline": None}
+    body = _serve_one(fh.wsgi(who), msg).partition(b"\r\n\r\n")[2]
+    assert json.loads(body) == {"REMOTE_USER": "absent", "faas.peer": None,
+                                "faas.port": None, "request": [None, None]}

@@ -51,7 +51,8 @@ def test_every_file_and_dir_in_the_tables_is_a_layout_path():
                                                       d.rel).rstrip("/")
     for attr, (_, rel) in layout.FILES.items():
         got = getattr(paths, attr)
-        assert got in (os.path.join("/r", rel).rstrip("/"), os.path.join("/u", rel)), attr
+        assert got in (os.path.join("/r", rel).rstrip("/"),
+                       os.path.join("/u", rel).rstrip("/")), attr
     assert paths.socket("runner") == "/u/runner.sock" and paths.lock("runner") == "/u/runner.lock"
 
 

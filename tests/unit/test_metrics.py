@@ -51,7 +51,7 @@ def test_runner_figures_and_agent_health():
 
 def test_admission_refusals_and_the_memory_budget():
     fn = {**FUNCTION, "rejected_client": 3, "rejected_memory": 1, "first_byte_timeouts": 7,
-          "first_byte_dropped": 2, "first_byte_waiting": 5}
+          "first_byte_dropped": 2, "first_byte_waiting": 5, "forbidden": 4}
     memory = {"budget": 4 << 30, "used": 1 << 30, "containers": 2}
     got = samples(Metrics().render({"functions": [fn], "buckets": BUCKETS, "memory": memory},
                                    AGENTS))
@@ -60,6 +60,7 @@ def test_admission_refusals_and_the_memory_budget():
     assert got[("faasd_rejected_memory_total", fib)] == 1
     assert got[("faasd_first_byte_timeouts_total", fib)] == 7
     assert got[("faasd_first_byte_dropped_total", fib)] == 2
+    assert got[("faasd_forbidden_total", fib)] == 4
     assert got[("faasd_first_byte_waiting", fib)] == 5
     assert got[("faasd_container_memory_bytes", ())] == 1 << 30
     assert got[("faasd_container_memory_budget_bytes", ())] == 4 << 30

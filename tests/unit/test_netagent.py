@@ -67,9 +67,10 @@ class FakeNet:
 
 
 class FakeFirewall:
-    def __init__(self): self.applied = 0
-    async def apply(self, prefix, server): self.applied += 1
-    async def installed(self, prefix=None, server=None): return self.applied > 0
+    def __init__(self): self.applied, self.ports = 0, None
+    async def apply(self, prefix, server, ports=None): self.applied, self.ports = \
+        self.applied + 1, ports
+    async def installed(self, prefix=None, server=None, ports=None): return self.applied > 0
 
 
 @pytest.fixture
@@ -164,6 +165,40 @@ def test_rogue_sync_is_refused_and_changes_nothing(agent, state, code):
     assert first["digest"] == agent.digest and len(agent.digest) == 64
 
 
+FN_A, FN_B = "fd00:faa5:1::a", "fd00:faa5:1::b"
+
+
+def test_sync_gives_the_firewall_each_functions_ports_80_by_default(agent):
+    sync(agent, {"addresses": [FN_A, FN_B], "peers": [GOOD_PEER],
+                 "ports": [{"address": FN_B, "ports": [5432, 80]}]})
+    assert agent.firewall.ports == {ipaddress.IPv6Address(FN_A): [80],
+                                    ipaddress.IPv6Address(FN_B): [5432, 80]}
+    assert agent.desired[2] == agent.firewall.ports  # what the drift check holds it to
+
+
+@pytest.mark.parametrize("ports", [
+    [{"address": "fd00:faa5:1::c", "ports": [80]}],  # not a function of this sync
+    [{"address": FN_A, "ports": [80]}, {"address": FN_A, "ports": [81]}],  # twice
+    [{"address": FN_A, "ports": [53]}],  # the VPN's DNS
+    [{"address": FN_A, "ports": [80, 80]}],  # a port twice
+    [{"address": FN_A, "ports": []}],  # none
+])
+def test_bad_ports_refuse_the_whole_sync(agent, ports):
+    sync(agent, {"addresses": [FN_A], "peers": [GOOD_PEER]})
+    before = (agent.firewall.applied, agent.firewall.ports, agent.digest)
+    with pytest.raises(FaasError) as info:
+        sync(agent, {"addresses": [FN_A], "peers": [GOOD_PEER], "ports": ports}, 6)
+    assert info.value.code is Code.BAD_REQUEST
+    assert (agent.firewall.applied, agent.firewall.ports, agent.digest) == before
+
+
+def test_more_than_sixteen_ports_is_refused_by_the_schema(agent):
+    with pytest.raises(FaasError) as info:
+        sync(agent, {"addresses": [FN_A], "peers": [],
+                     "ports": [{"address": FN_A, "ports": list(range(1000, 1017))}]})
+    assert info.value.code is Code.BAD_REQUEST and agent.firewall.applied == 0
+
+
 def test_sync_reports_the_digest_of_what_it_converged_to(agent):
     from common import protocol
     state = {"addresses": ["fd00:faa5:1::a", "fd00:faa5:1::b"], "peers": [GOOD_PEER]}
@@ -178,13 +213,19 @@ def test_server_address_is_one_of_the_vpn_prefix():
         "fd00:faa5:0:100::1/64"
 
 
-def test_firewall_batch_allows_port_80_and_dns_then_drops():
+def test_firewall_batch_allows_each_functions_ports_and_dns_then_drops():
+    a, b = ipaddress.IPv6Address("fd00:faa5:1::a"), ipaddress.IPv6Address("fd00:faa5:1::b")
     batch = firewall.render("wg0", ipaddress.IPv6Network("fd00:faa5:1::/64"),
-                            ipaddress.IPv6Address("fd00:faa5:0:100::1"))
+                            ipaddress.IPv6Address("fd00:faa5:0:100::1"),
+                            {b: [5432, 80], a: [80]})
     lines = batch.splitlines()
     assert lines[:4] == ["*filter", ":FAAS-wg0-IN - [0:0]", ":FAAS-wg0-FWD - [0:0]",
                          ":FAAS-wg0-EXT - [0:0]"]
-    assert "-A FAAS-wg0-IN -d fd00:faa5:1::/64 -p tcp -m tcp --dport 80 -j ACCEPT" in lines
+    accepts = [line for line in lines if "--dports" in line]
+    assert accepts == [  # exactly these ports of exactly these addresses, nothing prefix-wide
+        "-A FAAS-wg0-IN -d fd00:faa5:1::a/128 -p tcp -m multiport --dports 80 -j ACCEPT",
+        "-A FAAS-wg0-IN -d fd00:faa5:1::b/128 -p tcp -m multiport --dports 5432,80 -j ACCEPT"]
+    assert not any("--dport 80" in line or "fd00:faa5:1::/64 -p tcp" in line for line in lines)
     assert "-A FAAS-wg0-IN -d fd00:faa5:0:100::1/128 -p udp -m udp --dport 53 -j ACCEPT" in lines
     ins = [line for line in lines if line.startswith("-A FAAS-wg0-IN")]
     assert ins[-1] == "-A FAAS-wg0-IN -j DROP"
@@ -193,6 +234,21 @@ def test_firewall_batch_allows_port_80_and_dns_then_drops():
     assert ext == ["-A FAAS-wg0-EXT -i lo -j RETURN",
                    "-A FAAS-wg0-EXT -d fd00:faa5:1::/64 -j DROP",
                    "-A FAAS-wg0-EXT -d fd00:faa5:0:100::1/128 -j DROP"]
+
+
+def test_firewall_splits_sixteen_ports_over_two_multiport_rules():
+    a = ipaddress.IPv6Address("fd00:faa5:1::a")
+    ports = list(range(1000, 1016))
+    lines = firewall.render("wg0", ipaddress.IPv6Network("fd00:faa5:1::/64"),
+                            ipaddress.IPv6Address("fd00:faa5:0:100::1"), {a: ports}
+                            ).splitlines()
+    rules = [line.split("--dports ")[1].split()[0] for line in lines if "--dports" in line]
+    assert rules == [",".join(map(str, ports[:15])), "1015"]
+    assert all(len(r.split(",")) <= firewall.MULTIPORT_MAX for r in rules)
+    # no function at all: no port of the prefix is open
+    empty = firewall.render("wg0", ipaddress.IPv6Network("fd00:faa5:1::/64"),
+                            ipaddress.IPv6Address("fd00:faa5:0:100::1"))
+    assert "-p tcp -m multiport" not in empty
 
 
 def test_chain_names_fit_iptables_for_the_longest_interface_name():

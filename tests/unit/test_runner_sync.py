@@ -91,6 +91,12 @@ ROGUE = [
     ("queue", spec(settings={"queue": 10 ** 7}), Code.FORBIDDEN),
     ("min_warm", spec(settings={"min_warm": 1000}), Code.FORBIDDEN),
     ("idle_timeout", spec(settings={"idle_timeout": 1e9}), Code.BAD_REQUEST),
+    ("ports: 53", spec(settings={"ports": [80, 53]}), Code.BAD_REQUEST),
+    ("ports: 0", spec(settings={"ports": [0]}), Code.BAD_REQUEST),
+    ("ports: twice", spec(settings={"ports": [80, 80]}), Code.BAD_REQUEST),
+    ("ports: 17", spec(settings={"ports": list(range(1000, 1017))}), Code.BAD_REQUEST),
+    ("ports: none", spec(settings={"ports": []}), Code.BAD_REQUEST),
+    ("allow: not a name", spec(settings={"allow": ["Laptop"]}), Code.BAD_REQUEST),
     ("env: LD_PRELOAD", spec(settings={"env": {"LD_PRELOAD": "/tmp/evil.so"}}),
      Code.FORBIDDEN),
     ("env: LD_LIBRARY_PATH", spec(settings={"env": {"LD_LIBRARY_PATH": "/tmp"}}),
@@ -170,3 +176,47 @@ def test_an_image_the_runner_has_not_extracted_starts_no_container(runner, tmp_p
     from runner.bundle import BundleError
     with pytest.raises(BundleError, match="not on this host"):
         container.make_config("fib-1", str(tmp_path / "run" / "c.sock"))
+
+
+LAPTOP = {"name": "laptop", "address": "fd00:faa5:0:100::2"}
+
+
+def sync_peers(runner, peers, generation=5):
+    req = protocol.parse_request(protocol.make_request(
+        "sync", {"generation": generation, "state": {"images": [DIGEST], "functions": [spec()],
+                                                     "peers": peers}}, "p1"), "runner")
+    return asyncio.run(runner.op_sync(req.args))
+
+
+def test_the_runner_knows_each_peer_by_its_address(runner):
+    sync_peers(runner, [LAPTOP, {"name": "ci", "address": "fd00:faa5:0:100::3"}])
+    assert runner.callers.identify("fd00:faa5:0:100::2") == ("laptop", False)
+    assert runner.callers.identify("fd00:faa5:0:100::3") == ("ci", False)
+    assert runner.callers.identify("fd00:faa5:0:100::9") == (None, False)  # not a peer now
+    assert runner.callers.identify("fd00:faa5:0:100::1") == (None, True)  # the server
+    assert runner.callers.identify("::1") == (None, True)
+    sync_peers(runner, [], 6)  # a peer removed is nobody at once
+    assert runner.callers.identify("fd00:faa5:0:100::2") == (None, False)
+
+
+ROGUE_PEERS = [
+    ("outside vpn_prefix", [{"name": "laptop", "address": "::1"}], Code.FORBIDDEN),
+    ("a function's address", [{"name": "laptop", "address": "fd00:faa5:1::a"}],
+     Code.FORBIDDEN),
+    ("the server's", [{"name": "laptop", "address": "fd00:faa5:0:100::1"}], Code.FORBIDDEN),
+    ("the prefix itself", [{"name": "laptop", "address": "fd00:faa5:0:100::"}],
+     Code.FORBIDDEN),
+    ("address twice", [LAPTOP, {**LAPTOP, "name": "ci"}], Code.BAD_REQUEST),
+    ("name twice", [LAPTOP, {**LAPTOP, "address": "fd00:faa5:0:100::3"}], Code.BAD_REQUEST),
+    ("not a name", [{**LAPTOP, "name": "*"}], Code.BAD_REQUEST),
+]
+
+
+@pytest.mark.parametrize("what,peers,code", ROGUE_PEERS, ids=[r[0] for r in ROGUE_PEERS])
+def test_rogue_peers_are_refused_with_nothing_changed(runner, what, peers, code):
+    sync_peers(runner, [LAPTOP])
+    before = (dict(runner.callers.names), len(runner.fleet.converged), runner.digest)
+    with pytest.raises(FaasError) as info:
+        sync_peers(runner, peers, 6)
+    assert info.value.code is code
+    assert (dict(runner.callers.names), len(runner.fleet.converged), runner.digest) == before

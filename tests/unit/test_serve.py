@@ -19,6 +19,7 @@ from common.fnsettings import PER_CLIENT_OFF
 from common.log import EventLog
 from runner import serve
 from runner.budget import MemoryBudget, budget_bytes, host_memory
+from runner.callers import Callers
 from runner.container import ContainerFailed
 from runner.serve import Function, ServeSettings
 
@@ -42,6 +43,7 @@ class FakeContainer:
         self.start_seconds = start_seconds
         self.conns: list[socket.socket] = []  # what was handed over, as the handler has it
         self.ids: list[str] = []
+        self.callers: list[tuple[int, str | None]] = []  # (port, peer) of each hand-over
         self._result: Callable[[str], None] | None = None
         self.exited: asyncio.Future[int] | None = None
 
@@ -55,7 +57,7 @@ class FakeContainer:
         pass
 
     def hand_over(self, client: socket.socket, request_id: str, remote: str,
-                  deadline: float) -> None:
+                  deadline: float, port: int = 80, peer: str | None = None) -> None:
         if self.refuse == "bug":
             raise RuntimeError("a bug")
         if self.refuse:
@@ -64,6 +66,7 @@ class FakeContainer:
         assert client.getblocking(), "a handler gets a blocking socket"
         self.conns.append(socket.socket(fileno=os.dup(client.fileno())))
         self.ids.append(request_id)
+        self.callers.append((port, peer))
         self.served += 1
 
     def await_result(self, callback: Callable[[str], None]) -> None:
@@ -104,15 +107,15 @@ class Harness:
     ::1, so per_client is off unless a test sets it."""
 
     def __init__(self, budget: MemoryBudget | None = None, address: str = "::1",
-                 **settings: Any):
+                 callers: Callers | None = None, **settings: Any):
         settings.setdefault("per_client", PER_CLIENT_OFF)
         self.containers: list[FakeContainer] = []
         self.make: dict[str, Any] = {}
         self.out = io.StringIO()
         self.log = EventLog("runner", stream=self.out)
         self.fn = Function("fake", address, ServeSettings(**settings), self.new, self.log,
-                           port=0, budget=budget)
-        self.port = self.fn.sock.getsockname()[1]
+                           budget=budget, callers=callers, bind=lambda port: 0)
+        self.port = self.fn.listeners[80].getsockname()[1]
 
     def new(self) -> FakeContainer:
         c = FakeContainer(len(self.containers), **self.make)

@@ -249,7 +249,7 @@ def tar_of(path, *entries: tuple[str, bytes | str | None, int]) -> str:
 def test_a_volume_tar_is_checked_before_restore_writes(tmp_path):
     import tarfile
 
-    from runner.backup import check_tar
+    from runner.volumebackup import check_tar
     reg, sym, lnk, dev = tarfile.REGTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE
     good = tar_of(tmp_path / "good.tar", (".", None, tarfile.DIRTYPE), ("./a", b"", reg),
                   ("./l", "/etc/passwd", sym), ("./h", "a", lnk))

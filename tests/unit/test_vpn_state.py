@@ -49,6 +49,9 @@ def test_disabled_and_expired_peers_leave_the_desired_state(state):
     assert [p["public_key"] for p in state.active_peers()] == [KEY_A]
     assert state.set_peer_state("b", "enabled")["expires"] is None  # enabling clears it
     assert len(state.active_peers()) == 2
+    # the runner names callers from the same enabled peers (a disabled one is nobody)
+    assert state.peer_names() == [{"name": "a", "address": "fd00:faa5:0:100::2"},
+                                  {"name": "b", "address": "fd00:faa5:0:100::3"}]
 
 
 def test_unknown_peer_is_not_found(state):

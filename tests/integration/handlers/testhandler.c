@@ -8,6 +8,10 @@
  *         /put/P   writes "kept" to file /P     /get/P  the contents of /P
  *         /fill/P  writes /P until a write fails: "<error> after <bytes>"
  *         /rm/P    unlinks /P
+ *         /secret/NAME  "uid gid mode rw|ro value" of /run/secrets/NAME (rw: it could
+ *                  create a file beside it)
+ *         /conn    the conn packet it got
+ * Not HTTP: "HELLO" first gets the conn packet back, raw, and the connection closed.
  * TEST_MODE (env): noconnect, noread, crash, forkbomb misbehave on purpose.
  * FAAS_REUSE=1: answer "done" and wait for the next connection. */
 #include <dirent.h>
@@ -17,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -26,6 +31,21 @@ static void reply(int fd, const char *body) {
                      "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n"
                      "Connection: close\r\n\r\n%s", strlen(body), body);
     write(fd, buf, n);
+}
+
+static void secret(const char *name_at, char *out, size_t cap) {
+    char name[64] = "", path[128], value[1024] = "";
+    struct stat st;
+    sscanf(name_at, "%63[a-z0-9-]", name);
+    snprintf(path, sizeof path, "/run/secrets/%s", name);
+    int f = open(path, O_RDONLY);
+    if (f < 0 || fstat(f, &st) < 0) { snprintf(out, cap, "error %s", strerror(errno)); return; }
+    ssize_t n = read(f, value, sizeof value - 1);
+    value[n > 0 ? n : 0] = 0;
+    close(f);
+    int w = open("/run/secrets/planted", O_WRONLY | O_CREAT, 0600);
+    snprintf(out, cap, "%u %u %o %s %s", (unsigned)st.st_uid, (unsigned)st.st_gid,
+             (unsigned)(st.st_mode & 07777), w < 0 ? "ro" : "rw", value);
 }
 
 static void fds(char *out, size_t cap) {
@@ -126,15 +146,27 @@ int main(void) {
         fprintf(stderr, "request %s\n", id);
         char body[4096];
         if (!strncmp(req, "GET /sleep", 10)) { for (;;) pause(); }
+        if (!strncmp(req, "HELLO", 5)) { /* another protocol on another port */
+            write(conn, packet, strlen(packet));
+            write(conn, "\n", 1);
+            close(conn);
+            if (!reuse) return 0;
+            char done[256];
+            int m = snprintf(done, sizeof done, "{\"type\": \"done\", \"id\": \"%s\"}", id);
+            send(ctl, done, m, 0);
+            continue;
+        }
         if (!strncmp(req, "GET /exit", 9)) return 3;
         if (!strncmp(req, "GET /slow", 9)) sleep(2);
         if (!strncmp(req, "GET /fds", 8)) fds(body, sizeof body);
         else if (!strncmp(req, "GET /id", 7)) snprintf(body, sizeof body, "%d %d", getuid(), getgid());
+        else if (!strncmp(req, "GET /secret/", 12)) secret(req + 12, body, sizeof body);
         else if (!strncmp(req, "GET /write", 10)) {
             int w = open("/written", O_WRONLY | O_CREAT, 0644);
             snprintf(body, sizeof body, "%s", w < 0 ? strerror(errno) : "written");
         } else if (!strncmp(req, "GET /slow", 9)) snprintf(body, sizeof body, "slow done");
         else if (!strncmp(req, "GET /net", 8)) proc_field(body, sizeof body, "/proc/net/dev", ":");
+        else if (!strncmp(req, "GET /conn", 9)) snprintf(body, sizeof body, "%s", packet);
         else if (!strncmp(req, "GET /caps", 9)) proc_field(body, sizeof body, "/proc/self/status", "CapEff:");
         else if (files(req, body, sizeof body)) {}
         else snprintf(body, sizeof body, "ok %d pid %d", served, getpid());
