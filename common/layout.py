@@ -47,6 +47,8 @@ DIRS = (
     Dir("ctl", "run", "ctl", "root", "root", 0o700, "the runner's control sockets", True),
     Dir("runc_dir", "run", "runc", "root", "root", 0o700, "runc's state", True),
     Dir("crun_dir", "run", "crun", "root", "root", 0o700, "crun's state", True),
+    Dir("netns", "run", "netns", "root", "root", 0o700,
+        "netagent's network namespaces of egress functions", True),
 )
 
 # Files and daemon-made directories, by Layout property: (owner daemon, relative path
@@ -214,6 +216,15 @@ class Layout:
     @property
     def crun_dir(self) -> str:
         return self.runtime_state("crun")
+
+    @property
+    def netns(self) -> str:
+        return self._u("netns")
+
+    def netns_path(self, function: str) -> str:
+        """The bind mount that holds a network=egress function's namespace (netagent
+        makes it; the runner's containers join it). ``function`` is a checked name."""
+        return self._u("netns", function)
 
     @property
     def supervisord_sock(self) -> str:

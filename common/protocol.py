@@ -366,11 +366,25 @@ def _sync(doc: str, state: dict[str, Field]) -> Op:
 # The desired state each agent converges to. Empty records for now: later capabilities
 # add fields here, and both sides see them at once.
 PEER = Record(fields={"public_key": WgKey(), "address": IPv6()})
+# A function that may reach another's address on these TCP ports (its `ports` setting).
+EGRESS_TARGET = Record(fields={"address": IPv6(), "ports": List(item=Int(min=1, max=65535),
+                                                                 max_items=16)})
+EGRESS = Record(fields={
+    "name": FunctionName(),
+    "address": IPv6(help="the function's own address: netagent derives the namespace's "
+                    "addresses from its place in function_prefix"),
+    "egress_allow": List(item=Str(max_len=64), max_items=64,
+                         help="private CIDR or CIDR:PORT it may reach (fnsettings syntax)"),
+    "may_call": List(item=EGRESS_TARGET, max_items=64,
+                     help="functions it may reach: address and ports"),
+})
 NETAGENT_STATE: dict[str, Field] = {
     "addresses": List(item=IPv6(), max_items=65536, required=False, default=[],
                       help="function addresses (/128) to hold on the WireGuard interface"),
     "peers": List(item=PEER, max_items=65536, required=False, default=[],
                   help="VPN peers: each key may send from exactly its own /128"),
+    "egress": List(item=EGRESS, max_items=16384, required=False, default=[],
+                   help="network=egress functions: a namespace, veth, NAT and firewall each"),
     "ports": List(item=Record(fields={
         "address": IPv6(), "ports": List(item=Int(min=1, max=65535), max_items=16)}),
         max_items=65536, required=False, default=[],

@@ -70,6 +70,21 @@ def _endpoint(v: str) -> None:
         raise ValueError("must be HOST:PORT or [IPv6]:PORT, or empty")
 
 
+def _v4net(v: str) -> None:
+    try:
+        net = ipaddress.IPv4Network(v)
+    except ValueError:
+        raise ValueError("must be an IPv4 network such as 10.250.0.0/16") from None
+    if net.prefixlen > 24:
+        raise ValueError("prefix must be /24 or wider (a /30 per egress function)")
+
+
+def _egress6(v: str) -> None:
+    _v6net(v)
+    if ipaddress.IPv6Network(v).prefixlen > 56:
+        raise ValueError("prefix must be /56 or wider (a /64 per egress function)")
+
+
 def _upstreams(v: list[str]) -> None:
     for addr in v:
         if not isinstance(addr, str) or "%" in addr:  # a scope id would reach named.conf
@@ -111,6 +126,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("function_prefix", str, "fd00:faa5:1::/64",
             "function addresses are taken from here, from ::a upward", _v6net),
     Setting("client_prefix", str, "fd00:faa5::/32", "what clients route into the tunnel", _v6net),
+    Setting("egress_prefix", str, "fd00:faa5:e::/48", "IPv6 of network=egress functions: "
+            "a /64 each, NATed out (docs/network.md)", _egress6),
+    Setting("egress_prefix4", str, "10.250.0.0/16", "IPv4 of network=egress functions: a "
+            "/30 each, NATed out of the default route", _v4net),
     Setting("vpn_endpoint", str, "", "HOST:PORT that peers dial; printed in client configs",
             _endpoint),
     Setting("dns_upstreams", list, [], "resolvers for names outside faas. (none by default)",
@@ -266,6 +285,12 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
                             f"({sources['function_prefix']}; {sources['vpn_prefix']}): the "
                             "root daemons hold function addresses to function_prefix, so it "
                             "must not contain the VPN's addresses")
+    egress = ipaddress.IPv6Network(values["egress_prefix"])
+    for key in ("function_prefix", "vpn_prefix"):
+        if egress.overlaps(ipaddress.IPv6Network(values[key])):
+            raise SettingsError(f"egress_prefix {egress} overlaps {key} "
+                                f"({sources['egress_prefix']}; {sources[key]}): a function's "
+                                "namespace would hold addresses of the VPN or of functions")
     return Settings(values, sources)
 
 

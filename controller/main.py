@@ -16,7 +16,7 @@ import os
 import time
 from typing import Any, TypeVar
 
-from common import layout, protocol, rpc, wgconf
+from common import egressnets, fnsettings, layout, protocol, rpc, wgconf
 from common.daemon import VERSION, Daemon, run_main
 from common.errors import Code, FaasError
 from common.fnsettings import host_maxima
@@ -100,7 +100,8 @@ class Controller(SecretOps, VolumeOps, Daemon):
         if agent == "netagent":
             return {"addresses": self.state.addresses(), "peers": self.state.active_peers(),
                     "ports": [{"address": s["address"], "ports": s["settings"]["ports"]}
-                              for s in self.state.specs()]}
+                              for s in self.state.specs()],
+                    "egress": self.state.egress()}
         if agent == "dnsagent":
             return {"records": [{"name": s["name"], "address": s["address"]}
                                 for s in self.state.specs()]}
@@ -273,10 +274,39 @@ class Controller(SecretOps, VolumeOps, Daemon):
         connections in flight."""
         await self.check_mounts(args["settings"])
         await self.check_secrets(args["name"], args["settings"])
+        self.check_egress_allow(args["settings"].get("egress_allow"))
+        if args["settings"].get("network") == "egress":
+            self.check_egress_room(args["name"])
         settings = self.state.set(args["name"], args["settings"])
         return await self.changed({"name": args["name"], "settings": settings},
                                   "settings_changed", name=args["name"],
                                   changes=sorted(args["settings"]))
+
+    def check_egress_room(self, name: str) -> None:
+        """netagent derives the namespace's addresses from the function's place in
+        function_prefix: one past the egress prefixes' room is refused now."""
+        s = self.settings
+        at = egressnets.index(self.state.function(name)["address"], s.function_prefix)
+        room = egressnets.room(s.egress_prefix, s.egress_prefix4)
+        if at >= room:
+            raise FaasError(Code.CONFLICT, f"network=egress: {name}'s address is past what "
+                            f"egress_prefix and egress_prefix4 hold ({room} functions); "
+                            "widen them", {"key": "network", "room": room})
+
+    def check_egress_allow(self, text: str | None) -> None:
+        """A range netagent would refuse (faasd's own, loopback, link-local, multicast)
+        is refused now, not at the next sync of every function."""
+        try:
+            items = fnsettings.BY_KEY["egress_allow"].value(text) if text else []
+        except ValueError:
+            return  # the state's parse says what is wrong with it
+        own = egressnets.own_prefixes(self.settings)
+        for item in items:
+            bad = egressnets.conflict(item, own)
+            if bad:
+                raise FaasError(Code.FORBIDDEN, f"egress_allow={item}: overlaps {bad}, which "
+                                "an egress function may never reach (docs/network.md)",
+                                {"key": "egress_allow"})
 
     async def op_logs(self, args: dict[str, Any]) -> dict[str, Any]:
         """Lines of a function's log from ``offset`` (at most LOG_CHUNK bytes of them).

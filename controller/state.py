@@ -179,6 +179,19 @@ class State:
         """Every image digest some version uses: the rootfs the runner must keep."""
         return {r[0] for r in self.db.execute("SELECT DISTINCT digest FROM versions")}
 
+    def egress(self) -> list[dict[str, Any]]:
+        """netagent's share of the network=egress functions: name, address, the private
+        ranges it may reach, and the address and ports of each function it may call
+        (one removed since is left out)."""
+        specs = self.specs()
+        by_name = {s["name"]: s for s in specs}
+        return [{"name": s["name"], "address": s["address"],
+                 "egress_allow": s["settings"]["egress_allow"],
+                 "may_call": [{"address": by_name[n]["address"],
+                               "ports": by_name[n]["settings"]["ports"]}
+                              for n in s["settings"]["may_call"] if n in by_name]}
+                for s in specs if s["settings"]["network"] == "egress"]
+
     def addresses(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT address FROM functions ORDER BY address")]
 
@@ -241,6 +254,13 @@ class State:
         """Apply KEY=VALUE changes to a function's settings, all or none; changed values
         above the host's maxima are refused."""
         settings = fnsettings.apply(self.function(name)["settings"], changes, self.maxima)
+        if "may_call" in changes:  # a name that is no function is a typo: say so now
+            known = {r[0] for r in self.db.execute("SELECT name FROM functions")}
+            missing = [n for n in settings["may_call"] if n not in known]
+            if missing:
+                raise FaasError(Code.NOT_FOUND, f"may_call: no function named "
+                                f"{', '.join(missing)}; faasctl list shows them",
+                                {"key": "may_call", "missing": missing})
         with self.tx() as db:
             db.execute("UPDATE functions SET settings=? WHERE name=?", (json.dumps(settings), name))
             self._bump(db)

@@ -89,7 +89,8 @@ def _recursion(settings: Settings) -> list[str]:
     upstreams = [_address(a) for a in settings.dns_upstreams]
     if not upstreams:
         return ["recursion no;", "allow-recursion { none; };", "allow-query-cache { none; };"]
-    vpn = _network(settings.vpn_prefix)
+    # network=egress functions ask from their egress_prefix addresses (docs/network.md)
+    vpn = f"{_network(settings.vpn_prefix)}; {_network(settings.egress_prefix)}"
     return [
         "recursion yes;",
         f"allow-recursion {{ {vpn}; }};",

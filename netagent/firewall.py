@@ -1,7 +1,8 @@
 """netagent's ip6tables chains: VPN peers reach each function's ports and DNS, nothing else.
 
 Three chains of its own per WireGuard interface, ``FAAS-<if>-IN`` (jumped to from INPUT
-for packets arriving on the interface), ``FAAS-<if>-FWD`` (from FORWARD) and
+for packets arriving on the interface), ``FAAS-<if>-FWD`` (from FORWARD, for packets
+arriving on or leaving by the interface) and
 ``FAAS-<if>-EXT`` (from INPUT for packets arriving anywhere else: only loopback may
 reach function addresses and the DNS server without the tunnel). Function
 addresses are local to this host, so a peer's request is INPUT traffic; nothing arriving
@@ -82,6 +83,9 @@ def jumps(interface: str) -> list[tuple[str, ...]]:
     chain_in, chain_fwd, chain_ext = chain_names(interface)
     return [("INPUT", "-i", interface, "-j", chain_in),
             ("FORWARD", "-i", interface, "-j", chain_fwd),
+            # into the tunnel too: with IPv6 forwarding on (egress functions turn it on),
+            # a LAN neighbour routing the client prefix here must not reach the peers
+            ("FORWARD", "-o", interface, "-j", chain_fwd),
             ("INPUT", "!", "-i", interface, "-j", chain_ext)]
 
 

@@ -15,7 +15,9 @@ What it converges, in order (docs/network.md):
 4. addresses: the VPN server address (``::1/64`` of ``vpn_prefix``) and one /128 per
    function; addresses in those prefixes that should not be there are removed, others
    are not touched; the route for the function prefix;
-5. peers: each key with exactly its own /128 as allowed-ips; any other peer is removed.
+5. peers: each key with exactly its own /128 as allowed-ips; any other peer is removed;
+6. network=egress functions: their firewall chains, namespaces, veths and forwarding;
+   those of functions no longer listed are removed (netagent/egress.py).
 
 A restart changes nothing that was right: every step compares before it acts.
 """
@@ -35,6 +37,7 @@ from common.errors import Code, FaasError
 from common.files import atomic_write
 from common.rpc import Handler
 from common.settings import EX_CONFIG, SettingsError, load, vpn_server
+from netagent.egress import Egress, Plan
 from netagent.firewall import Firewall, Ports
 from netagent.net import Net
 
@@ -59,10 +62,12 @@ class NetAgent(AgentDaemon):
         self.key_path = layout.of(self.settings).wg_private_key
         self.endpoints_path = layout.of(self.settings).wg_endpoints
         self.endpoints = self.load_endpoints()
+        self.egress = Egress(self.settings, layout.of(self.settings).netns, self.net.run,
+                             self.net.check, self.server.ip)
         self._lock = asyncio.Lock()
         # the last state converged to: the drift check holds the interface to it
         self.desired: tuple[set[ipaddress.IPv6Interface],
-                            dict[str, ipaddress.IPv6Network], Ports] | None = None
+                            dict[str, ipaddress.IPv6Network], Ports, list[Plan]] | None = None
 
     def handlers(self) -> dict[str, Handler]:
         return {**super().handlers(), "wg_info": self.op_wg_info, "peers": self.op_peers}
@@ -130,12 +135,14 @@ class NetAgent(AgentDaemon):
         ports = self.check_ports(functions, state.get("ports", []))
         addresses = functions | {self.server}
         peers = self.check_peers(state["peers"])
+        plans = self.egress.plan(state.get("egress", []))
         async with self._lock:  # a sync and the drift check, one at a time
-            await self._converge(addresses, peers, ports)
-            self.desired = (addresses, peers, ports)
+            await self._converge(addresses, peers, ports, plans)
+            self.desired = (addresses, peers, ports, plans)
 
     async def _converge(self, addresses: set[ipaddress.IPv6Interface],
-                        peers: dict[str, ipaddress.IPv6Network], ports: Ports) -> None:
+                        peers: dict[str, ipaddress.IPv6Network], ports: Ports,
+                        plans: list[Plan]) -> None:
         if not await self.net.link_exists():
             kind = await self.net.create_link()
             self.log.info("interface_created", interface=self.net.interface, kind=kind)
@@ -148,6 +155,9 @@ class NetAgent(AgentDaemon):
         await self.converge_addresses(addresses)
         await self.net.route(self.function_prefix)
         await self.converge_peers(peers)
+        done = await self.egress.converge(plans)
+        if any(done.values()):
+            self.log.info("egress_converged", **done)
 
     async def converge_addresses(self, wanted: set[ipaddress.IPv6Interface]) -> None:
         have = {a for a in await self.net.addresses()
@@ -212,7 +222,8 @@ class NetAgent(AgentDaemon):
                 self.log.error("drift_check_failed", error=repr(exc))
 
     async def drift(self, addresses: set[ipaddress.IPv6Interface],
-                    peers: dict[str, ipaddress.IPv6Network], ports: Ports) -> str | None:
+                    peers: dict[str, ipaddress.IPv6Network], ports: Ports,
+                    plans: list[Plan]) -> str | None:
         """What differs from the desired state, cheaply, or None."""
         if not await self.net.link_exists():
             return "interface missing"
@@ -226,7 +237,7 @@ class NetAgent(AgentDaemon):
         if {k: p["allowed_ips"] for k, p in current.items()} != \
                 {k: [str(n)] for k, n in peers.items()}:
             return "peers"
-        return None
+        return await self.egress.drift(plans)
 
     async def save_endpoints(self) -> None:
         current = await self.net.peers()
@@ -256,10 +267,16 @@ class NetAgent(AgentDaemon):
 
 async def teardown(settings: Any) -> None:
     """``faas-netagent --remove``: the interface first (so no packet arrives unfiltered),
-    then the firewall chains. Run by ``faasd down`` once supervisord has stopped."""
+    then the firewall chains, then the egress namespaces, veths and chains. Run by
+    ``faasd down`` once supervisord has stopped."""
     net = Net(settings.wg_interface)
     await net.delete_link()
     await Firewall(settings.wg_interface, net.run, net.check).remove()
+    egress = Egress(settings, layout.of(settings).netns, net.run, net.check,
+                    vpn_server(settings.vpn_prefix).ip)
+    await egress.ns.remove_except(set(), set())
+    await egress.ns.unmount_dir()
+    await egress.firewall.remove()
 
 
 def main() -> None:

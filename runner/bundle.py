@@ -115,10 +115,22 @@ def check_env(env: Mapping[str, str]) -> None:
             raise BundleError("FAAS_CONTROL_SOCKET is set by faasd and cannot be overridden")
 
 
+@dataclass(frozen=True)
+class EgressNet:
+    """A network=egress container's network: the namespace netagent holds for its
+    function (a path the runner computed from its layout, never one from a message) and
+    the host files mounted read-only as its /etc/resolv.conf and /etc/hosts."""
+
+    netns: str
+    resolv_conf: str
+    hosts: str
+
+
 def build_config(rootfs: str, image_config: Mapping[str, Any], *, container_id: str,
                  hostname: str, control_socket: str,
                  settings: FunctionSettings = FunctionSettings(),
                  cgroup_parent: str = CGROUP_PARENT,
+                 egress: EgressNet | None = None,
                  secrets_dir: str | None = None,
                  volumes: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The OCI config of one container of an image.
@@ -143,6 +155,17 @@ def build_config(rootfs: str, image_config: Mapping[str, Any], *, container_id: 
     if not isinstance(cwd, str) or not cwd.startswith("/") or "\0" in cwd:
         raise BundleError(f"the image's workdir {str(cwd)[:100]!r} is not an absolute path")
     uid, gid, groups = resolve_user(rootfs, image_config.get("user") or "")
+    namespaces: list[dict[str, str]] = [{"type": t} for t in NAMESPACES]
+    extra: list[dict[str, Any]] = []
+    if egress is not None:
+        for path in (egress.netns, egress.resolv_conf, egress.hosts):
+            if not path.startswith("/") or "\0" in path or ".." in path.split("/"):
+                raise BundleError(f"egress path {path[:120]!r} must be absolute, without '..'")
+        namespaces[NAMESPACES.index("network")] = {"type": "network", "path": egress.netns}
+        extra = [{"destination": dest, "type": "bind", "source": src,
+                  "options": ["bind", "ro", "nosuid", "nodev", "noexec"]}
+                 for dest, src in (("/etc/resolv.conf", egress.resolv_conf),
+                                   ("/etc/hosts", egress.hosts))]
     return {
         "ociVersion": OCI_VERSION,
         "process": {
@@ -163,14 +186,14 @@ def build_config(rootfs: str, image_config: Mapping[str, Any], *, container_id: 
         },
         "root": {"path": rootfs, "readonly": True},
         "hostname": hostname,
-        "mounts": mounts(control_socket, settings.tmp_bytes, uid, gid) + ([
+        "mounts": mounts(control_socket, settings.tmp_bytes, uid, gid) + extra + ([
             # The directory and its files are the container user's, read-only; the bind
             # is read-only too, so not even that user can add or replace one.
             {"destination": SECRETS_DIR, "type": "bind", "source": secrets_dir,
              "options": ["bind", "nosuid", "nodev", "noexec", "ro"]}]
             if secrets_dir is not None else []) + volume_mounts(settings.mounts, volumes or {}),
         "linux": {
-            "namespaces": [{"type": t} for t in NAMESPACES],
+            "namespaces": namespaces,
             # Absolute: the same place on cgroup v1, hybrid and v2 (docs/containers.md).
             "cgroupsPath": f"{cgroup_parent}/{container_id}",
             "resources": resources(settings),

@@ -17,7 +17,7 @@ from common.layout import Layout
 from common.log import EventLog
 from common.paths import root_dir
 from runner.budget import MemoryBudget
-from runner.bundle import BundleError, FunctionSettings, build_config
+from runner.bundle import BundleError, EgressNet, FunctionSettings, build_config
 from runner.callers import Callers
 from runner.container import Container
 from runner.fnlogs import FunctionLogs
@@ -27,14 +27,24 @@ from runner.serve import Function, settings_from
 from runner.volumes import Volumes
 
 
+def is_netns(path: str) -> bool:
+    """Whether ``path`` is a network namespace (a bind mount of nsfs), not a plain file."""
+    try:
+        return os.stat(path).st_dev == os.stat("/proc/self/ns/net").st_dev
+    except FileNotFoundError:
+        return False
+
+
 class Fleet:
     """The runner's functions."""
 
     def __init__(self, root: str, run: str, runtime: Runtime, logs: FunctionLogs,
                  log: EventLog, image_config: Callable[[str], Mapping[str, Any] | None],
                  budget: MemoryBudget | None = None, secrets: SecretStore | None = None,
-                 callers: Callers | None = None, volumes: Volumes | None = None):
+                 callers: Callers | None = None, nameserver: str = "",
+                 volumes: Volumes | None = None):
         self.paths = Layout(root, run)
+        self.nameserver = nameserver  # egress functions' resolver: named's VPN address
         self.secrets = secrets if secrets is not None else SecretStore(
             self.paths.secrets, self.paths.secret_copies)
         self.images = self.paths.images
@@ -133,6 +143,8 @@ class Fleet:
                 raise BundleError(f"the image of {name} ({spec['digest'][:19]}) is not on "
                                   f"this host: deploy it again (faasctl new {name} -f "
                                   "IMAGE.tar)")
+            egress = self.egress_net(name, limits, container_id) \
+                if limits.network == "egress" else None
             sources = {}
             if limits.mounts:
                 if self.volumes is None:
@@ -140,11 +152,13 @@ class Fleet:
                 sources = self.volumes.sources(limits.mounts)
             if not limits.secrets and not sources:  # nothing to pay for a plain function
                 return build_config(rootfs, image, container_id=container_id, hostname=name,
-                                    control_socket=control_socket, settings=limits)
+                                    control_socket=control_socket, settings=limits,
+                                    egress=egress)
             config = build_config(rootfs, image, container_id=container_id, hostname=name,
                                   control_socket=control_socket, settings=limits,
+                                  egress=egress, volumes=sources,
                                   secrets_dir=self.secrets.copies_of(container_id)
-                                  if limits.secrets else None, volumes=sources)
+                                  if limits.secrets else None)
             user = config["process"]["user"]
             if sources:
                 assert self.volumes is not None
@@ -184,6 +198,28 @@ class Fleet:
         return sorted(name for name, spec in self.specs.items()
                       if any(m.split(":", 1)[0] == volume
                              for m in spec["settings"]["mounts"]))
+
+    def egress_net(self, name: str, limits: FunctionSettings, container_id: str) -> EgressNet:
+        """The namespace netagent holds for ``name`` (refused until it is one: the next
+        container tries again) and this container's resolv.conf and hosts: named on the
+        VPN address for every name, the functions it may call by NAME.faas."""
+        netns = self.paths.netns_path(name)
+        if not is_netns(netns):
+            raise BundleError(f"the network namespace of {name} is not made yet (netagent "
+                              "makes it at its next sync): network=egress waits for it")
+        bundle = os.path.join(self.bundles, container_id)
+        hosts = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost"]
+        hosts += [f"{self.specs[n]['address']}\t{n}.faas {n}"
+                  for n in limits.may_call if n in self.specs]
+        files = {"resolv.conf": f"nameserver {self.nameserver}\n", "hosts": "\n".join(hosts)
+                 + "\n"}
+        for file, text in files.items():
+            fd = os.open(os.path.join(bundle, file), os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+        return EgressNet(netns, os.path.join(bundle, "resolv.conf"),
+                         os.path.join(bundle, "hosts"))
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Per-function pool and counters, by name."""

@@ -18,7 +18,7 @@ from common.daemon import AgentDaemon, owner_ids, run_main
 from common.errors import Code, FaasError
 from common.proc import adopt_orphans
 from common.rpc import Handler
-from common.settings import SettingsError
+from common.settings import SettingsError, vpn_server
 from runner.bounds import check_state
 from runner.budget import MemoryBudget, budget_bytes
 from runner.callers import Callers
@@ -82,6 +82,7 @@ class Runner(AgentDaemon):
         logs = FunctionLogs(layout.of(self.settings).function_logs, self._gid)
         self.fleet = Fleet(self.settings.root, self.settings.run, self.runtime, logs, self.log,
                            self.store.config_of, self.budget, callers=self.callers,
+                           nameserver=str(vpn_server(self.settings.vpn_prefix).ip),
                            volumes=self.volumes)
         removed = await self.remove_leftover_containers()
         counts, failed = await asyncio.to_thread(self.volumes.recover)

@@ -15,6 +15,7 @@ import pytest
 from runner import seccomp
 from runner.bundle import (
     BundleError,
+    EgressNet,
     FunctionSettings,
     MiB,
     build_config,
@@ -60,6 +61,23 @@ def test_namespaces(tmp_path: Path) -> None:
     assert sorted(n["type"] for n in linux["namespaces"]) == sorted(
         ["pid", "mount", "ipc", "uts", "cgroup", "network"])
     assert all("path" not in n for n in linux["namespaces"]), "new ones, never the host's"
+
+
+def test_an_egress_container_joins_its_functions_namespace(tmp_path: Path) -> None:
+    """network=egress: the network namespace netagent holds, the rest new; resolv.conf
+    and hosts from the bundle, read-only, over the shared rootfs."""
+    egress = EgressNet("/run/faasd/netns/fn", "/b/fn-1/resolv.conf", "/b/fn-1/hosts")
+    cfg = config(tmp_path, egress=egress)
+    spaces = cfg["linux"]["namespaces"]
+    assert [n for n in spaces if "path" in n] == [{"type": "network",
+                                                   "path": "/run/faasd/netns/fn"}]
+    assert sorted(n["type"] for n in spaces) == sorted(
+        ["pid", "mount", "ipc", "uts", "cgroup", "network"])
+    for dest, src in (("/etc/resolv.conf", egress.resolv_conf), ("/etc/hosts", egress.hosts)):
+        m = mount_at(cfg, dest)
+        assert m["source"] == src and "ro" in m["options"] and m["type"] == "bind"
+    with pytest.raises(BundleError, match="must be absolute"):
+        config(tmp_path, egress=EgressNet("netns/fn", "/r", "/h"))
 
 
 def test_masked_and_readonly_paths(tmp_path: Path) -> None:

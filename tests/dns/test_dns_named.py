@@ -219,7 +219,7 @@ def test_prepared_config_passes_named_checkconf_with_and_without_upstreams():
             assert f"listen-on-v6 port 53 {{ {VPN_NS}; }};" in conf
             assert "version none;" in conf and "allow-transfer { none; };" in conf
             if upstreams:
-                assert "allow-recursion { fd00:faa5:0:100::/64; };" in conf
+                assert "allow-recursion { fd00:faa5:0:100::/64; fd00:faa5:e::/48; };" in conf
                 assert f"forwarders {{ {UPSTREAM}; 192.0.2.53; }};" in conf
             else:
                 assert "recursion no;" in conf and "forwarders" not in conf

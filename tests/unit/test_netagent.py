@@ -73,6 +73,17 @@ class FakeFirewall:
     async def installed(self, prefix=None, server=None, ports=None): return self.applied > 0
 
 
+class FakeEgress:
+    """The egress part, tested on its own in test_egress.py."""
+
+    def __init__(self): self.converged: list[Any] = []
+    def plan(self, entries): return list(entries)
+    async def converge(self, plans):
+        self.converged.append(plans)
+        return {}
+    async def drift(self, plans): return None
+
+
 @pytest.fixture
 def agent(tmp_path):
     settings = load({"FAAS_ROOT": str(tmp_path), "FAAS_RUN": str(tmp_path / "run"),
@@ -80,11 +91,13 @@ def agent(tmp_path):
     a = NetAgent(settings, EventLog("netagent", stream=io.StringIO()))
     a.net = FakeNet()
     a.firewall = FakeFirewall()
+    a.egress = FakeEgress()
     return a
 
 
 def converge(agent, addresses=(), peers=()):
-    asyncio.run(agent.converge({"addresses": list(addresses), "peers": list(peers)}))
+    asyncio.run(agent.converge({"addresses": list(addresses), "peers": list(peers),
+                                "egress": []}))
 
 
 def test_converge_builds_everything_then_changes_nothing(agent):
@@ -277,7 +290,8 @@ def test_firewall_apply_adds_jumps_once_and_remove_takes_all_away():
     prefix, server = ipaddress.IPv6Network("fd00:faa5:1::/64"), ipaddress.IPv6Address("fd00::1")
     asyncio.run(fw.apply(prefix, server))
     asyncio.run(fw.apply(prefix, server))
-    assert len(rules) == 3 and sum(1 for a in ran if a[3] == "-I") == 3
+    assert len(rules) == 4 and sum(1 for a in ran if a[3] == "-I") == 4
+    assert ("FORWARD", "-o", "wg0", "-j", "FAAS-wg0-FWD") in rules  # the VPN stays unrouted
     assert asyncio.run(fw.installed())
     asyncio.run(fw.remove())
     assert rules == set() and not asyncio.run(fw.installed())

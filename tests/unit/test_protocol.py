@@ -18,6 +18,8 @@ SAMPLE_ARGS = {
     ("netagent", "sync"): {"generation": 3, "state": {
         "addresses": ["fd00:faa5:1::a"],
         "peers": [{"public_key": "A" * 43 + "=", "address": "fd00:faa5:0:100::2"}],
+        "egress": [{"name": "fib", "address": "fd00:faa5:1::a", "egress_allow": ["10.0.0.0/8"],
+                    "may_call": [{"address": "fd00:faa5:1::b", "ports": [80]}]}],
         "ports": [{"address": "fd00:faa5:1::a", "ports": [80, 5432]}]}},
     ("netagent", "wg_info"): {},
     ("runner", "stats"): {},

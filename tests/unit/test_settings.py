@@ -86,6 +86,18 @@ def test_function_and_vpn_prefixes_may_not_overlap(tmp_path):
     load(write(tmp_path, "function_prefix = 'fd00:faa5:2::/64'\n"))
 
 
+def test_egress_prefix_may_not_overlap_functions_or_vpn(tmp_path):
+    """An egress namespace's addresses come from egress_prefix: inside the function or
+    VPN prefix, a function could hold a function's or a peer's address."""
+    with pytest.raises(SettingsError, match="egress_prefix fd00:faa5:1::/56 overlaps "
+                       "function_prefix"):
+        load(write(tmp_path, "egress_prefix = 'fd00:faa5:1::/56'\n"))
+    with pytest.raises(SettingsError, match="must be /24 or wider"):
+        load(write(tmp_path, "egress_prefix4 = '10.0.0.0/28'\n"))
+    assert load(write(tmp_path, "egress_prefix4 = '172.31.0.0/16'\n")).egress_prefix4 \
+        == "172.31.0.0/16"
+
+
 def test_unknown_key_and_bad_toml(tmp_path):
     with pytest.raises(SettingsError, match="unknown key.*ping_intervall"):
         load(write(tmp_path, "ping_intervall = 1\n"))

@@ -8,6 +8,7 @@
  *         /put/P   writes "kept" to file /P     /get/P  the contents of /P
  *         /fill/P  writes /P until a write fails: "<error> after <bytes>"
  *         /rm/P    unlinks /P
+ *         /fetch/HOST/PORT  "fetched <body>" of http://HOST:PORT/ (2 s), else "error ..."
  *         /secret/NAME  "uid gid mode rw|ro value" of /run/secrets/NAME (rw: it could
  *                  create a file beside it)
  *         /conn    the conn packet it got
@@ -17,6 +18,8 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netdb.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -113,6 +116,42 @@ static int files(const char *req, char *out, size_t cap) {
     return 1;
 }
 
+/* Resolve HOST (getaddrinfo: /etc/hosts, /etc/resolv.conf), connect within 2 s, GET /. */
+static void fetch(char *out, size_t cap, const char *host, const char *port) {
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM}, *res, *ai;
+    int e = getaddrinfo(host, port, &hints, &res);
+    if (e) { snprintf(out, cap, "error resolve: %s", gai_strerror(e)); return; }
+    snprintf(out, cap, "error connect: no address");
+    for (ai = res; ai; ai = ai->ai_next) {
+        int s = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK, 0);
+        if (s < 0) continue;
+        struct pollfd p = {s, POLLOUT, 0};
+        int err = 0;
+        socklen_t len = sizeof err;
+        if (connect(s, ai->ai_addr, ai->ai_addrlen) < 0 && errno != EINPROGRESS) err = errno;
+        else if (poll(&p, 1, 2000) != 1) err = ETIMEDOUT;
+        else getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &len);
+        if (err) { snprintf(out, cap, "error connect: %s", strerror(err)); close(s); continue; }
+        fcntl(s, F_SETFL, 0);
+        char req[512], buf[4096] = "";
+        int n = snprintf(req, sizeof req, "GET / HTTP/1.0\r\nHost: %s\r\n\r\n", host);
+        write(s, req, n);
+        struct pollfd r = {s, POLLIN, 0};
+        size_t got = 0;
+        while (got < sizeof buf - 1 && poll(&r, 1, 2000) == 1) {
+            ssize_t m = read(s, buf + got, sizeof buf - 1 - got);
+            if (m <= 0) break;
+            got += m;
+        }
+        buf[got] = 0;
+        char *body = strstr(buf, "\r\n\r\n");
+        snprintf(out, cap, "fetched %s", body ? body + 4 : "(no body)");
+        close(s);
+        break;
+    }
+    freeaddrinfo(res);
+}
+
 int main(void) {
     const char *mode = getenv("TEST_MODE");
     const char *path = getenv("FAAS_CONTROL_SOCKET");
@@ -165,7 +204,11 @@ int main(void) {
             int w = open("/written", O_WRONLY | O_CREAT, 0644);
             snprintf(body, sizeof body, "%s", w < 0 ? strerror(errno) : "written");
         } else if (!strncmp(req, "GET /slow", 9)) snprintf(body, sizeof body, "slow done");
-        else if (!strncmp(req, "GET /net", 8)) proc_field(body, sizeof body, "/proc/net/dev", ":");
+        else if (!strncmp(req, "GET /fetch/", 11)) {
+            char host[256] = "", port[16] = "80";
+            sscanf(req + 11, "%255[^/ ]/%15[0-9]", host, port);
+            fetch(body, sizeof body, host, port);
+        } else if (!strncmp(req, "GET /net", 8)) proc_field(body, sizeof body, "/proc/net/dev", ":");
         else if (!strncmp(req, "GET /conn", 9)) snprintf(body, sizeof body, "%s", packet);
         else if (!strncmp(req, "GET /caps", 9)) proc_field(body, sizeof body, "/proc/self/status", "CapEff:");
         else if (files(req, body, sizeof body)) {}

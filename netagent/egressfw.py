@@ -1,0 +1,160 @@
+"""The firewall of network=egress functions: the world yes, nothing of the host's own.
+
+Chains of their own in iptables and ip6tables (docs/network.md "Egress"):
+
+- ``FAAS-EG-IN`` (jumped to first from INPUT for packets from any egress veth): replies,
+  ICMPv6 neighbour discovery and errors, DNS to the server's VPN address, TCP to the
+  addresses and ports of the functions each may call; everything else is dropped, so a
+  function reaches no address or service of this host (API, ZeroMQ, named's control
+  port, ssh) whatever it listens on.
+- ``FAAS-EG-FWD`` (jumped to first from FORWARD for packets from or to an egress veth):
+  towards a function only replies; from a function its ``egress_allow`` first, then
+  :data:`DENY4`/:data:`DENY6` and faasd's own prefixes dropped, the rest accepted.
+- ``FAAS-EG-NAT`` (nat, from POSTROUTING): the egress prefixes masqueraded on the way
+  out of any other interface.
+
+Written whole with one ``*-restore --noflush`` batch per family and table, like
+netagent/firewall.py; the jumps are checked with ``-C`` and kept first in their chains
+(the WireGuard interface's EXT chain would otherwise drop DNS to the server address).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from netagent.firewall import ICMP_ERRORS, Check, Run
+
+VETH_PREFIX = "fxeg"  # host side of every egress veth: fxeg + 10 hex digits
+CHAIN_IN, CHAIN_FWD, CHAIN_NAT = "FAAS-EG-IN", "FAAS-EG-FWD", "FAAS-EG-NAT"
+
+# Never reachable from an egress function, unless egress_allow lists a part of a
+# private range (never of loopback, link-local, metadata or multicast: refused there).
+DENY4 = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+         "172.16.0.0/12", "192.168.0.0/16", "192.0.0.0/24", "198.18.0.0/15",
+         "224.0.0.0/4", "240.0.0.0/4")
+DENY6 = ("::/128", "::1/128", "::ffff:0:0/96", "fe80::/10", "fc00::/7", "ff00::/8")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """One egress function's share of the chains."""
+
+    veth: str
+    allow: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None], ...]
+    calls: tuple[tuple[ipaddress.IPv6Address, tuple[int, ...]], ...]
+
+
+@dataclass(frozen=True)
+class Prefixes:
+    """Root's settings the rules are made of."""
+
+    server: ipaddress.IPv6Address  # the VPN server address, where named answers
+    own6: tuple[ipaddress.IPv6Network, ...]  # vpn, function, client, egress prefixes
+    egress6: ipaddress.IPv6Network
+    egress4: ipaddress.IPv4Network
+
+
+def render(prefixes: Prefixes, functions: Sequence[Rules], v6: bool) -> str:
+    """The filter and nat batch of one family."""
+    veths = f"{VETH_PREFIX}+"
+    est = "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
+    rules = [f"-A {CHAIN_IN} {est}"]
+    if v6:
+        rules += [f"-A {CHAIN_IN} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j ACCEPT"
+                  for t in ("neighbour-solicitation", "neighbour-advertisement",
+                            "router-solicitation", *ICMP_ERRORS)]
+        rules += [f"-A {CHAIN_IN} -d {prefixes.server}/128 -p {p} -m {p} --dport 53 -j ACCEPT"
+                  for p in ("udp", "tcp")]
+        for fn in functions:
+            for address, ports in fn.calls:
+                rules.append(f"-A {CHAIN_IN} -i {fn.veth} -d {address}/128 -p tcp -m multiport "
+                             f"--dports {','.join(map(str, ports))} -j ACCEPT")
+    rules.append(f"-A {CHAIN_IN} -j DROP")
+    rules += [f"-A {CHAIN_FWD} -o {veths} {est}", f"-A {CHAIN_FWD} -o {veths} -j DROP"]
+    for fn in functions:
+        for net, port in fn.allow:
+            if (net.version == 6) != v6:
+                continue
+            if port is None:
+                rules.append(f"-A {CHAIN_FWD} -i {fn.veth} -d {net} -j ACCEPT")
+            else:
+                rules += [f"-A {CHAIN_FWD} -i {fn.veth} -d {net} -p {p} -m {p} --dport {port} "
+                          "-j ACCEPT" for p in ("tcp", "udp")]
+    if v6:
+        deny = [*map(str, prefixes.own6), *DENY6]
+    else:
+        deny = [str(prefixes.egress4), *DENY4]
+    rules += [f"-A {CHAIN_FWD} -i {veths} -d {net} -j DROP" for net in deny]
+    rules.append(f"-A {CHAIN_FWD} -i {veths} -j ACCEPT")
+    egress = prefixes.egress6 if v6 else prefixes.egress4
+    return "\n".join([
+        "*filter", f":{CHAIN_IN} - [0:0]", f":{CHAIN_FWD} - [0:0]", *rules, "COMMIT",
+        "*nat", f":{CHAIN_NAT} - [0:0]",
+        f"-A {CHAIN_NAT} -s {egress} ! -o {veths} -j MASQUERADE", "COMMIT", ""])
+
+
+JUMPS = (("filter", "INPUT", ("-i", f"{VETH_PREFIX}+", "-j", CHAIN_IN)),
+         ("filter", "FORWARD", ("-i", f"{VETH_PREFIX}+", "-j", CHAIN_FWD)),
+         ("filter", "FORWARD", ("-o", f"{VETH_PREFIX}+", "-j", CHAIN_FWD)),
+         ("nat", "POSTROUTING", ("-j", CHAIN_NAT)))
+
+
+class EgressFirewall:
+    """Both families' chains, through netagent's command runners."""
+
+    def __init__(self, run: Run, check: Check):
+        self.run, self.check = run, check
+
+    async def apply(self, prefixes: Prefixes, functions: Sequence[Rules]) -> None:
+        """Refill every chain atomically per family, then put each jump first."""
+        for v6, tool in ((False, "iptables"), (True, "ip6tables")):
+            batch = render(prefixes, functions, v6)
+            await self.run(f"{tool}-restore", "-w", "5", "--noflush", stdin=batch.encode())
+            for table, chain, spec in JUMPS:
+                await self._first(tool, table, chain, spec)
+
+    async def _first(self, tool: str, table: str, chain: str, spec: tuple[str, ...]) -> None:
+        listing = (await self.run(tool, "-w", "5", "-t", table, "-S", chain)).splitlines()
+        rules = [line for line in listing if line.startswith(f"-A {chain} ")]
+        ours = f"-A {chain} {' '.join(spec)}"
+        # another jump inserted at 1 since (the WireGuard chains' repair) goes after ours
+        first = [r for r in rules if not r.startswith(f"-A {chain} -i {VETH_PREFIX}+ ")
+                 and not r.startswith(f"-A {chain} -o {VETH_PREFIX}+ ")]
+        position = rules.index(ours) if ours in rules else -1
+        if position != -1 and (not first or rules.index(first[0]) > position):
+            return
+        while await self.check(tool, "-w", "5", "-t", table, "-C", chain, *spec):
+            await self.run(tool, "-w", "5", "-t", table, "-D", chain, *spec)
+        await self.run(tool, "-w", "5", "-t", table, "-I", chain, "1", *spec)
+
+    async def installed(self, prefixes: Prefixes, functions: Sequence[Rules]) -> bool:
+        """Every jump present and every chain as long as :func:`render` makes it."""
+        for v6, tool in ((False, "iptables"), (True, "ip6tables")):
+            want = render(prefixes, functions, v6).splitlines()
+            for table in ("filter", "nat"):
+                listing = (await self.run(tool, "-w", "5", "-t", table, "-S")).splitlines()
+                for t, chain, spec in JUMPS:
+                    if t == table and f"-A {chain} {' '.join(spec)}" not in listing:
+                        return False
+                for chain in ((CHAIN_IN, CHAIN_FWD) if table == "filter" else (CHAIN_NAT,)):
+                    have = sum(1 for line in listing if line.startswith(f"-A {chain} "))
+                    if have != sum(1 for line in want if line.startswith(f"-A {chain} ")):
+                        return False
+        return True
+
+    async def remove(self) -> None:
+        """Jumps out, then the chains (``faas-netagent --remove``)."""
+        for tool in ("iptables", "ip6tables"):
+            for table, chain, spec in JUMPS:
+                while await self.check(tool, "-w", "5", "-t", table, "-C", chain, *spec):
+                    await self.run(tool, "-w", "5", "-t", table, "-D", chain, *spec)
+            for table, chains in (("filter", (CHAIN_IN, CHAIN_FWD)), ("nat", (CHAIN_NAT,))):
+                names = [c for c in chains
+                         if await self.check(tool, "-w", "5", "-t", table, "-S", c)]
+                if names:
+                    batch = [f"*{table}", *(f"-F {c}" for c in names),
+                             *(f"-X {c}" for c in names), "COMMIT", ""]
+                    await self.run(f"{tool}-restore", "-w", "5", "--noflush",
+                                   stdin="\n".join(batch).encode())

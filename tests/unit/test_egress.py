@@ -1,0 +1,212 @@
+"""netagent's egress part without root: what a sync may ask (checked against root's
+prefixes before anything runs), the addresses it derives, and the rules it renders."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+
+import pytest
+
+from common.errors import Code, FaasError
+from common.settings import load, vpn_server
+from netagent import egressfw
+from netagent.egress import Egress, addresses, veth_name
+
+SETTINGS = load({"FAAS_CONFIG": "/dev/null", "FAAS_ROOT": "/nonexistent",
+                 "FAAS_RUN": "/nonexistent/run"})
+
+
+async def _never(*argv, **kw):  # pragma: no cover - a plan runs nothing
+    raise AssertionError(f"ran {argv}")
+
+
+def egress() -> Egress:
+    return Egress(SETTINGS, "/nonexistent/run/netns", _never, _never,
+                  vpn_server(SETTINGS.vpn_prefix).ip)
+
+
+def entry(name="fib", address="fd00:faa5:1::a", allow=(), calls=()):
+    return {"name": name, "address": address, "egress_allow": list(allow),
+            "may_call": [{"address": a, "ports": p} for a, p in calls]}
+
+
+def test_addresses_come_from_the_functions_place_in_its_prefix():
+    [plan] = egress().plan([entry()])
+    assert (str(plan.host6), str(plan.ns6)) == ("fd00:faa5:e:a::1/64", "fd00:faa5:e:a::2/64")
+    assert (str(plan.host4), str(plan.ns4)) == ("10.250.0.41/30", "10.250.0.42/30")
+    assert plan.path == "/nonexistent/run/netns/fib"
+    assert plan.veth == veth_name("fib", "fd00:faa5:1::a") and len(plan.veth) <= 15
+    # another function that reuses the address later gets another veth
+    assert veth_name("fob", "fd00:faa5:1::a") != plan.veth
+    # neighbours never share a /30 or a /64
+    a, b = addresses(10, ipaddress.IPv6Network("fd00::/48"), ipaddress.IPv4Network("10.0.0.0/16")
+                     ), addresses(11, ipaddress.IPv6Network("fd00::/48"),
+                                  ipaddress.IPv4Network("10.0.0.0/16"))
+    assert not a[2].network.overlaps(b[2].network) and a[0].network != b[0].network
+
+
+@pytest.mark.parametrize("bad,code", [
+    (entry(address="fd00:faa5:2::a"), Code.FORBIDDEN),  # not a function address
+    (entry(address="fd00:faa5:1::"), Code.FORBIDDEN),  # the prefix's own
+    (entry(address="fd00:faa5:1::1:0"), Code.FORBIDDEN),  # past 10.250/16's 16384 /30s
+    (entry(allow=["169.254.169.254/32"]), Code.FORBIDDEN),  # the metadata address
+    (entry(allow=["127.0.0.0/8"]), Code.FORBIDDEN),
+    (entry(allow=["fe80::/10"]), Code.FORBIDDEN),
+    (entry(allow=["fd00:faa5::/32"]), Code.FORBIDDEN),  # the VPN and functions
+    (entry(allow=["10.250.0.0/24"]), Code.FORBIDDEN),  # other egress functions
+    (entry(allow=["10.0.0.0/8"]), Code.FORBIDDEN),  # holds egress_prefix4
+    (entry(allow=["10.1.0.0/16 "]), Code.BAD_REQUEST),  # not as fnsettings writes it
+    (entry(allow=["10.1.0.1/16"]), Code.BAD_REQUEST),  # host bits: not canonical
+    (entry(calls=[("fd00:faa5:0:100::1", [80])]), Code.FORBIDDEN),  # the server, not a fn
+    (entry(calls=[("fd00:faa5:1::b", [])]), Code.FORBIDDEN),
+])
+def test_a_bad_entry_refuses_the_whole_sync(bad, code):
+    with pytest.raises(FaasError) as info:
+        egress().plan([entry(name="ok", address="fd00:faa5:1::c"), bad])
+    assert info.value.code == code, info.value.message
+
+
+def test_a_name_or_address_twice_is_refused():
+    with pytest.raises(FaasError) as info:
+        egress().plan([entry(), entry(name="fob")])
+    assert info.value.code == Code.BAD_REQUEST
+
+
+def test_rules_hold_the_deny_list_after_egress_allow_and_only_may_call_in():
+    e = egress()
+    [plan] = e.plan([entry(allow=["192.168.1.0/24:5432", "fd12::/48"],
+                           calls=[("fd00:faa5:1::b", [80, 8080])])])
+    v4 = egressfw.render(e.prefixes, [plan.rules], v6=False).splitlines()
+    v6 = egressfw.render(e.prefixes, [plan.rules], v6=True).splitlines()
+    fwd4 = [r for r in v4 if r.startswith("-A FAAS-EG-FWD")]
+    allow = fwd4.index(f"-A FAAS-EG-FWD -i {plan.veth} -d 192.168.1.0/24 -p tcp -m tcp "
+                       "--dport 5432 -j ACCEPT")
+    deny = fwd4.index("-A FAAS-EG-FWD -i fxeg+ -d 192.168.0.0/16 -j DROP")
+    assert allow < deny < fwd4.index("-A FAAS-EG-FWD -i fxeg+ -j ACCEPT") == len(fwd4) - 1
+    for net in ("169.254.0.0/16", "10.0.0.0/8", "172.16.0.0/12", "100.64.0.0/10",
+                "127.0.0.0/8", "10.250.0.0/16"):
+        assert f"-A FAAS-EG-FWD -i fxeg+ -d {net} -j DROP" in v4
+    for net in ("fd00:faa5:0:100::/64", "fd00:faa5:1::/64", "fd00:faa5::/32",
+                "fd00:faa5:e::/48", "fc00::/7", "fe80::/10"):
+        assert f"-A FAAS-EG-FWD -i fxeg+ -d {net} -j DROP" in v6
+    assert f"-A FAAS-EG-FWD -i {plan.veth} -d fd12::/48 -j ACCEPT" in v6
+    assert not any("fd12" in r for r in v4) and not any("192.168" in r and "ACCEPT" in r
+                                                         for r in v6)
+    # towards functions: replies only
+    assert v4.index("-A FAAS-EG-FWD -o fxeg+ -j DROP") == \
+        v4.index("-A FAAS-EG-FWD -o fxeg+ -m conntrack --ctstate ESTABLISHED,RELATED "
+                 "-j ACCEPT") + 1
+    # into the host: DNS on the server address and may_call, nothing else
+    in6 = [r for r in v6 if r.startswith("-A FAAS-EG-IN") and "icmp" not in r]
+    assert in6 == [
+        "-A FAAS-EG-IN -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+        "-A FAAS-EG-IN -d fd00:faa5:0:100::1/128 -p udp -m udp --dport 53 -j ACCEPT",
+        "-A FAAS-EG-IN -d fd00:faa5:0:100::1/128 -p tcp -m tcp --dport 53 -j ACCEPT",
+        f"-A FAAS-EG-IN -i {plan.veth} -d fd00:faa5:1::b/128 -p tcp -m multiport "
+        "--dports 80,8080 -j ACCEPT",
+        "-A FAAS-EG-IN -j DROP"]
+    assert [r for r in v4 if r.startswith("-A FAAS-EG-IN")][-1] == "-A FAAS-EG-IN -j DROP"
+    assert "-A FAAS-EG-NAT -s 10.250.0.0/16 ! -o fxeg+ -j MASQUERADE" in v4
+    assert "-A FAAS-EG-NAT -s fd00:faa5:e::/48 ! -o fxeg+ -j MASQUERADE" in v6
+
+
+class Tables:
+    """iptables -S for a few chains, enough for the jump ordering."""
+
+    def __init__(self, chains):
+        self.chains = chains
+        self.calls = []
+
+    async def run(self, *argv, stdin=None):
+        self.calls.append(argv)
+        chain = argv[argv.index("-S") + 1] if "-S" in argv else None
+        if chain is not None:
+            return "\n".join([f"-P {chain} ACCEPT", *self.chains.get(chain, [])])
+        if "-D" in argv:
+            i = argv.index("-D")
+            self.chains[argv[i + 1]].remove(f"-A {argv[i + 1]} {' '.join(argv[i + 2:])}")
+        if "-I" in argv:
+            i = argv.index("-I")
+            self.chains.setdefault(argv[i + 1], []).insert(
+                0, f"-A {argv[i + 1]} {' '.join(argv[i + 3:])}")
+        return ""
+
+    async def check(self, *argv):
+        i = argv.index("-C")
+        return f"-A {argv[i + 1]} {' '.join(argv[i + 2:])}" in self.chains.get(argv[i + 1], [])
+
+
+def test_the_input_jump_is_kept_before_the_wireguard_chains():
+    """The WireGuard EXT chain drops packets for the server address from any interface
+    but the tunnel: our jump must come first, also after that one was re-inserted."""
+    tables = Tables({"INPUT": ["-A INPUT ! -i wg0 -j FAAS-wg0-EXT",
+                               "-A INPUT -i fxeg+ -j FAAS-EG-IN"]})
+    fw = egressfw.EgressFirewall(tables.run, tables.check)
+
+    asyncio.run(fw._first("ip6tables", "filter", "INPUT", ("-i", "fxeg+", "-j", "FAAS-EG-IN")))
+    assert tables.chains["INPUT"] == ["-A INPUT -i fxeg+ -j FAAS-EG-IN",
+                                      "-A INPUT ! -i wg0 -j FAAS-wg0-EXT"]
+    tables.calls.clear()
+    asyncio.run(fw._first("ip6tables", "filter", "INPUT", ("-i", "fxeg+", "-j", "FAAS-EG-IN")))
+    assert not [c for c in tables.calls if "-I" in c or "-D" in c]  # already first: no change
+
+
+class _Ctl:
+    """What the controller's egress checks read: its settings and one function."""
+
+    def __init__(self, address, **over):
+        self.settings = load({"FAAS_CONFIG": "/dev/null", "FAAS_ROOT": "/nonexistent",
+                              "FAAS_RUN": "/nonexistent/run",
+                              **{f"FAAS_{k.upper()}": v for k, v in over.items()}})
+        self.state = type("S", (), {"function": staticmethod(lambda n: {"address": address})})
+
+
+def test_the_controller_refuses_at_set_what_netagent_would_refuse_at_sync():
+    from controller.main import Controller
+    Controller.check_egress_room(_Ctl("fd00:faa5:1::3f", egress_prefix4="10.1.0.0/24"), "fib")
+    with pytest.raises(FaasError) as info:  # a /24 holds 64 /30s: ::40 is the 65th
+        Controller.check_egress_room(_Ctl("fd00:faa5:1::40", egress_prefix4="10.1.0.0/24"),
+                                     "fib")
+    assert info.value.code == Code.CONFLICT and "widen" in info.value.message
+    ctl = _Ctl("fd00:faa5:1::a")
+    Controller.check_egress_allow(ctl, "192.168.1.0/24:5432,fd12::/48")
+    Controller.check_egress_allow(ctl, "not a cidr")  # left to the parser's bad_request
+    for never in ("169.254.169.254/32", "fd00:faa5:1::/64", "10.250.1.0/24", "::1/128"):
+        with pytest.raises(FaasError) as info:
+            Controller.check_egress_allow(ctl, never)
+        assert info.value.code == Code.FORBIDDEN, never
+
+
+def test_namespaces_compare_before_they_act(tmp_path):
+    """A namespace as planned: nothing runs (and after one look, not even a look inside);
+    its veth gone: the pair is made again and moved into the same namespace."""
+    [p] = egress().plan([entry()])
+    calls: list[tuple[str, ...]] = []
+
+    async def run(*argv, stdin=None):
+        calls.append(argv)
+        return ""
+
+    async def check(*argv):
+        return False
+
+    from netagent.egress import Namespaces
+    ns = Namespaces(str(tmp_path), run, check)
+    ns.mounted = lambda: {"fib"}  # type: ignore[method-assign]
+    looks = []
+
+    async def ns_state(path):
+        looks.append(path)
+        return sorted([str(p.ns4), str(p.ns6)]) + [f"via {p.host4.ip}", f"via {p.host6.ip}"]
+    ns.ns_state = ns_state  # type: ignore[method-assign]
+    host = {p.veth: sorted([str(p.host4), str(p.host6)])}
+    assert asyncio.run(ns.converge(p, host)) is False and calls == [] and len(looks) == 1
+    assert asyncio.run(ns.converge(p, host)) is False and calls == [] and len(looks) == 1
+    assert asyncio.run(ns.converge(p, {})) is True  # the host side is gone
+    made = [c for c in calls if c[:3] == ("ip", "link", "add")]
+    assert made == [("ip", "link", "add", p.veth, "type", "veth", "peer", "name",
+                     "fyeg" + p.veth[4:])]
+    assert ("ip", "link", "set", "fyeg" + p.veth[4:], "netns", p.path) in calls
+    assert ("nsenter", f"--net={p.path}", "ip", "-6", "route", "replace", "default", "via",
+            str(p.host6.ip)) in calls
