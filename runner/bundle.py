@@ -132,20 +132,22 @@ def build_config(rootfs: str, image_config: Mapping[str, Any], *, container_id: 
                  cgroup_parent: str = CGROUP_PARENT,
                  egress: EgressNet | None = None,
                  secrets_dir: str | None = None,
-                 volumes: Mapping[str, str] | None = None) -> dict[str, Any]:
+                 volumes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The OCI config of one container of an image.
 
     ``rootfs`` is the image's extracted root (absolute), ``image_config`` its normalized
     config (entrypoint, cmd, env, workdir, user), ``control_socket`` the host path of the
     container's control socket, ``secrets_dir`` the host directory of its secrets' copies
-    (runner/secretstore.py), bound read-only at /run/secrets, ``volumes`` the host
-    directory of each volume that ``settings.mounts`` names (runner/volumes.py). Raises
+    (runner/secretstore.py), bound read-only at /run/secrets, ``volumes`` the bind mounts
+    of the volumes ``settings.mounts`` names (runner/volumes.py bind_mounts). Raises
     :class:`BundleError` for an image or settings that cannot make a container (no
     command, unknown user, bad environment, bad limits, a volume without its directory).
     """
     _check_names(rootfs, container_id, hostname, control_socket, cgroup_parent,
                  *([secrets_dir] if secrets_dir is not None else []))
     settings.validate()
+    if settings.mounts and len(volumes or []) != len(settings.mounts):
+        raise BundleError("the function mounts volumes this container was not given")
     args = [*(image_config.get("entrypoint") or []), *(image_config.get("cmd") or [])]
     if not args:
         raise BundleError("the image has no command to run (entrypoint and cmd are empty)")
@@ -191,7 +193,7 @@ def build_config(rootfs: str, image_config: Mapping[str, Any], *, container_id: 
             # is read-only too, so not even that user can add or replace one.
             {"destination": SECRETS_DIR, "type": "bind", "source": secrets_dir,
              "options": ["bind", "nosuid", "nodev", "noexec", "ro"]}]
-            if secrets_dir is not None else []) + volume_mounts(settings.mounts, volumes or {}),
+            if secrets_dir is not None else []) + list(volumes or []),
         "linux": {
             "namespaces": namespaces,
             # Absolute: the same place on cgroup v1, hybrid and v2 (docs/containers.md).
@@ -257,25 +259,6 @@ def mounts(control_socket: str, tmp_bytes: int, uid: int, gid: int) -> list[dict
         mount(CONTROL_SOCKET, "bind", control_socket, "bind", "nosuid", "nodev", "noexec",
               "ro"),
     ]
-
-
-def volume_mounts(specs: list[str], sources: Mapping[str, str]) -> list[dict[str, Any]]:
-    """A bind mount of each ``VOL:/path[:ro]``, parents before what they hold: the
-    volume's directory, without devices, set-id or executables (a volume holds data)."""
-    out = []
-    for spec in specs:
-        if not BY_KEY["mounts"].canonical([spec]):  # the last check before runc
-            raise BundleError(f"mount {spec[:100]!r} is not VOLUME:/path[:ro]")
-        name, dest, *ro = spec.split(":")
-        source = sources.get(name)
-        if source is None or not source.startswith("/"):
-            raise BundleError(f"volume {name} has no host directory")
-        out.append({"destination": dest, "type": "bind", "source": source,
-                    "options": ["bind", "nosuid", "nodev", "noexec", "ro" if ro else "rw"]})
-    dests = [m["destination"] for m in out]
-    if len(set(dests)) != len(dests):
-        raise BundleError(f"two volumes are mounted at the same path: {', '.join(dests)}")
-    return sorted(out, key=lambda m: m["destination"].count("/"))
 
 
 def resources(settings: FunctionSettings) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from runner.fnlogs import FunctionLogs
 from runner.runtime import Runtime
 from runner.secretstore import MissingSecret, SecretStore
 from runner.serve import Function, settings_from
-from runner.volumes import Volumes
+from runner.volumes import Volumes, bind_mounts
 
 
 def is_netns(path: str) -> bool:
@@ -156,7 +156,7 @@ class Fleet:
                                     egress=egress)
             config = build_config(rootfs, image, container_id=container_id, hostname=name,
                                   control_socket=control_socket, settings=limits,
-                                  egress=egress, volumes=sources,
+                                  egress=egress, volumes=bind_mounts(limits.mounts, sources),
                                   secrets_dir=self.secrets.copies_of(container_id)
                                   if limits.secrets else None)
             user = config["process"]["user"]

@@ -20,11 +20,11 @@ import os
 import re
 import stat
 import subprocess
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from common.errors import Code, FaasError
-from common.fnsettings import NAME_PATTERN
+from common.fnsettings import BY_KEY, NAME_PATTERN
 from common.layout import Layout
 from common.paths import root_dir
 from runner.bundle import BundleError
@@ -239,6 +239,25 @@ class Volumes:
                     os.chown(data, uid, gid, follow_symlinks=False)
             except OSError as exc:
                 raise BundleError(f"volume {name}: {exc.strerror}") from None
+
+
+def bind_mounts(specs: list[str], sources: Mapping[str, str]) -> list[dict[str, Any]]:
+    """A bind mount of each ``VOL:/path[:ro]``, parents before what they hold: the
+    volume's directory, without devices, set-id or executables (a volume holds data)."""
+    out = []
+    for spec in specs:
+        if not BY_KEY["mounts"].canonical([spec]):  # the last check before runc
+            raise BundleError(f"mount {spec[:100]!r} is not VOLUME:/path[:ro]")
+        name, dest, *ro = spec.split(":")
+        source = sources.get(name)
+        if source is None or not source.startswith("/"):
+            raise BundleError(f"volume {name} has no host directory")
+        out.append({"destination": dest, "type": "bind", "source": source,
+                    "options": ["bind", "nosuid", "nodev", "noexec", "ro" if ro else "rw"]})
+    dests = [m["destination"] for m in out]
+    if len(set(dests)) != len(dests):
+        raise BundleError(f"two volumes are mounted at the same path: {', '.join(dests)}")
+    return sorted(out, key=lambda m: m["destination"].count("/"))
 
 
 def _checked(name: str) -> str:

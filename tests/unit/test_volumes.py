@@ -14,9 +14,9 @@ import pytest
 from common.errors import Code, FaasError
 from common.layout import Layout
 from controller.volumes import VolumeOps
-from runner.bundle import BundleError, FunctionSettings, build_config, volume_mounts
+from runner.bundle import BundleError, FunctionSettings, build_config
 from runner.fleet import Fleet
-from runner.volumes import MIN_BYTES, Volumes
+from runner.volumes import MIN_BYTES, Volumes, bind_mounts
 
 MiB = 1 << 20
 
@@ -134,7 +134,7 @@ def test_a_container_start_fails_for_a_missing_or_unmounted_volume(tmp_path, too
 
 
 def test_bind_mounts_rw_and_ro_parents_first():
-    got = volume_mounts(["a:/srv/a/deep", "b:/srv/a:ro"], {"a": "/v/a/data", "b": "/v/b/data"})
+    got = bind_mounts(["a:/srv/a/deep", "b:/srv/a:ro"], {"a": "/v/a/data", "b": "/v/b/data"})
     assert [m["destination"] for m in got] == ["/srv/a", "/srv/a/deep"]
     assert got[0] == {"destination": "/srv/a", "type": "bind", "source": "/v/b/data",
                       "options": ["bind", "nosuid", "nodev", "noexec", "ro"]}
@@ -145,7 +145,7 @@ def test_bind_mounts_rw_and_ro_parents_first():
                                    ["a:/x", "a:/x"], ["b:/x"]])
 def test_bad_mounts_never_reach_the_config(specs):
     with pytest.raises(BundleError):
-        volume_mounts(specs, {"a": "/v/a/data"})
+        bind_mounts(specs, {"a": "/v/a/data"})
 
 
 def test_the_config_holds_the_volumes_after_faasds_own_mounts(tmp_path):
@@ -154,7 +154,7 @@ def test_the_config_holds_the_volumes_after_faasds_own_mounts(tmp_path):
     config = build_config(str(rootfs), {"cmd": ["/h"]}, container_id="c1", hostname="fn",
                           control_socket="/run/ctl/c1.sock",
                           settings=FunctionSettings(mounts=["data:/data"]),
-                          volumes={"data": "/v/mnt/data/data"})
+                          volumes=bind_mounts(["data:/data"], {"data": "/v/mnt/data/data"}))
     assert config["mounts"][-1]["destination"] == "/data"
     assert config["mounts"][-1]["source"] == "/v/mnt/data/data"
 
@@ -264,3 +264,12 @@ def test_a_volume_tar_is_checked_before_restore_writes(tmp_path):
         with pytest.raises(FaasError) as err:
             check_tar(tar_of(tmp_path / f"{bad}.tar", *entries), "v", 150)
         assert err.value.code == Code.BAD_REQUEST, bad
+
+
+def test_a_config_without_the_volumes_its_settings_mount_is_refused(tmp_path):
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    with pytest.raises(BundleError, match="mounts volumes"):
+        build_config(str(rootfs), {"cmd": ["/h"]}, container_id="c1", hostname="fn",
+                     control_socket="/run/ctl/c1.sock",
+                     settings=FunctionSettings(mounts=["data:/data"]))
