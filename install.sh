@@ -23,10 +23,11 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
 # Everything the platform and its tests run: the OCI runtimes, WireGuard (kernel module
 # where present, wireguard-go otherwise), iproute2 and ip6tables, BIND 9 and its tools,
-# curl, zstd for image layers, a C compiler for the test handlers.
+# curl, zstd for image layers, a C compiler for the test handlers, e2fsprogs and
+# util-linux's mount for volumes.
 packages=(python3 python3-venv runc crun wireguard-tools wireguard-go iproute2 iptables
           bind9 bind9-utils bind9-dnsutils curl zstd gcc libc6-dev util-linux procps
-          iputils-ping)
+          iputils-ping e2fsprogs mount)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -14,6 +14,7 @@ import io
 import ipaddress
 import json
 import os
+import re
 import socket
 import stat
 import tarfile
@@ -31,7 +32,10 @@ FORMAT = 1  # the archive layout; restore knows KNOWN_FORMATS
 KNOWN_FORMATS = (1,)
 MANIFEST = "manifest.json"
 MANIFEST_CAP = 1 << 20
-MAX_ARCHIVE = 1 << 30  # the compressed file
+MAX_ARCHIVE = 1 << 30  # the compressed file, without volumes
+MAX_ARCHIVE_VOLUMES = 1 << 44  # with --with-volumes: each volume's tar has its own cap
+VOLUME_CAP = 1 << 42  # one volume's tar
+VOLUME_MEMBER = re.compile(r"volumes/([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)\.tar")
 CHUNK = 1 << 20
 SETTINGS_KEPT = ("function_prefix", "vpn_prefix", "wg_interface", "wg_port")
 SETTINGS_REQUIRED = ("function_prefix", "vpn_prefix")  # the addresses in state need them
@@ -63,6 +67,14 @@ def _bad(message: str) -> FaasError:
     return FaasError(Code.BAD_REQUEST, message)
 
 
+def member_of(name: str) -> Member | None:
+    """The member of that name: one of MEMBERS, or a volume's tar (``volumes/<name>.tar``,
+    the runner's, only in a backup made with --with-volumes)."""
+    if name in BY_NAME:
+        return BY_NAME[name]
+    return Member(name, "runner", VOLUME_CAP) if VOLUME_MEMBER.fullmatch(name) else None
+
+
 def caps_of(part: str) -> dict[str, int]:
     """The members ``part`` answers for, with their caps."""
     return {m.name: m.cap for m in MEMBERS if m.part == part}
@@ -88,7 +100,8 @@ def images(versions: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # --- writing ----------------------------------------------------------------------------
 
 def make_manifest(settings: Settings, files: dict[str, str], contents: dict[str, Any],
-                  server_key: str | None) -> dict[str, Any]:
+                  server_key: str | None, volumes: dict[str, int] | None = None
+                  ) -> dict[str, Any]:
     """What the archive holds and where it came from; the images it needs."""
     now = time.time()
     return {
@@ -104,6 +117,7 @@ def make_manifest(settings: Settings, files: dict[str, str], contents: dict[str,
         "peers": [{k: p[k] for k in ("name", "address", "public_key")}
                   for p in contents["peers"]],
         "images": images(contents["versions"]),
+        "volumes": volumes or {},  # name -> size in bytes, of the volumes in the archive
         "files": {name: {"size": os.path.getsize(path), "sha256": sha256_of(path)}
                   for name, path in sorted(files.items())},
     }
@@ -122,10 +136,11 @@ def write_archive(target: str, manifest: dict[str, Any], files: dict[str, str]) 
     with atomic_file(target, 0o600) as f, \
             tarfile.open(fileobj=f, mode="w:gz", format=tarfile.PAX_FORMAT) as tf:
         tf.addfile(info(MANIFEST, len(body)), io.BytesIO(body))
-        for m in MEMBERS:
-            if m.name in files:
-                with open(files[m.name], "rb") as src:
-                    tf.addfile(info(m.name, os.fstat(src.fileno()).st_size), src)
+        extra = sorted(n for n in files if n not in BY_NAME)  # volumes, before state.db
+        for name in [*(m.name for m in MEMBERS[:-1]), *extra, MEMBERS[-1].name]:
+            if name in files:
+                with open(files[name], "rb") as src:
+                    tf.addfile(info(name, os.fstat(src.fileno()).st_size), src)
 
 
 # --- reading ----------------------------------------------------------------------------
@@ -139,8 +154,9 @@ def unpack(path: str, work: str) -> dict[str, str]:
         raise _bad(f"cannot read {path}: {exc.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         raise _bad(f"{path} is not a regular file")
-    if st.st_size > MAX_ARCHIVE:
-        raise _bad(f"{path} is larger than {MAX_ARCHIVE >> 20} MiB: not a faasd backup")
+    if st.st_size > MAX_ARCHIVE_VOLUMES:
+        raise _bad(f"{path} is larger than {MAX_ARCHIVE_VOLUMES >> 40} TiB: not a faasd "
+                   "backup")
     found: dict[str, str] = {}
     try:
         with tarfile.open(path, mode="r:gz") as tf:
@@ -161,10 +177,10 @@ def unpack(path: str, work: str) -> dict[str, str]:
 def check_member(ti: tarfile.TarInfo, found: dict[str, str]) -> None:
     """Only the known names, once each, regular files, within each one's size cap."""
     name = ti.name[:100]
-    cap = MANIFEST_CAP if ti.name == MANIFEST else getattr(BY_NAME.get(ti.name), "cap", None)
+    cap = MANIFEST_CAP if ti.name == MANIFEST else getattr(member_of(ti.name), "cap", None)
     if cap is None:
-        raise _bad(f"unexpected member {name!r}: a faasd backup holds only {MANIFEST} and "
-                   f"{', '.join(BY_NAME)}")
+        raise _bad(f"unexpected member {name!r}: a faasd backup holds only {MANIFEST}, "
+                   f"{', '.join(BY_NAME)} and volumes/NAME.tar")
     if ti.name in found:
         raise _bad(f"member {name!r} appears twice")
     if ti.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
@@ -206,6 +222,11 @@ def check_manifest(data: bytes, files: dict[str, str]) -> dict[str, Any]:
         if not isinstance(entry, dict) or entry.get("size") != os.path.getsize(files[name]) \
                 or entry.get("sha256") != sha256_of(files[name]):
             raise _bad(f"{name} does not match its size and sha256 in {MANIFEST}")
+    volumes = manifest.setdefault("volumes", {})  # none in a backup made before volumes
+    tars = {VOLUME_MEMBER.fullmatch(n).group(1) for n in files if VOLUME_MEMBER.fullmatch(n)}
+    if not isinstance(volumes, dict) or set(volumes) != tars or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in volumes.values()):
+        raise _bad(f"{MANIFEST}: its volumes and their sizes are not the archive's volumes")
     settings = manifest.get("settings")
     if not isinstance(settings, dict) or \
             not all(isinstance(settings.get(k), str) for k in SETTINGS_REQUIRED):

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from cli.archive import (
-    BY_NAME,
     FORMAT,
     MANIFEST,
     caps_of,
@@ -35,6 +34,7 @@ from cli.archive import (
     check_settings,
     images,
     make_manifest,
+    member_of,
     unpack,
     write_archive,
 )
@@ -66,34 +66,41 @@ class Owners:
 
 
 def _of_part(part: str, files: dict[str, str]) -> dict[str, str]:
-    return {name: path for name, path in files.items() if BY_NAME[name].part == part}
+    return {name: path for name, path in files.items()
+            if (m := member_of(name)) is not None and m.part == part}
 
 
 # --- backup ----------------------------------------------------------------------------
 
-def backup(settings: Settings, target: str, with_secrets: bool = False) -> dict[str, Any]:
+def backup(settings: Settings, target: str, with_secrets: bool = False,
+           with_volumes: bool = False) -> dict[str, Any]:
     """Write the archive to ``target`` atomically (mode 0600); return its manifest.
     Each daemon's part copies its own files into a private directory first; the
-    secrets' values only ``with_secrets``."""
+    runner's, the secrets' values only ``with_secrets`` and the volumes' files only
+    ``with_volumes``."""
     with tempfile.TemporaryDirectory(prefix="faasd-backup-") as work:
         files: dict[str, str] = {}
         facts: dict[str, Any] = {}
         for part in ("controller", *(p for p in parts.PARTS if p != "controller")):
-            if part in parts.OPTIONAL and not with_secrets:
+            if part in parts.OPTIONAL and not (with_secrets or with_volumes):
                 continue
             sub = os.path.join(work, part)
             os.mkdir(sub, 0o700)
-            got = parts.call(part, "export", settings, work=sub, members=caps_of(part))
+            extra = {"with_secrets": with_secrets, "with_volumes": with_volumes} \
+                if part == "runner" else {}
+            got = parts.call(part, "export", settings, work=sub, members=caps_of(part),
+                             **extra)
             exported = got.pop("files", {})
             if not isinstance(exported, dict) or any(
-                    name not in caps_of(part) or os.path.dirname(str(path)) != sub
+                    getattr(member_of(name), "part", None) != part
+                    or os.path.dirname(str(path)) != sub
                     for name, path in exported.items()):
                 raise FaasError(Code.INTERNAL, f"{part}'s backup part exported files it does "
                                 "not answer for")
             files.update(exported)
             facts.update(got)
         manifest = make_manifest(settings, files, facts["contents"],
-                                 facts.get("server_public_key"))
+                                 facts.get("server_public_key"), facts.get("volumes"))
         if with_secrets:
             manifest["secrets"] = facts.get("secrets", [])  # names: the values are a member
         write_archive(target, manifest, files)
@@ -112,10 +119,16 @@ class Archive:
     contents: dict[str, Any]  # schema, functions, versions, peers (controller/backup.py)
     warnings: list[str]
     server_key: str | None = None  # the public half of the archived private key
+    force: bool = False  # restore --force: volumes of the same name are replaced
     secrets: list[str] | None = None  # names of the secrets it holds (with --with-secrets)
 
 
-def read_archive(path: str, work: str, settings: Settings) -> Archive:
+def _runner_args(part: str, manifest: dict[str, Any], force: bool) -> dict[str, Any]:
+    """The runner's part needs the volumes' sizes (the manifest's) and --force."""
+    return {"sizes": manifest["volumes"], "force": force} if part == "runner" else {}
+
+
+def read_archive(path: str, work: str, settings: Settings, force: bool = False) -> Archive:
     """Unpack into ``work`` and have each part check its files; nothing under
     $FAAS_ROOT is touched."""
     files = unpack(path, work)
@@ -126,9 +139,10 @@ def read_archive(path: str, work: str, settings: Settings) -> Archive:
     for part in ("controller", *(p for p in parts.PARTS if p != "controller")):
         mine = _of_part(part, files)
         if mine:
-            facts.update(parts.call(part, "check", settings, files=mine))
+            facts.update(parts.call(part, "check", settings, files=mine,
+                                    **_runner_args(part, manifest, force)))
     return Archive(manifest, files, facts["contents"], warnings, facts.get("server_public_key"),
-                   facts.get("secrets") or [])
+                   force, facts.get("secrets") or [])
 
 
 def check_stopped(settings: Settings) -> None:
@@ -180,7 +194,8 @@ def install(archive: Archive, settings: Settings, owners: Owners) -> None:
     for part in parts.PARTS:
         mine = _of_part(part, archive.files)
         if mine:
-            parts.call(part, "install", settings, files=mine, owners=owners.wire())
+            parts.call(part, "install", settings, files=mine, owners=owners.wire(),
+                       **_runner_args(part, archive.manifest, archive.force))
 
 
 def restore(path: str, settings: Settings, force: bool, owners: Owners,
@@ -192,7 +207,7 @@ def restore(path: str, settings: Settings, force: bool, owners: Owners,
     for part in parts.PARTS:
         parts.call(part, "ready", settings, force=force)
     with tempfile.TemporaryDirectory(prefix="faasd-restore-") as work:
-        archive = read_archive(path, work, settings)
+        archive = read_archive(path, work, settings, force)
         install(archive, settings, owners)
     report(archive, settings, out)
     return archive
@@ -206,6 +221,7 @@ def report(archive: Archive, settings: Settings, out: IO[str]) -> None:
     have += ["the WireGuard server key"] if "wireguard/private.key" in archive.files else []
     if "secrets.json" in archive.files:
         have.append(_count(len(archive.secrets), "secret"))
+    have += [_count(len(m["volumes"]), "volume")] if m["volumes"] else []
     print(f"Restored {', '.join(have)} into {settings.root}, from the backup of "
           f"{m['hostname']} (faasd {m['faasd_version']}, {m['created_utc']}).", file=out)
     if archive.server_key:
@@ -262,10 +278,13 @@ def add_commands(sub: Any) -> None:
     b.add_argument("--with-secrets", action="store_true",
                    help="also the secrets' values (faasctl secret): the archive is then as "
                    "sensitive as all of them")
+    b.add_argument("--with-volumes", action="store_true",
+                   help="also the files of every volume (docs/volumes.md)")
     r = sub.add_parser("restore", help=RESTORE_HELP, description=RESTORE_HELP)
     r.add_argument("file", metavar="FILE", help="an archive faasctl backup wrote")
     r.add_argument("--force", action="store_true",
-                   help="replace the functions and peers already in $FAAS_ROOT")
+                   help="replace the functions and peers already in $FAAS_ROOT, and "
+                   "volumes of the same names")
 
 
 def summary(target: str, manifest: dict[str, Any], out: IO[str]) -> None:
@@ -303,7 +322,8 @@ def main(argv: list[str]) -> int:
     try:
         settings = load()
         if ns.command == "backup":
-            summary(ns.file, backup(settings, ns.file, ns.with_secrets), sys.stdout)
+            summary(ns.file, backup(settings, ns.file, ns.with_secrets, ns.with_volumes),
+                    sys.stdout)
         else:
             restore(ns.file, settings, ns.force, Owners(owner_ids(settings)), sys.stdout)
     except SettingsError as exc:

@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="HTTP API tokens for automation: create, list, rm",
                            description="A token lets a CI job or a VPN peer use the HTTP "
                            "API (Authorization: Bearer TOKEN) with the rights of its role.")
+    volume = sub.add_parser("volume", help="Volumes, storage that survives redeploys: create, "
+                            "list, rm; mount with set NAME mounts=VOL:/path[:ro]",
+                            description="A volume is a filesystem of a fixed size, kept "
+                            "across redeploys, restarts and reboots (docs/volumes.md).")
     secret = sub.add_parser("secret", help="secrets for functions: create, list, rm",
                             description="A function with secrets=NAME,... reads each at "
                             "/run/secrets/NAME; values are kept by root and never printed.")
@@ -75,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         metavar="COMMAND"),
               "token": token.add_subparsers(dest="group_command", required=True,
                                             metavar="COMMAND"),
+              "volume": volume.add_subparsers(dest="group_command", required=True,
+                                              metavar="COMMAND"),
               "secret": secret.add_subparsers(dest="group_command", required=True,
                                               metavar="COMMAND")}
     for op in protocol.OPS["controller"].values():
@@ -203,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         from cli import backup  # root on the server, without the controller
         sys.exit(backup.main(args))
     ns = build_parser().parse_args(args)
-    if ns.command in ("vpn", "token", "secret"):
+    if ns.command in ("vpn", "token", "secret", "volume"):
         ns.command = f"{ns.command}_{ns.group_command}"
     try:
         result = asyncio.run(_run(ns))

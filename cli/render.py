@@ -181,6 +181,25 @@ def render_token_list(result: dict[str, Any], out: TextIO) -> None:
     table(rows, out)
 
 
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def render_volume_list(result: dict[str, Any], out: TextIO) -> None:
+    """faasctl volume list."""
+    rows = [["NAME", "SIZE", "USED", "FUNCTIONS"]]
+    for v in result["volumes"]:
+        rows.append([v["name"], _bytes(v["size"]),
+                     _bytes(v["used"]) if v["mounted"] else "(not mounted)",
+                     ",".join(v["functions"]) or "-"])
+    table(rows, out)
+
+
 def render_secret_list(result: dict[str, Any], out: TextIO) -> None:
     """faasctl secret list: names, sizes and dates (the controller has no values)."""
     rows = [["NAME", "SIZE", "UPDATED", "USED BY"]]
@@ -200,6 +219,10 @@ RENDERERS: dict[str, Callable[[Any, TextIO], None]] = {
     "rollback": lambda r, out: out.write(f"{r['name']} now serves version {r['version']}\n"),
     "rm": lambda r, out: out.write(f"removed {r['name']} ({r['address']})\n"),
     "set": lambda r, out: _settings(r["settings"], out),
+    "volume_list": render_volume_list,
+    "volume_create": lambda r, out: out.write(f"created volume {r['name']} "
+                                              f"({_bytes(r['size'])})\n"),
+    "volume_rm": lambda r, out: out.write(f"removed volume {r['name']}\n"),
     "secret_list": render_secret_list,
     "secret_create": lambda r, out: out.write(f"secret {r['name']}: {r['size']} bytes stored\n"),
     "secret_rm": lambda r, out: out.write(f"removed secret {r['name']}\n"),

@@ -57,6 +57,12 @@ def _size_text(n: int) -> str:
     return str(n)
 
 
+def parse_size(text: str) -> int:
+    """Bytes of a size as ``set memory=`` takes it (268435456, 512M, 1G); ValueError if
+    it is not one."""
+    return _size(text)
+
+
 def _bool(text: str) -> bool:
     low = text.strip().lower()
     if low not in ("true", "false", "1", "0", "yes", "no", "on", "off"):

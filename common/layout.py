@@ -56,6 +56,8 @@ DIRS = (
 FILES = {
     "state_db": ("controller", "state/state.db"),
     "bundles": ("runner", "bundles/"),
+    "volumes": ("runner", "volumes/"),
+    "volume_mounts": ("runner", "volumes/mnt/"),
     "secrets": ("runner", "secrets/"),
     "secret_copies": ("runner", "secrets/"),
     "zone_file": ("dnsagent", "dns/faas.db"),
@@ -112,6 +114,14 @@ class Layout:
     @property
     def bundles(self) -> str:
         return self._r("bundles")
+
+    @property
+    def volumes(self) -> str:
+        return self._r("volumes")
+
+    @property
+    def volume_mounts(self) -> str:
+        return self._r("volumes", "mnt")
 
     @property
     def secrets(self) -> str:

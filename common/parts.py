@@ -5,7 +5,8 @@ names and their caps (cli/archive.py). What a member holds and how it is copied
 consistently, checked and put back belongs to the daemon whose file it is:
 ``controller/backup.py`` (state.db), ``netagent/backup.py`` (the WireGuard key and
 the peers' endpoints), ``dnsagent/backup.py`` (the zone and its serial),
-``runner/backup.py`` (the secrets' values, with ``--with-secrets`` only). A change of a
+``runner/backup.py`` (the secrets' values, with ``--with-secrets`` only, and the
+volumes' files, with ``--with-volumes`` only). A change of a
 file's format stays inside its owner.
 
 faasctl reaches a part by running the owner's module as a one-shot program, as root,

@@ -239,6 +239,35 @@ TOKEN_REMOVE = Op("token_rm", "Remove HTTP API token NAME; it stops working at o
                   Record(fields={"name": TOKEN_NAME}), idempotent=False, cli=True,
                   positional=("name",), group="token")
 
+# --- volumes (docs/volumes.md) ------------------------------------------------------------
+
+VOLUME_NAME = Str(max_len=63, pattern=NAME_PATTERN,
+                  help="volume name: a DNS label (a-z, 0-9, inner '-'), at most 63 characters")
+VOLUME_ARGS = Record(fields={"name": VOLUME_NAME})
+# Creating and removing a volume take the host's disk and destroy data: admin. Mounting
+# one is `set mounts=`, a deploy.
+VOLUME_CREATE = Op(
+    "volume_create",
+    "Create volume NAME of --size bytes (512M, 1G): an ext4 filesystem of that size, "
+    "mounted into functions with `faasctl set FN mounts=NAME:/path[:ro]`.",
+    Record(fields={"name": VOLUME_NAME,
+                   "size": Str(max_len=24, pattern=r"[0-9]{1,16}([KMGkmg]i?[Bb]?|[Bb])?",
+                               help="its size: bytes, or with K, M or G")}),
+    idempotent=False, cli=True, positional=("name",), group="volume", timeout=330.0)
+VOLUME_LIST = Op("volume_list", "List volumes: size, used, and the functions that mount "
+                 "each.", cli=True, group="volume", role="read")
+VOLUME_REMOVE = Op("volume_rm", "Remove volume NAME and every file in it; refused while a "
+                   "function mounts it.", VOLUME_ARGS, idempotent=False, cli=True,
+                   positional=("name",), group="volume", timeout=60.0)
+RUNNER_VOLUME_CREATE = Op(
+    "volume_create", "Make and mount a volume of SIZE bytes, within this host's bounds.",
+    Record(fields={"name": VOLUME_NAME, "size": Int(min=1)}), idempotent=False,
+    timeout=320.0)
+RUNNER_VOLUME_LIST = Op("volume_list", "Every volume: size, used, free, mounted.",
+                        timeout=10.0)
+RUNNER_VOLUME_REMOVE = Op("volume_rm", "Unmount and delete a volume no function of the "
+                          "desired state mounts.", VOLUME_ARGS, idempotent=False,
+                          timeout=50.0)
 # --- secrets (docs/security.md "Secrets") ------------------------------------------------
 
 SECRET_MAX = 64 << 10  # bytes of one secret's value: keys, passwords, certificates
@@ -382,7 +411,8 @@ OPS: dict[str, dict[str, Op]] = {
         PING, STATUS, UPLOAD_BEGIN, UPLOAD_CHUNK, UPLOAD_ABORT, DEPLOY, DEPLOY_PROGRESS,
         LIST, INFO, IP, VERSIONS, ROLLBACK, REMOVE, SET, LOGS,
         VPN_ADD, VPN_LIST, VPN_REMOVE, VPN_DISABLE, VPN_ENABLE, STATS,
-        TOKEN_CREATE, TOKEN_LIST, TOKEN_REMOVE, SECRET_CREATE, SECRET_LIST, SECRET_REMOVE)},
+        TOKEN_CREATE, TOKEN_LIST, TOKEN_REMOVE, SECRET_CREATE, SECRET_LIST, SECRET_REMOVE,
+        VOLUME_CREATE, VOLUME_LIST, VOLUME_REMOVE)},
     "netagent": {op.name: op for op in (PING, WG_INFO, PEERS, _sync(
         "Converge the interface, addresses, peers and firewall to this state.",
         NETAGENT_STATE))},
@@ -390,7 +420,8 @@ OPS: dict[str, dict[str, Op]] = {
         "Converge the faas. zone to this state.", DNSAGENT_STATE))},
     "runner": {op.name: op for op in (PING, IMAGE_ADD, IMAGE_PROGRESS, RUNNER_STATS, _sync(
         "Converge listeners, pools and images to this state.", RUNNER_STATE),
-        SECRET_PUT, SECRET_NAMES, SECRET_DELETE)},
+        SECRET_PUT, SECRET_NAMES, SECRET_DELETE,
+        RUNNER_VOLUME_CREATE, RUNNER_VOLUME_LIST, RUNNER_VOLUME_REMOVE)},
 }
 
 # What a ping reply carries; the controller checks it before trusting a peer.

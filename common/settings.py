@@ -167,6 +167,11 @@ SETTINGS: tuple[Setting, ...] = (
             _between(0, 1 << 50)),
     Setting("image_max_bytes", int, 4 << 30, "largest expanded size of one image, in bytes",
             _between(1 << 20, 1 << 42)),
+    Setting("max_volume_bytes", int, 16 << 30, "largest size of one volume, in bytes "
+            "(faasctl volume create)", _between(4 << 20, 1 << 50)),
+    Setting("volumes_max_bytes", int, 64 << 30, "the sizes of every volume together may not "
+            "pass this many bytes (and no volume leaves less than min_free_bytes free)",
+            _between(4 << 20, 1 << 50)),
     Setting("image_expand_ratio", float, 20.0,
             "an image may expand to this many times its upload's size, or 256 MiB if more "
             "(0: no ratio cap)", _between(0, 1e6)),

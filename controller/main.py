@@ -30,12 +30,13 @@ from controller.metrics import Metrics
 from controller.secretops import SecretOps
 from controller.state import State
 from controller.uploads import UNKNOWN_CALLER, Uploads
+from controller.volumes import VolumeOps
 
 T = TypeVar("T")
 LOG_CHUNK = 256 << 10
 
 
-class Controller(SecretOps, Daemon):
+class Controller(SecretOps, VolumeOps, Daemon):
     """The controller daemon."""
 
     service = "controller"
@@ -83,6 +84,7 @@ class Controller(SecretOps, Daemon):
             "token_create": self.op_token_create, "token_list": self.op_token_list,
             "token_rm": self.op_token_rm, "secret_create": self.op_secret_create,
             "secret_list": self.op_secret_list, "secret_rm": self.op_secret_rm,
+            **self.volume_handlers(),
         }
 
     async def op_ping(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -270,6 +272,7 @@ class Controller(SecretOps, Daemon):
     async def op_set(self, args: dict[str, Any]) -> dict[str, Any]:
         """Change a function's settings; the runner applies them without dropping
         connections in flight."""
+        await self.check_mounts(args["settings"])
         await self.check_secrets(args["name"], args["settings"])
         self.check_egress_allow(args["settings"].get("egress_allow"))
         if args["settings"].get("network") == "egress":

@@ -1,4 +1,5 @@
-"""The runner's part of a backup: the secrets' values, only with ``--with-secrets``.
+"""The runner's part of a backup: the secrets' values, only with ``--with-secrets``, and
+the volumes' files, only with ``--with-volumes`` (runner/volumebackup.py).
 
 Run by faasctl as ``python -I -m runner.backup ACTION``, as root (common/parts.py):
 ``secrets/`` is root's alone, so values are read and written here, by root, and never
@@ -26,6 +27,7 @@ from common.errors import Code, FaasError
 from common.files import atomic_write, read_small
 from common.protocol import NAME_PATTERN, SECRET_MAX
 from common.settings import Settings
+from runner import volumebackup
 
 MEMBER = "secrets.json"
 FORMAT = 1
@@ -62,7 +64,20 @@ def parse(data: bytes) -> dict[str, bytes]:
 
 # --- the actions ------------------------------------------------------------------------
 
-def export(settings: Settings, work: str, members: dict[str, int]) -> dict[str, Any]:
+def export(settings: Settings, work: str, members: dict[str, int], with_secrets: bool = True,
+           with_volumes: bool = False) -> dict[str, Any]:
+    """The secrets (``with_secrets``) and the volumes (``with_volumes``) into ``work``."""
+    out: dict[str, Any] = {"files": {}, "volumes": {}}
+    if with_secrets:
+        out = {**out, **export_secrets(settings, work, members)}
+    if with_volumes:
+        got = volumebackup.export(settings, work)
+        out["files"] = {**out["files"], **got["files"]}
+        out["volumes"] = got["volumes"]
+    return out
+
+
+def export_secrets(settings: Settings, work: str, members: dict[str, int]) -> dict[str, Any]:
     """Every stored secret in one file in ``work``; their names."""
     store = layout.of(settings).secrets
     values = {}
@@ -85,20 +100,29 @@ def export(settings: Settings, work: str, members: dict[str, int]) -> dict[str, 
 
 
 def ready(settings: Settings, force: bool) -> None:
-    """Conflict if secrets/ is not a directory."""
+    """Conflict if secrets/ or volumes/ is not a directory."""
     parts.real_dir_or_none(layout.of(settings).secrets)
+    volumebackup.ready(settings)
 
 
-def check(settings: Settings, files: dict[str, str]) -> dict[str, Any]:
-    """The file is what export writes; the names it holds."""
+def check(settings: Settings, files: dict[str, str], sizes: dict[str, int] | None = None,
+          force: bool = False) -> dict[str, Any]:
+    """The files are what export writes; the secrets' names. ``sizes`` are the volumes'
+    (the manifest's); ``force`` lets a volume of the same name be replaced."""
+    volumebackup.check(settings, {n: p for n, p in files.items()
+                                  if volumebackup.is_member(n)}, sizes, force)
     if MEMBER not in files:
         return {}
     with open(files[MEMBER], "rb") as f:
         return {"secrets": sorted(parse(f.read()))}
 
 
-def install(settings: Settings, files: dict[str, str], owners: dict[str, list[int]]) -> None:
-    """Root 0600 files in secrets/ (root 0700), as the runner makes them."""
+def install(settings: Settings, files: dict[str, str], owners: dict[str, list[int]],
+            sizes: dict[str, int] | None = None, force: bool = False) -> None:
+    """Root 0600 files in secrets/ (root 0700), as the runner makes them; each volume
+    made anew and filled."""
+    volumebackup.install(settings, {n: p for n, p in files.items()
+                                    if volumebackup.is_member(n)}, sizes, force)
     if MEMBER not in files:
         return
     with open(files[MEMBER], "rb") as f:

@@ -131,19 +131,23 @@ def build_config(rootfs: str, image_config: Mapping[str, Any], *, container_id: 
                  settings: FunctionSettings = FunctionSettings(),
                  cgroup_parent: str = CGROUP_PARENT,
                  egress: EgressNet | None = None,
-                 secrets_dir: str | None = None) -> dict[str, Any]:
+                 secrets_dir: str | None = None,
+                 volumes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The OCI config of one container of an image.
 
     ``rootfs`` is the image's extracted root (absolute), ``image_config`` its normalized
     config (entrypoint, cmd, env, workdir, user), ``control_socket`` the host path of the
     container's control socket, ``secrets_dir`` the host directory of its secrets' copies
-    (runner/secretstore.py), bound read-only at /run/secrets. Raises :class:`BundleError`
-    for an image or settings that cannot make a container (no command, unknown user, bad
-    environment, bad limits).
+    (runner/secretstore.py), bound read-only at /run/secrets, ``volumes`` the bind mounts
+    of the volumes ``settings.mounts`` names (runner/volumes.py bind_mounts). Raises
+    :class:`BundleError` for an image or settings that cannot make a container (no
+    command, unknown user, bad environment, bad limits, a volume without its directory).
     """
     _check_names(rootfs, container_id, hostname, control_socket, cgroup_parent,
                  *([secrets_dir] if secrets_dir is not None else []))
     settings.validate()
+    if settings.mounts and len(volumes or []) != len(settings.mounts):
+        raise BundleError("the function mounts volumes this container was not given")
     args = [*(image_config.get("entrypoint") or []), *(image_config.get("cmd") or [])]
     if not args:
         raise BundleError("the image has no command to run (entrypoint and cmd are empty)")
@@ -189,7 +193,7 @@ def build_config(rootfs: str, image_config: Mapping[str, Any], *, container_id: 
             # is read-only too, so not even that user can add or replace one.
             {"destination": SECRETS_DIR, "type": "bind", "source": secrets_dir,
              "options": ["bind", "nosuid", "nodev", "noexec", "ro"]}]
-            if secrets_dir is not None else []),
+            if secrets_dir is not None else []) + list(volumes or []),
         "linux": {
             "namespaces": namespaces,
             # Absolute: the same place on cgroup v1, hybrid and v2 (docs/containers.md).

@@ -24,6 +24,7 @@ from runner.fnlogs import FunctionLogs
 from runner.runtime import Runtime
 from runner.secretstore import MissingSecret, SecretStore
 from runner.serve import Function, settings_from
+from runner.volumes import Volumes, bind_mounts
 
 
 def is_netns(path: str) -> bool:
@@ -40,7 +41,8 @@ class Fleet:
     def __init__(self, root: str, run: str, runtime: Runtime, logs: FunctionLogs,
                  log: EventLog, image_config: Callable[[str], Mapping[str, Any] | None],
                  budget: MemoryBudget | None = None, secrets: SecretStore | None = None,
-                 callers: Callers | None = None, nameserver: str = ""):
+                 callers: Callers | None = None, nameserver: str = "",
+                 volumes: Volumes | None = None):
         self.paths = Layout(root, run)
         self.nameserver = nameserver  # egress functions' resolver: named's VPN address
         self.secrets = secrets if secrets is not None else SecretStore(
@@ -53,6 +55,7 @@ class Fleet:
         self.log = log
         self.image_config = image_config  # the runner's own record, by digest
         self.budget = budget if budget is not None else MemoryBudget()  # every function's
+        self.volumes = volumes  # where a function's mounts come from (runner/volumes.py)
         self.callers = callers  # the VPN peers by address, shared by every function
         self.functions: dict[str, Function] = {}
         self.specs: dict[str, dict[str, Any]] = {}
@@ -142,18 +145,30 @@ class Fleet:
                                   "IMAGE.tar)")
             egress = self.egress_net(name, limits, container_id) \
                 if limits.network == "egress" else None
-            if not limits.secrets:  # nothing to pay for a function without secrets
+            sources = {}
+            if limits.mounts:
+                if self.volumes is None:
+                    raise BundleError("this runner serves no volumes")
+                sources = self.volumes.sources(limits.mounts)
+            if not limits.secrets and not sources:  # nothing to pay for a plain function
                 return build_config(rootfs, image, container_id=container_id, hostname=name,
                                     control_socket=control_socket, settings=limits,
                                     egress=egress)
             config = build_config(rootfs, image, container_id=container_id, hostname=name,
                                   control_socket=control_socket, settings=limits,
-                                  egress=egress, secrets_dir=self.secrets.copies_of(container_id))
+                                  egress=egress, volumes=bind_mounts(limits.mounts, sources),
+                                  secrets_dir=self.secrets.copies_of(container_id)
+                                  if limits.secrets else None)
             user = config["process"]["user"]
-            try:
-                self.secrets.materialize(container_id, limits.secrets, user["uid"], user["gid"])
-            except MissingSecret as exc:  # names the secret, never a value
-                raise BundleError(str(exc)) from None
+            if sources:
+                assert self.volumes is not None
+                self.volumes.adopt(sources, user["uid"], user["gid"])
+            if limits.secrets:
+                try:
+                    self.secrets.materialize(container_id, limits.secrets, user["uid"],
+                                             user["gid"])
+                except MissingSecret as exc:  # names the secret, never a value
+                    raise BundleError(str(exc)) from None
             return config
 
         def sink(container: str, stream: str, request: str | None, lines: list[str]) -> None:
@@ -177,6 +192,12 @@ class Fleet:
             fn = self.functions.get(name)
             if fn is not None:
                 fn.update(fn.settings, fn.new_container)
+
+    def mounting(self, volume: str) -> list[str]:
+        """The functions of the desired state whose mounts name ``volume``."""
+        return sorted(name for name, spec in self.specs.items()
+                      if any(m.split(":", 1)[0] == volume
+                             for m in spec["settings"]["mounts"]))
 
     def egress_net(self, name: str, limits: FunctionSettings, container_id: str) -> EgressNet:
         """The namespace netagent holds for ``name`` (refused until it is one: the next

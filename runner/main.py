@@ -15,6 +15,7 @@ from typing import Any
 
 from common import fnsettings, layout
 from common.daemon import AgentDaemon, owner_ids, run_main
+from common.errors import Code, FaasError
 from common.proc import adopt_orphans
 from common.rpc import Handler
 from common.settings import SettingsError, vpn_server
@@ -27,6 +28,7 @@ from runner.images.extract import DEFAULT_LIMITS
 from runner.runtime import RuntimeUnavailable, runtime_for
 from runner.serve import LATENCY_BUCKETS
 from runner.store import ImageStore
+from runner.volumes import Volumes
 
 
 class Runner(AgentDaemon):
@@ -51,6 +53,9 @@ class Runner(AgentDaemon):
         except RuntimeUnavailable as exc:
             raise SettingsError(f"runtime = {self.settings.runtime}: {exc}") from None
         self.fleet: Fleet | None = None
+        self.volumes = Volumes(layout.of(self.settings), self.settings.max_volume_bytes,
+                               self.settings.volumes_max_bytes, self.settings.min_free_bytes)
+        self._volume_lock = asyncio.Lock()  # one create, remove or mount at a time
         self._gid = gid
         # The bounds of every sync, from root's settings file (runner/bounds.py).
         self.function_prefix = ipaddress.IPv6Network(self.settings.function_prefix)
@@ -65,6 +70,8 @@ class Runner(AgentDaemon):
     def handlers(self) -> dict[str, Handler]:
         return {**super().handlers(), "image_add": self.op_image_add,
                 "image_progress": self.op_image_progress, "stats": self.op_stats,
+                "volume_create": self.op_volume_create, "volume_list": self.op_volume_list,
+                "volume_rm": self.op_volume_rm,
                 "secret_put": self.op_secret_put, "secret_list": self.op_secret_list,
                 "secret_rm": self.op_secret_rm}
 
@@ -75,8 +82,13 @@ class Runner(AgentDaemon):
         logs = FunctionLogs(layout.of(self.settings).function_logs, self._gid)
         self.fleet = Fleet(self.settings.root, self.settings.run, self.runtime, logs, self.log,
                            self.store.config_of, self.budget, callers=self.callers,
-                           nameserver=str(vpn_server(self.settings.vpn_prefix).ip))
+                           nameserver=str(vpn_server(self.settings.vpn_prefix).ip),
+                           volumes=self.volumes)
         removed = await self.remove_leftover_containers()
+        counts, failed = await asyncio.to_thread(self.volumes.recover)
+        self.log.info("volumes", **counts)
+        for name, error in failed.items():  # its functions' starts fail; the rest serve
+            self.log.error("volume_mount_failed", volume=name, error=error)
         self.log.info("recovered", containers=removed, **self.store.recover(),
                       **self.fleet.recover())
         self.log.info("memory_budget", bytes=self.budget.limit)
@@ -92,6 +104,8 @@ class Runner(AgentDaemon):
         """SIGTERM: stop accepting, let requests in flight finish, stop containers."""
         if self.fleet is not None:
             await self.fleet.close()
+        for name, error in (await asyncio.to_thread(self.volumes.unmount_all)).items():
+            self.log.warning("volume_unmount_failed", volume=name, error=error)
 
     async def op_image_add(self, args: dict[str, Any]) -> dict[str, Any]:
         """Extract a spooled upload into a rootfs, or find it already extracted."""
@@ -109,6 +123,39 @@ class Runner(AgentDaemon):
         assert self.fleet is not None
         return {"functions": self.fleet.snapshot(), "buckets": list(LATENCY_BUCKETS),
                 "memory": self.budget.snapshot()}
+
+    async def op_volume_create(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Make and mount a volume, within root's bounds (max_volume_bytes,
+        volumes_max_bytes, min_free_bytes)."""
+        async with self._volume_lock:
+            try:
+                row = await asyncio.to_thread(self.volumes.create, args["name"], args["size"])
+            except OSError as exc:
+                raise FaasError(Code.INTERNAL, f"volume {args['name']}: {exc}") from None
+        self.log.info("volume_created", volume=args["name"], size=args["size"])
+        return row
+
+    async def op_volume_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Every volume with its size and use."""
+        return {"volumes": await asyncio.to_thread(self.volumes.list)}
+
+    async def op_volume_rm(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Delete a volume, unless a function of the desired state mounts it. Before the
+        first sync the runner does not know which do, so it refuses then too."""
+        assert self.fleet is not None
+        name = args["name"]
+        if not self.synced:
+            raise FaasError(Code.UNAVAILABLE, "the runner has had no sync since it started: "
+                            "try again in a moment")
+        async with self._volume_lock:
+            users = self.fleet.mounting(name)
+            if users:
+                raise FaasError(Code.CONFLICT, f"volume {name} is mounted by "
+                                f"{', '.join(users)}: remove it from their mounts first",
+                                {"volume": name, "functions": users})
+            await asyncio.to_thread(self.volumes.remove, name)
+        self.log.info("volume_removed", volume=name)
+        return {"name": name}
 
     async def op_secret_put(self, args: dict[str, Any]) -> dict[str, Any]:
         """Store or replace a secret; containers started from now on see the new value."""

@@ -16,7 +16,7 @@ HERE = Path(__file__).parent
 
 TOOLS = ("ip", "setpriv", "nsenter", "runc", "crun", "gcc", "curl", "wireguard-go", "wg",
          "ip6tables", "ip6tables-restore", "named", "dig", "timeout",
-         "iptables", "iptables-restore", "unshare", "mount", "umount", "python3")
+         "iptables", "iptables-restore", "unshare", "mount", "umount", "python3", "mkfs.ext4")
 
 
 def pytest_collection_modifyitems(items):

@@ -45,7 +45,8 @@ FAAS_GID = grp.getgrnam("faas").gr_gid
 READ = {("GET", "/healthz"), ("GET", "/metrics"), ("GET", "/api/status"),
         ("GET", "/api/list"), ("GET", "/api/functions/{name}"),
         ("GET", "/api/functions/{name}/versions"), ("GET", "/api/functions/{name}/settings"),
-        ("GET", "/api/functions/{name}/logs"), ("GET", "/api/peers"), ("GET", "/api/secrets")}
+        ("GET", "/api/functions/{name}/logs"), ("GET", "/api/peers"), ("GET", "/api/secrets"),
+        ("GET", "/api/volumes")}
 DEPLOY = READ | {("POST", "/api/new"), ("DELETE", "/api/functions/{name}"),
                  ("POST", "/api/functions/{name}/rollback"),
                  ("PATCH", "/api/functions/{name}/settings"),

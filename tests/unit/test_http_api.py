@@ -245,6 +245,20 @@ class FakeController:
                 "expires": 1700600000.0, "last_used": None}
 
 
+    async def op_volume_create(self, args: dict[str, Any]) -> dict[str, Any]:
+        self._record("volume_create", args)
+        return {"name": args["name"], "size": 1 << 30, "used": 1 << 20, "free": 1000 << 20,
+                "mounted": True, "functions": []}
+
+    async def op_volume_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        self._record("volume_list", args)
+        return {"volumes": [{"name": "data", "size": 1 << 30, "used": None, "free": None,
+                             "mounted": False, "functions": ["fib"]}]}
+
+    async def op_volume_rm(self, args: dict[str, Any]) -> dict[str, Any]:
+        self._record("volume_rm", args)
+        return {"name": args["name"]}
+
     async def op_secret_create(self, args: dict[str, Any]) -> dict[str, Any]:
         self._record("secret_create", args)
         return {"name": args["name"], "size": len(args["value"]), "updated": 1700000005.0}
@@ -450,6 +464,11 @@ GOOD: dict[tuple[str, str], Case] = {
         op="token_create", args={"name": "ci", "role": "deploy", "expires": "30d"}),
     ("DELETE", "/api/tokens/{name}"): Case("/api/tokens/ci", op="token_rm",
                                            args={"name": "ci"}),
+    ("GET", "/api/volumes"): Case("/api/volumes", op="volume_list", args={}),
+    ("POST", "/api/volumes"): Case("/api/volumes", jbody({"name": "data", "size": "1G"}),
+                                   op="volume_create", args={"name": "data", "size": "1G"}),
+    ("DELETE", "/api/volumes/{name}"): Case("/api/volumes/data", op="volume_rm",
+                                            args={"name": "data"}),
     ("GET", "/api/secrets"): Case("/api/secrets", op="secret_list", args={}),
     ("PUT", "/api/secrets/{name}"): Case(
         "/api/secrets/db", b"pw\x00\xffrest", {"Content-Type": "application/octet-stream"},

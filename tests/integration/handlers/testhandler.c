@@ -5,6 +5,9 @@
  *         /net     its network interfaces      /caps   its effective capabilities
  *         /exit    exits without answering     /fds    the fds it holds
  *         /id      uid gid                      /write  tries to write the rootfs
+ *         /put/P   writes "kept" to file /P     /get/P  the contents of /P
+ *         /fill/P  writes /P until a write fails: "<error> after <bytes>"
+ *         /rm/P    unlinks /P
  *         /fetch/HOST/PORT  "fetched <body>" of http://HOST:PORT/ (2 s), else "error ..."
  *         /secret/NAME  "uid gid mode rw|ro value" of /run/secrets/NAME (rw: it could
  *                  create a file beside it)
@@ -78,6 +81,39 @@ static void proc_field(char *out, size_t len, const char *path, const char *key)
         if (used >= len) break;
     }
     fclose(f);
+}
+
+/* The file operations of /put, /get, /fill and /rm on the path after the prefix. */
+static int files(const char *req, char *out, size_t cap) {
+    char op[8] = "", path[1024] = "";
+    if (sscanf(req, "GET /%7[a-z]%1023s", op, path) != 2 || path[0] != '/') return 0;
+    if (!strcmp(op, "put")) {
+        int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fd < 0 || write(fd, "kept", 4) != 4) snprintf(out, cap, "%s", strerror(errno));
+        else snprintf(out, cap, "put");
+        if (fd >= 0) close(fd);
+    } else if (!strcmp(op, "get")) {
+        int fd = open(path, O_RDONLY);
+        ssize_t n = fd < 0 ? -1 : read(fd, out, cap - 1);
+        if (n < 0) snprintf(out, cap, "%s", strerror(errno));
+        else out[n] = 0;
+        if (fd >= 0) close(fd);
+    } else if (!strcmp(op, "fill")) {
+        static char chunk[65536];
+        long long total = 0;
+        int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        ssize_t n = 0;
+        while (fd >= 0 && (n = write(fd, chunk, sizeof chunk)) > 0) total += n;
+        if (fd >= 0 && fsync(fd) < 0) n = -1;
+        snprintf(out, cap, "%s after %lld", fd < 0 || n < 0 ? strerror(errno) : "no error",
+                 total);
+        if (fd >= 0) close(fd);
+    } else if (!strcmp(op, "rm")) {
+        snprintf(out, cap, "%s", unlink(path) < 0 ? strerror(errno) : "removed");
+    } else {
+        return 0;
+    }
+    return 1;
 }
 
 /* Resolve HOST (getaddrinfo: /etc/hosts, /etc/resolv.conf), connect within 2 s, GET /. */
@@ -175,6 +211,7 @@ int main(void) {
         } else if (!strncmp(req, "GET /net", 8)) proc_field(body, sizeof body, "/proc/net/dev", ":");
         else if (!strncmp(req, "GET /conn", 9)) snprintf(body, sizeof body, "%s", packet);
         else if (!strncmp(req, "GET /caps", 9)) proc_field(body, sizeof body, "/proc/self/status", "CapEff:");
+        else if (files(req, body, sizeof body)) {}
         else snprintf(body, sizeof body, "ok %d pid %d", served, getpid());
         reply(conn, body);
         close(conn);
