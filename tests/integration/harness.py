@@ -49,6 +49,27 @@ def poll(what: str, probe: Callable[[], Any], timeout: float, interval: float = 
         time.sleep(interval)
 
 
+def http_get(platform: Any, address: str, path: str = "/",
+             timeout: float = 10) -> tuple[int, str]:
+    """One request to a function from inside the platform's namespace: (status, or 0 for
+    no answer, and the body)."""
+    out = run(*platform.netns.argv("curl", "-s", "-g", "-m", str(timeout), "-o", "-", "-w",
+                                   "\n%{http_code}", f"http://[{address}]{path}"), check=False)
+    body, _, code = out.stdout.rpartition("\n")
+    return int(code or 0), body
+
+
+def deploy(platform: Any, image: Any, name: str, *settings: str, timeout: float = 20) -> str:
+    """``faasctl new NAME -f IMAGE``, then ``set NAME SETTINGS...``; the function's address
+    once it answers 200 on /."""
+    out = platform.faasctl("--json", "new", name, "-f", image)
+    address = json.loads(out.stdout)["address"]
+    if settings:
+        platform.faasctl("set", name, *settings)
+    poll(f"{name} answering", lambda: http_get(platform, address, "/", 5)[0] == 200, timeout)
+    return address
+
+
 class Netns:
     """A network namespace with only ``lo``, removed with everything in it."""
 

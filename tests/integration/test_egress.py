@@ -20,7 +20,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from harness import BIN, Netns, poll, run
+from harness import BIN, Netns, deploy, poll, run
+from harness import http_get as get
 
 PLATFORM4, INET4 = "203.0.113.2", "203.0.113.1"
 PLATFORM6, INET6 = "2001:db8:1::2", "2001:db8:1::1"
@@ -124,22 +125,6 @@ def host_service(netns):
     yield
     proc.kill()
     proc.wait()
-
-
-def deploy(platform, image_tar, name: str, *settings: str) -> str:
-    out = platform.faasctl("--json", "new", name, "-f", image_tar)
-    address = json.loads(out.stdout)["address"]
-    if settings:
-        platform.faasctl("set", name, *settings)
-    poll(f"{name} answering", lambda: get(platform, address, "/")[0] == 200, 20)
-    return address
-
-
-def get(platform, address: str, path: str, timeout: float = 10) -> tuple[int, str]:
-    out = run(*platform.netns.argv("curl", "-s", "-g", "-m", str(timeout), "-o", "-", "-w",
-                                   "\n%{http_code}", f"http://[{address}]{path}"), check=False)
-    body, _, code = out.stdout.rpartition("\n")
-    return int(code or 0), body
 
 
 def fetch(platform, address: str, host: str, port: int = 80) -> str:

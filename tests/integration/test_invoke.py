@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import poll, run
+from harness import deploy, poll, run
+from harness import http_get as get
 
 HERE = Path(__file__).parent
 
@@ -26,23 +27,6 @@ def runtime(request) -> str:
 @pytest.fixture(scope="module")
 def platform_config(runtime) -> str:
     return f'runtime = "{runtime}"\n'
-
-
-def deploy(platform, image_tar, name: str, *settings: str) -> str:
-    out = platform.faasctl("--json", "new", name, "-f", image_tar)
-    address = json.loads(out.stdout)["address"]
-    if settings:
-        platform.faasctl("set", name, *settings)
-    poll(f"{name} answering", lambda: get(platform, address, "/", timeout=5)[0] == 200, 15)
-    return address
-
-
-def get(platform, address: str, path: str, timeout: float = 10) -> tuple[int, str]:
-    """One request from inside the namespace: (status or 0 for no answer, body)."""
-    out = run(*platform.netns.argv("curl", "-s", "-g", "-m", str(timeout), "-o", "-", "-w",
-                                   "\n%{http_code}", f"http://[{address}]{path}"), check=False)
-    body, _, code = out.stdout.rpartition("\n")
-    return int(code or 0), body
 
 
 def load(platform, address: str, path: str, count: int, concurrency: int) -> dict:

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from harness import http_get as get
 from harness import poll, run
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -18,13 +19,6 @@ MEMORY = 64 << 20
 @pytest.fixture(scope="module")
 def platform_config() -> str:
     return f"container_memory_budget = {2 * MEMORY}\n"
-
-
-def get(platform, address: str, path: str = "/", timeout: float = 10) -> tuple[int, str]:
-    out = run(*platform.netns.argv("curl", "-s", "-g", "-m", str(timeout), "-o", "-", "-w",
-                                   "\n%{http_code}", f"http://[{address}]{path}"), check=False)
-    body, _, code = out.stdout.rpartition("\n")
-    return int(code or 0), body
 
 
 def runner_stats(platform) -> dict:

@@ -8,14 +8,8 @@ import time
 
 import pytest
 from harness import PROCESSES, poll, run
+from harness import http_get as get
 from prometheus_client.parser import text_string_to_metric_families
-
-
-def get(platform, address: str, path: str = "/", timeout: float = 5) -> tuple[int, str]:
-    out = run(*platform.netns.argv("curl", "-s", "-g", "-m", timeout, "-o", "-", "-w",
-                                   "\n%{http_code}", f"http://[{address}]{path}"), check=False)
-    body, _, code = out.stdout.rpartition("\n")
-    return int(code or 0), body
 
 
 def functions(platform) -> dict[str, dict]:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from harness import http_get as get
 from harness import poll, run
 
 HERE = Path(__file__).parent
@@ -30,13 +31,6 @@ def as_faas(platform, service: str, op: str, args: dict) -> dict:
               HERE / "rogue.py", platform.run_dir, service, op, json.dumps(args),
               env={**platform.env, "PYTHONPATH": str(HERE.parents[1])})
     return json.loads(out.stdout)
-
-
-def get(platform, address: str, path: str = "/") -> tuple[int, str]:
-    out = run(*platform.netns.argv("curl", "-s", "-g", "-m", "10", "-o", "-", "-w",
-                                   "\n%{http_code}", f"http://[{address}]{path}"), check=False)
-    body, _, code = out.stdout.rpartition("\n")
-    return int(code or 0), body
 
 
 def listeners(platform) -> set[str]:

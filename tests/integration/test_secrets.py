@@ -15,7 +15,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from harness import BIN, poll, run
+from harness import BIN, deploy, poll, run
+from harness import http_get as get
 
 from tests.imagebuild import Dir, File, build_image
 
@@ -41,27 +42,11 @@ def new_value() -> str:
     return f"sv-{secrets.token_hex(16)}"
 
 
-def get(platform, address: str, path: str) -> tuple[int, str]:
-    out = run(*platform.netns.argv("curl", "-s", "-g", "-m", "10", "-o", "-", "-w",
-                                   "\n%{http_code}", f"http://[{address}]{path}"), check=False)
-    body, _, code = out.stdout.rpartition("\n")
-    return int(code or 0), body
-
-
 def api(platform, method: str, path: str, *args: str) -> tuple[int, str]:
     out = run(*platform.netns.argv("curl", "-s", "-X", method, "-w", "\n%{http_code}", *args,
                                    f"http://127.0.0.1:8080{path}"), check=False)
     body, _, code = out.stdout.rpartition("\n")
     return int(code or 0), body
-
-
-def deploy(platform, image: Path, name: str, *settings: str) -> str:
-    out = platform.faasctl("--json", "new", name, "-f", image)
-    address = json.loads(out.stdout)["address"]
-    if settings:
-        platform.faasctl("set", name, *settings)
-    poll(f"{name} answering", lambda: get(platform, address, "/")[0] == 200, 15)
-    return address
 
 
 def everything_printed(platform, names: list[str]) -> str:

@@ -13,16 +13,10 @@ from pathlib import Path
 
 import pytest
 from harness import BIN, Netns, Platform, poll, run
+from harness import http_get as get
 
 MiB = 1 << 20
 HERE = Path(__file__).parent
-
-
-def get(platform, address: str, path: str) -> tuple[int, str]:
-    out = run(*platform.netns.argv("curl", "-s", "-g", "-m", "10", "-o", "-", "-w",
-                                   "\n%{http_code}", f"http://[{address}]{path}"), check=False)
-    body, _, code = out.stdout.rpartition("\n")
-    return int(code or 0), body
 
 
 def api(platform, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
