@@ -74,7 +74,7 @@ class FakeFirewall:
 
 
 class FakeEgress:
-    """The egress part, tested on its own in test_egress.py."""
+    """The egress part, tested on its own in test_egress_units.py."""
 
     def __init__(self): self.converged: list[Any] = []
     def plan(self, entries): return list(entries)

@@ -62,3 +62,12 @@ def test_long_modules_say_why_they_are_one():
             if "Why one module" not in doc:
                 long.append(f"{path.relative_to(REPO)} ({text.count(chr(10))} lines)")
     assert not long, f"split these, or say at their top why one module: {long}"
+
+
+def test_no_two_test_modules_share_a_name():
+    """pytest imports test folders without __init__.py by basename (rootdir mode): two
+    tests/*/test_x.py stop the whole run at collection. Name them apart."""
+    seen: dict[str, Path] = {}
+    for path in sorted((REPO / "tests").rglob("test_*.py")):
+        other = seen.setdefault(path.name, path)
+        assert other == path, f"{path.relative_to(REPO)} and {other.relative_to(REPO)}"
