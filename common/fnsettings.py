@@ -154,6 +154,16 @@ def _mount(text: str) -> str:
     return f"{name}:{norm}" + (":ro" if parts[2:] == ["ro"] else "")
 
 
+def _mounts_apart(mounts: list[str]) -> None:
+    """No mount at or under another's path: a volume another function can write would
+    otherwise hold the mount point of the next (the precondition of runc's symlink race,
+    CVE-2021-30465), and two at one path hide each other."""
+    paths = sorted(m.split(":")[1] for m in mounts)
+    for a, b in zip(paths, paths[1:]):
+        if b == a or b.startswith(a + "/"):
+            raise ValueError(f"{b} is at or under {a}: mount volumes at separate paths")
+
+
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text.strip() not in choices:
@@ -177,6 +187,7 @@ class FnSetting:
     hi: float
     help: str
     reader: str = "runner"  # the root daemon that acts on it (the runner, or netagent)
+    whole: Callable[[list[Any]], None] | None = None  # a list's check across its items
 
     def value(self, text: str) -> Any:
         if self.type is list:
@@ -185,6 +196,8 @@ class FnSetting:
                 raise ValueError("lists an item twice")
             if not self.lo <= len(items) <= self.hi:
                 raise ValueError(f"must list {self.lo:g} to {self.hi:g} items")
+            if self.whole is not None:
+                self.whole(items)
             return items
         v = self.parse(text)
         if not isinstance(v, (bool, str)) and not self.lo <= v <= self.hi:
@@ -253,8 +266,8 @@ FN_SETTINGS: tuple[FnSetting, ...] = (
     FnSetting("secrets", list, _name("secret"), [], 0, 32,
               "secrets readable in the containers as /run/secrets/NAME (faasctl secret)"),
     FnSetting("mounts", list, _mount, [], 0, 16,
-              "volumes mounted in the containers: VOLUME:/path or VOLUME:/path:ro "
-              "(faasctl volume)"),
+              "volumes mounted in the containers: VOLUME:/path or VOLUME:/path:ro, "
+              "none at or under another's path (faasctl volume)", whole=_mounts_apart),
     FnSetting("ports", list, _port, [80], 1, 16, "TCP ports the function serves on its "
               "address (53 is the VPN's DNS)"),
     FnSetting("allow", list, _peer_or_any, ["*"], 1, 64, "VPN peers that may connect, "

@@ -264,6 +264,7 @@ def test_list_and_choice_settings_parse_to_a_canonical_form(key, text, want):
     ("mounts", "data:/"), ("mounts", "data:/proc"), ("mounts", "data:/proc/x"),
     ("mounts", "data:/run"), ("mounts", "data:relative"), ("mounts", "data:/x:rw:ro"),
     ("mounts", "data:/x:exec"), ("mounts", "Data:/x"), ("mounts", "data:/run/secrets/db"),
+    ("mounts", "a:/data,b:/data/sub"), ("mounts", "a:/data,b:/data"), ("mounts", "a:/d/,b:/d/x"),
     ("egress_allow", "10.0.0.0/8:99999"), ("egress_allow", "example.com"),
     ("egress_allow", "10.0.0.0/33"), ("may_call", "a.b"),
 ])
@@ -279,6 +280,7 @@ def test_a_root_daemon_refuses_a_list_value_set_could_not_make():
         fnsettings.check_values(values, {}, "fn")
     assert err.value.code == Code.BAD_REQUEST and "fn.mounts" in str(err.value)
     for bad in ({"ports": [80, 80]}, {"ports": [53]}, {"network": "host"},
+                {"mounts": ["a:/data", "b:/data/sub"]},
                 {"egress_allow": ["10.0.0.1"]}, {"allow": []}):
         with pytest.raises(FaasError):
             fnsettings.check_values({**fnsettings.defaults(), **bad}, {}, "fn")
