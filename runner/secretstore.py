@@ -5,8 +5,8 @@ replaced atomically), never in the controller's database: the controller runs as
 unprivileged ``faas`` user (docs/security.md "Secrets" says what that buys).
 
 A container of a function with ``secrets`` gets a directory of its own under
-``$FAAS_RUN/secrets/`` on a tmpfs (mounted here if ``$FAAS_RUN`` is not one, so no value
-is copied to a disk), holding a copy of each secret owned by the container's user, mode
+``$FAAS_RUN/secrets/``, a tmpfs of its own capped at TMPFS_SIZE (mounted here at start,
+so no value is copied to a disk and copies cannot fill the host's /run), holding a copy of each secret owned by the container's user, mode
 0400, bind-mounted read-only at /run/secrets. Copies are made at the container's start
 (so a replaced secret reaches the next container) and removed with the container and at
 the runner's start. Functions without secrets cost nothing here.
@@ -73,15 +73,17 @@ class SecretStore:
     # --- at start -----------------------------------------------------------------------
 
     def recover(self) -> dict[str, int]:
-        """Check both directories are root's; make sure the copies are on a tmpfs; remove
-        the copies a previous run left (their containers are gone)."""
+        """Check both directories are root's; make sure the copies are on a tmpfs of their
+        own, capped at TMPFS_SIZE (kept from a previous run: a runner killed leaves it
+        mounted), so copies can never fill the host's /run; remove the copies a previous
+        run left (their containers are gone)."""
         root_dir(self.store, 0o700)
         root_dir(self.copies, 0o700)
-        if fs_type(self.copies)[0] != TMPFS:
+        if fs_type(self.copies) != (TMPFS, True):  # its own, capped: not /run's share
             subprocess.run(["mount", "-t", "tmpfs", "-o",
                             f"mode=0700,size={TMPFS_SIZE},nosuid,nodev,noexec",
                             "faasd-secrets", self.copies], check=True, capture_output=True)
-            if fs_type(self.copies)[0] != TMPFS:
+            if fs_type(self.copies) != (TMPFS, True):
                 raise OSError(f"{self.copies} is not a tmpfs after mounting one")
         left = list(os.scandir(self.copies))
         for entry in left:
