@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import shutil
 from typing import Any, Callable, Mapping
 
@@ -25,6 +26,30 @@ from runner.runtime import Runtime
 from runner.secretstore import MissingSecret, SecretStore
 from runner.serve import Function, settings_from
 from runner.volumes import Volumes, bind_mounts
+
+
+def host_account(uid: int) -> str | None:
+    """The name of a host account with this uid, if any (NSS: /etc/passwd, LDAP, ...)."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def check_private_uid(function: str, uid: int) -> None:
+    """A container that holds secrets or volumes must not run as a host account's uid:
+    without a user namespace, a local user (or daemon) with that uid could read the files
+    through /proc/PID/root and the process's memory. Root (any process of root's can read
+    everything anyway) and nobody (65534, the default user; docs/secrets.md says what is
+    left) are let through."""
+    if uid in (0, 65534):
+        return
+    account = host_account(uid)
+    if account is not None:
+        raise BundleError(f"{function} has secrets or volumes but its image runs as uid "
+                          f"{uid}, which is this host's account {account!r}: that user could "
+                          "read them through /proc; give the image a USER whose uid no host "
+                          "account has (for example 10001)")
 
 
 def is_netns(path: str) -> bool:
@@ -160,6 +185,7 @@ class Fleet:
                                   secrets_dir=self.secrets.copies_of(container_id)
                                   if limits.secrets else None)
             user = config["process"]["user"]
+            check_private_uid(name, user["uid"])
             if sources:
                 assert self.volumes is not None
                 self.volumes.adopt(sources, user["uid"], user["gid"])

@@ -6,8 +6,9 @@ unprivileged ``faas`` user (docs/security.md "Secrets" says what that buys).
 
 A container of a function with ``secrets`` gets a directory of its own under
 ``$FAAS_RUN/secrets/``, a tmpfs of its own capped at TMPFS_SIZE (mounted here at start,
-so no value is copied to a disk and copies cannot fill the host's /run), holding a copy of each secret owned by the container's user, mode
-0400, bind-mounted read-only at /run/secrets. Copies are made at the container's start
+so no value is copied to a disk and copies cannot fill the host's /run), holding a copy
+of each secret owned by the container's user, mode 0400, bind-mounted read-only at
+/run/secrets. Copies are made at the container's start
 (so a replaced secret reaches the next container) and removed with the container and at
 the runner's start. Functions without secrets cost nothing here.
 
