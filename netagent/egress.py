@@ -102,6 +102,11 @@ def plan(entries: list[dict[str, Any]], *, netns_dir: str,
             if to not in function_prefix or not target["ports"]:
                 raise FaasError(Code.FORBIDDEN, f"{where}.may_call {to} is not a function "
                                 "address with ports", {"field": f"{where}.may_call"})
+            if not BY_KEY["ports"].canonical(target["ports"]):
+                raise FaasError(Code.BAD_REQUEST, f"{where}.may_call {to}: "
+                                f"{target['ports']!r:.80} is not a value the ports setting "
+                                "could have (1-16 TCP ports, none twice, not 53)",
+                                {"field": f"{where}.may_call"})
             calls.append((to, tuple(sorted(set(target["ports"])))))
         host6, ns6, host4, ns4 = addresses(index, egress6, egress4)
         veth = veth_name(name, str(address))

@@ -24,7 +24,7 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from netagent.firewall import ICMP_ERRORS, Check, Run
+from netagent.firewall import ICMP_ERRORS, MULTIPORT_MAX, Check, Run
 
 VETH_PREFIX = "fxeg"  # host side of every egress veth: fxeg + 10 hex digits
 CHAIN_IN, CHAIN_FWD, CHAIN_NAT = "FAAS-EG-IN", "FAAS-EG-FWD", "FAAS-EG-NAT"
@@ -68,9 +68,10 @@ def render(prefixes: Prefixes, functions: Sequence[Rules], v6: bool) -> str:
         rules += [f"-A {CHAIN_IN} -d {prefixes.server}/128 -p {p} -m {p} --dport 53 -j ACCEPT"
                   for p in ("udp", "tcp")]
         for fn in functions:
-            for address, ports in fn.calls:
-                rules.append(f"-A {CHAIN_IN} -i {fn.veth} -d {address}/128 -p tcp -m multiport "
-                             f"--dports {','.join(map(str, ports))} -j ACCEPT")
+            for address, ports in fn.calls:  # at most MULTIPORT_MAX ports a rule
+                rules += [f"-A {CHAIN_IN} -i {fn.veth} -d {address}/128 -p tcp -m multiport "
+                          f"--dports {','.join(map(str, ports[i:i + MULTIPORT_MAX]))} -j ACCEPT"
+                          for i in range(0, len(ports), MULTIPORT_MAX)]
     rules.append(f"-A {CHAIN_IN} -j DROP")
     rules += [f"-A {CHAIN_FWD} -o {veths} {est}", f"-A {CHAIN_FWD} -o {veths} -j DROP"]
     for fn in functions:

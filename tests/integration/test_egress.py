@@ -203,6 +203,22 @@ def test_may_call_opens_exactly_the_functions_it_names(egress_platform, function
          .startswith("error connect"), 20)
 
 
+def test_a_may_call_target_of_sixteen_ports_is_reached_on_the_sixteenth(egress_platform,
+                                                                      functions):
+    """Review 13: 16 ports in one multiport rule ("too many ports specified") failed
+    every sync from then on; now two rules, and the 16th port is reached."""
+    p = egress_platform
+    p.faasctl("set", "inside", "ports=80," + ",".join(str(n) for n in range(9001, 9016)))
+    p.faasctl("set", "caller", "may_call=inside")
+    try:
+        poll("caller reaching inside's 16th port", lambda: fetch(
+            p, functions["caller"], functions["inside"], 9015).startswith("fetched ok"), 20)
+        poll("netagent synced", p.healthy, 20)
+    finally:
+        p.faasctl("set", "caller", "may_call=")
+        p.faasctl("set", "inside", "ports=80")
+
+
 def test_egress_allow_opens_a_private_range(egress_platform, functions):
     p = egress_platform
     bad = p.faasctl("set", "caller", "egress_allow=10.99.0.0/33", check=False)

@@ -60,6 +60,9 @@ def test_addresses_come_from_the_functions_place_in_its_prefix():
     (entry(allow=["10.1.0.1/16"]), Code.BAD_REQUEST),  # host bits: not canonical
     (entry(calls=[("fd00:faa5:0:100::1", [80])]), Code.FORBIDDEN),  # the server, not a fn
     (entry(calls=[("fd00:faa5:1::b", [])]), Code.FORBIDDEN),
+    (entry(calls=[("fd00:faa5:1::b", [80, 53])]), Code.BAD_REQUEST),  # not a ports value
+    (entry(calls=[("fd00:faa5:1::b", [80, 80])]), Code.BAD_REQUEST),
+    (entry(calls=[("fd00:faa5:1::b", list(range(1, 18)))]), Code.BAD_REQUEST),  # 17
 ])
 def test_a_bad_entry_refuses_the_whole_sync(bad, code):
     with pytest.raises(FaasError) as info:
@@ -210,3 +213,16 @@ def test_namespaces_compare_before_they_act(tmp_path):
     assert ("ip", "link", "set", "fyeg" + p.veth[4:], "netns", p.path) in calls
     assert ("nsenter", f"--net={p.path}", "ip", "-6", "route", "replace", "default", "via",
             str(p.host6.ip)) in calls
+
+
+def test_sixteen_may_call_ports_take_two_multiport_rules():
+    """Review 13: ip6tables' multiport match takes at most 15 ports ("too many ports
+    specified"); a target serving 16 got one rule and every sync failed from then on."""
+    e = egress()
+    [plan] = e.plan([entry(calls=[("fd00:faa5:1::b", list(range(8000, 8016)))])])
+    v6 = egressfw.render(e.prefixes, [plan.rules], v6=True).splitlines()
+    rules = [r for r in v6 if "--dports" in r]
+    assert [r.split("--dports ")[1].split()[0].count(",") + 1 for r in rules] == [15, 1]
+    assert sorted(int(p) for r in rules for p in r.split("--dports ")[1].split()[0]
+                  .split(",")) == list(range(8000, 8016))
+
