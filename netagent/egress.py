@@ -112,7 +112,7 @@ def plan(entries: list[dict[str, Any]], *, netns_dir: str,
         veth = veth_name(name, str(address))
         plans.append(Plan(name, os.path.join(netns_dir, name), veth, host6, ns6, host4, ns4,
                           Rules(veth, check_allow(entry["egress_allow"], forbidden, where),
-                                tuple(calls))))
+                                tuple(calls), (ns4.ip, ns6.ip))))
     return plans
 
 

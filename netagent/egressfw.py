@@ -28,6 +28,8 @@ from netagent.firewall import ICMP_ERRORS, MULTIPORT_MAX, Check, Run
 
 VETH_PREFIX = "fxeg"  # host side of every egress veth: fxeg + 10 hex digits
 CHAIN_IN, CHAIN_FWD, CHAIN_NAT = "FAAS-EG-IN", "FAAS-EG-FWD", "FAAS-EG-NAT"
+CHAIN_SRC = "FAAS-EG-SRC"  # from FAAS-EG-IN and FAAS-EG-FWD: each veth's own source only
+FILTER_CHAINS = (CHAIN_IN, CHAIN_FWD, CHAIN_SRC)
 
 # Never reachable from an egress function, unless egress_allow lists a part of a
 # private range (never of loopback, link-local, metadata or multicast: refused there).
@@ -44,6 +46,8 @@ class Rules:
     veth: str
     allow: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None], ...]
     calls: tuple[tuple[ipaddress.IPv6Address, tuple[int, ...]], ...]
+    # the namespace's own addresses: the only sources let in from the veth
+    sources: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,15 @@ def render(prefixes: Prefixes, functions: Sequence[Rules], v6: bool) -> str:
     """The filter and nat batch of one family."""
     veths = f"{VETH_PREFIX}+"
     est = "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
-    rules = [f"-A {CHAIN_IN} {est}"]
+    # Sources first (a function may send from any address: IP_FREEBIND, raw sockets):
+    # from each veth only its namespace's own address, and in IPv6 link-local to the
+    # host (neighbour discovery); Linux never forwards a link-local source anyway.
+    src = [f"-A {CHAIN_SRC} -i {fn.veth} -s {a}/{a.max_prefixlen} -j RETURN"
+           for fn in functions for a in fn.sources if (a.version == 6) == v6]
+    if v6:
+        src.append(f"-A {CHAIN_SRC} -s fe80::/10 -j RETURN")
+    src.append(f"-A {CHAIN_SRC} -j DROP")
+    rules = [f"-A {CHAIN_IN} -j {CHAIN_SRC}", f"-A {CHAIN_IN} {est}"]
     if v6:
         rules += [f"-A {CHAIN_IN} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j ACCEPT"
                   for t in ("neighbour-solicitation", "neighbour-advertisement",
@@ -74,6 +86,9 @@ def render(prefixes: Prefixes, functions: Sequence[Rules], v6: bool) -> str:
                           for i in range(0, len(ports), MULTIPORT_MAX)]
     rules.append(f"-A {CHAIN_IN} -j DROP")
     rules += [f"-A {CHAIN_FWD} -o {veths} {est}", f"-A {CHAIN_FWD} -o {veths} -j DROP"]
+    if v6:
+        rules.append(f"-A {CHAIN_FWD} -i {veths} -s fe80::/10 -j DROP")
+    rules += [f"-A {CHAIN_FWD} -i {veths} -j {CHAIN_SRC}", *src]
     for fn in functions:
         for net, port in fn.allow:
             if (net.version == 6) != v6:
@@ -91,7 +106,7 @@ def render(prefixes: Prefixes, functions: Sequence[Rules], v6: bool) -> str:
     rules.append(f"-A {CHAIN_FWD} -i {veths} -j ACCEPT")
     egress = prefixes.egress6 if v6 else prefixes.egress4
     return "\n".join([
-        "*filter", f":{CHAIN_IN} - [0:0]", f":{CHAIN_FWD} - [0:0]", *rules, "COMMIT",
+        "*filter", *(f":{c} - [0:0]" for c in FILTER_CHAINS), *rules, "COMMIT",
         "*nat", f":{CHAIN_NAT} - [0:0]",
         f"-A {CHAIN_NAT} -s {egress} ! -o {veths} -j MASQUERADE", "COMMIT", ""])
 
@@ -139,7 +154,7 @@ class EgressFirewall:
                 for t, chain, spec in JUMPS:
                     if t == table and f"-A {chain} {' '.join(spec)}" not in listing:
                         return False
-                for chain in ((CHAIN_IN, CHAIN_FWD) if table == "filter" else (CHAIN_NAT,)):
+                for chain in (FILTER_CHAINS if table == "filter" else (CHAIN_NAT,)):
                     have = sum(1 for line in listing if line.startswith(f"-A {chain} "))
                     if have != sum(1 for line in want if line.startswith(f"-A {chain} ")):
                         return False
@@ -151,7 +166,7 @@ class EgressFirewall:
             for table, chain, spec in JUMPS:
                 while await self.check(tool, "-w", "5", "-t", table, "-C", chain, *spec):
                     await self.run(tool, "-w", "5", "-t", table, "-D", chain, *spec)
-            for table, chains in (("filter", (CHAIN_IN, CHAIN_FWD)), ("nat", (CHAIN_NAT,))):
+            for table, chains in (("filter", FILTER_CHAINS), ("nat", (CHAIN_NAT,))):
                 names = [c for c in chains
                          if await self.check(tool, "-w", "5", "-t", table, "-S", c)]
                 if names:

@@ -103,6 +103,7 @@ def test_rules_hold_the_deny_list_after_egress_allow_and_only_may_call_in():
     # into the host: DNS on the server address and may_call, nothing else
     in6 = [r for r in v6 if r.startswith("-A FAAS-EG-IN") and "icmp" not in r]
     assert in6 == [
+        "-A FAAS-EG-IN -j FAAS-EG-SRC",
         "-A FAAS-EG-IN -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
         "-A FAAS-EG-IN -d fd00:faa5:0:100::1/128 -p udp -m udp --dport 53 -j ACCEPT",
         "-A FAAS-EG-IN -d fd00:faa5:0:100::1/128 -p tcp -m tcp --dport 53 -j ACCEPT",
@@ -226,3 +227,25 @@ def test_sixteen_may_call_ports_take_two_multiport_rules():
     assert sorted(int(p) for r in rules for p in r.split("--dports ")[1].split()[0]
                   .split(",")) == list(range(8000, 8016))
 
+
+def test_only_the_functions_own_source_gets_past_its_veth():
+    """Review 13: a function may send with any source (IP_FREEBIND, raw sockets); from
+    its veth only its namespace's own address goes on, in both families, into the host
+    and forwarded; IPv6 link-local only into the host (neighbour discovery)."""
+    e = egress()
+    plans = e.plan([entry(), entry(name="fob", address="fd00:faa5:1::b")])
+    for v6 in (False, True):
+        lines = egressfw.render(e.prefixes, [p.rules for p in plans], v6).splitlines()
+        src = [r for r in lines if r.startswith("-A FAAS-EG-SRC")]
+        want = [f"-A FAAS-EG-SRC -i {p.veth} -s {(p.ns6 if v6 else p.ns4).ip}/"
+                f"{128 if v6 else 32} -j RETURN" for p in plans]
+        assert src == want + (["-A FAAS-EG-SRC -s fe80::/10 -j RETURN"] if v6 else []) + [
+            "-A FAAS-EG-SRC -j DROP"]
+        first_in = next(r for r in lines if r.startswith("-A FAAS-EG-IN"))
+        assert first_in == "-A FAAS-EG-IN -j FAAS-EG-SRC"  # before even ESTABLISHED
+        fwd = [r for r in lines if r.startswith("-A FAAS-EG-FWD -i")]
+        jump = fwd.index("-A FAAS-EG-FWD -i fxeg+ -j FAAS-EG-SRC")
+        assert jump == (1 if v6 else 0)  # before egress_allow and the rest
+        if v6:
+            assert fwd[0] == "-A FAAS-EG-FWD -i fxeg+ -s fe80::/10 -j DROP"
+        assert ":FAAS-EG-SRC - [0:0]" in lines
