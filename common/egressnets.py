@@ -2,9 +2,9 @@
 ``faasctl set``, so the operator learns it at once) and netagent (at every sync, since
 it trusts no sender).
 
-Never loopback, link-local (the cloud metadata address 169.254.169.254 among it),
-multicast or unspecified ranges, and never faasd's own prefixes: the VPN, functions,
-clients, and the egress prefixes themselves.
+Never loopback, link-local (the cloud metadata address 169.254.169.254 among it), the
+other clouds' metadata addresses, multicast or unspecified ranges, and never faasd's own
+prefixes: the VPN, functions, clients, and the egress prefixes themselves.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ Net = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 NEVER: tuple[Net, ...] = tuple(ipaddress.ip_network(n) for n in (
     "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
-    "::/128", "::1/128", "::ffff:0:0/96", "fe80::/10", "ff00::/8"))
+    "::/128", "::1/128", "::ffff:0:0/96", "fe80::/10", "ff00::/8",
+    # the clouds' metadata services outside link-local: Azure's WireServer, Alibaba's,
+    # AWS's IPv6 one
+    "168.63.129.16/32", "100.100.100.200/32", "fd00:ec2::254/128"))
 
 
 def own_prefixes(settings: Any) -> list[Net]:

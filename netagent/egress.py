@@ -25,7 +25,7 @@ from common import egressnets
 from common.errors import Code, FaasError
 from common.fnsettings import BY_KEY
 from common.paths import root_dir
-from netagent.egressfw import VETH_PREFIX, EgressFirewall, Prefixes, Rules
+from netagent.egressfw import DENY4, DENY6, VETH_PREFIX, EgressFirewall, Net, Prefixes, Rules
 from netagent.firewall import Check, Run
 
 NS_IF = "eth0"  # the namespace's side of the veth
@@ -300,6 +300,24 @@ class Egress:
         self.run = run
         self.ns = Namespaces(netns_dir, run, check)
         self.firewall = EgressFirewall(run, check)
+        self.lan: list[Net] = []  # the host's connected prefixes the rules were made with
+        self.denied = [ipaddress.ip_network(n) for n in (*DENY4, *DENY6)] + \
+            [*own6, self.egress4]
+
+    async def connected(self) -> list[Net]:
+        """The prefixes of the host's own connected (non-default) routes, its LAN, that
+        the deny list does not hold already; our veths' aside."""
+        out: set[Net] = set()
+        for family in ("-4", "-6"):
+            for r in json.loads(await self.run("ip", family, "-j", "route", "show") or "[]"):
+                if r.get("dst", "default") == "default" or r.get("type", "unicast") != \
+                        "unicast" or str(r.get("dev", "")).startswith(VETH_PREFIX):
+                    continue
+                net = ipaddress.ip_network(r["dst"], strict=False)
+                if not any(d.version == net.version and net.subnet_of(d)  # type: ignore
+                           for d in self.denied):
+                    out.add(net)
+        return sorted(out, key=lambda n: (n.version, n))
 
     def plan(self, entries: list[dict[str, Any]]) -> list[Plan]:
         return plan(entries, netns_dir=self.ns.dir, function_prefix=self.function_prefix,
@@ -310,7 +328,8 @@ class Egress:
         forwarding switches, and last the removal of what no plan names."""
         made: list[str] = []
         if plans:  # none: no veth, so no rule matters (and no iptables is needed)
-            await self.firewall.apply(self.prefixes, [p.rules for p in plans])
+            self.lan = await self.connected()
+            await self.firewall.apply(self.prefixes, [p.rules for p in plans], self.lan)
             await self.ns.private_dir()
             host = await self.ns.host_veths()
             made = [p.name for p in plans if await self.ns.converge(p, host)]
@@ -326,7 +345,9 @@ class Egress:
         if set(host) != {p.veth for p in plans} or any(
                 host[p.veth] != sorted([str(p.host4), str(p.host6)]) for p in plans):
             return "egress veths"
+        if plans and await self.connected() != self.lan:
+            return "egress routes"  # the host's LAN changed: its prefixes denied anew
         if plans and not await self.firewall.installed(self.prefixes,
-                                                       [p.rules for p in plans]):
+                                                       [p.rules for p in plans], self.lan):
             return "egress firewall"
         return None

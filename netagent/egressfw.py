@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from netagent.firewall import ICMP_ERRORS, MULTIPORT_MAX, Check, Run
 
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 VETH_PREFIX = "fxeg"  # host side of every egress veth: fxeg + 10 hex digits
 CHAIN_IN, CHAIN_FWD, CHAIN_NAT = "FAAS-EG-IN", "FAAS-EG-FWD", "FAAS-EG-NAT"
 CHAIN_SRC = "FAAS-EG-SRC"  # from FAAS-EG-IN and FAAS-EG-FWD: each veth's own source only
@@ -33,10 +34,13 @@ FILTER_CHAINS = (CHAIN_IN, CHAIN_FWD, CHAIN_SRC)
 
 # Never reachable from an egress function, unless egress_allow lists a part of a
 # private range (never of loopback, link-local, metadata or multicast: refused there).
+# The clouds' metadata services outside link-local: Azure's WireServer, Alibaba's.
+# NAT64 and 6to4 embed IPv4 addresses the IPv4 list would deny.
 DENY4 = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
          "172.16.0.0/12", "192.168.0.0/16", "192.0.0.0/24", "198.18.0.0/15",
-         "224.0.0.0/4", "240.0.0.0/4")
-DENY6 = ("::/128", "::1/128", "::ffff:0:0/96", "fe80::/10", "fc00::/7", "ff00::/8")
+         "224.0.0.0/4", "240.0.0.0/4", "168.63.129.16/32", "100.100.100.200/32")
+DENY6 = ("::/128", "::1/128", "::ffff:0:0/96", "fe80::/10", "fc00::/7", "ff00::/8",
+         "64:ff9b::/96", "64:ff9b:1::/48", "2002::/16")
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,10 @@ class Prefixes:
     egress4: ipaddress.IPv4Network
 
 
-def render(prefixes: Prefixes, functions: Sequence[Rules], v6: bool) -> str:
-    """The filter and nat batch of one family."""
+def render(prefixes: Prefixes, functions: Sequence[Rules], v6: bool,
+           lan: Sequence[Net] = ()) -> str:
+    """The filter and nat batch of one family; ``lan``: the host's connected routes'
+    prefixes (its LAN), denied like the private ranges."""
     veths = f"{VETH_PREFIX}+"
     est = "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
     # Sources first (a function may send from any address: IP_FREEBIND, raw sockets):
@@ -102,6 +108,7 @@ def render(prefixes: Prefixes, functions: Sequence[Rules], v6: bool) -> str:
         deny = [*map(str, prefixes.own6), *DENY6]
     else:
         deny = [str(prefixes.egress4), *DENY4]
+    deny += [str(net) for net in lan if (net.version == 6) == v6]
     rules += [f"-A {CHAIN_FWD} -i {veths} -d {net} -j DROP" for net in deny]
     rules.append(f"-A {CHAIN_FWD} -i {veths} -j ACCEPT")
     egress = prefixes.egress6 if v6 else prefixes.egress4
@@ -123,10 +130,11 @@ class EgressFirewall:
     def __init__(self, run: Run, check: Check):
         self.run, self.check = run, check
 
-    async def apply(self, prefixes: Prefixes, functions: Sequence[Rules]) -> None:
+    async def apply(self, prefixes: Prefixes, functions: Sequence[Rules],
+                    lan: Sequence[Net] = ()) -> None:
         """Refill every chain atomically per family, then put each jump first."""
         for v6, tool in ((False, "iptables"), (True, "ip6tables")):
-            batch = render(prefixes, functions, v6)
+            batch = render(prefixes, functions, v6, lan)
             await self.run(f"{tool}-restore", "-w", "5", "--noflush", stdin=batch.encode())
             for table, chain, spec in JUMPS:
                 await self._first(tool, table, chain, spec)
@@ -145,10 +153,11 @@ class EgressFirewall:
             await self.run(tool, "-w", "5", "-t", table, "-D", chain, *spec)
         await self.run(tool, "-w", "5", "-t", table, "-I", chain, "1", *spec)
 
-    async def installed(self, prefixes: Prefixes, functions: Sequence[Rules]) -> bool:
+    async def installed(self, prefixes: Prefixes, functions: Sequence[Rules],
+                        lan: Sequence[Net] = ()) -> bool:
         """Every jump present and every chain as long as :func:`render` makes it."""
         for v6, tool in ((False, "iptables"), (True, "ip6tables")):
-            want = render(prefixes, functions, v6).splitlines()
+            want = render(prefixes, functions, v6, lan).splitlines()
             for table in ("filter", "nat"):
                 listing = (await self.run(tool, "-w", "5", "-t", table, "-S")).splitlines()
                 for t, chain, spec in JUMPS:

@@ -167,6 +167,8 @@ def test_a_none_function_reaches_nothing(egress_platform, functions):
     "fd00:faa5:0:100::2/80",  # a VPN peer's address
     f"{METADATA}/80",  # routed to the internet, which answers there: the firewall stops it
     f"{PRIVATE}/80",  # a private range, until egress_allow
+    f"{INET4}/80",  # the host's LAN (a connected route's prefix), public or not
+    f"[{INET6}]/80",
 ])
 def test_an_egress_function_reaches_nothing_of_the_hosts(egress_platform, functions, target):
     host, port = target.rsplit("/", 1)
@@ -180,7 +182,8 @@ def test_an_egress_function_reaches_nothing_of_the_hosts(egress_platform, functi
 def test_the_hosts_service_answers_others_so_the_drops_above_are_the_firewall(
         egress_platform, netns, functions):
     for url in (f"http://{PLATFORM4}:8081/", f"http://[{SERVER}]:8081/",
-                f"http://{METADATA}/", f"http://{PRIVATE}/"):
+                f"http://{METADATA}/", f"http://{PRIVATE}/", f"http://{INET4}/",
+                f"http://[{INET6}]/"):
         out = run(*netns.argv("curl", "-s", "-g", "-o", "/dev/null", "-w", "%{http_code}",
                               "-m", "3", url), check=False)
         assert out.stdout == "200", url

@@ -249,3 +249,66 @@ def test_only_the_functions_own_source_gets_past_its_veth():
         if v6:
             assert fwd[0] == "-A FAAS-EG-FWD -i fxeg+ -s fe80::/10 -j DROP"
         assert ":FAAS-EG-SRC - [0:0]" in lines
+
+
+@pytest.mark.parametrize("never", ["168.63.129.16/32", "100.100.100.0/24",
+                                   "fd00:ec2::254/128", "fd00:ec2::/32"])
+def test_the_other_clouds_metadata_may_never_be_allowed(never):
+    """Review 13: Azure's WireServer, Alibaba's and AWS's IPv6 metadata addresses, like
+    169.254.169.254: egress_allow may not open them (netagent and the controller)."""
+    with pytest.raises(FaasError) as info:
+        egress().plan([entry(allow=[never])])
+    assert info.value.code == Code.FORBIDDEN
+    from controller.main import Controller
+    with pytest.raises(FaasError):
+        Controller.check_egress_allow(_Ctl("fd00:faa5:1::a"), never)
+
+
+ROUTES = {"-4": [{"dst": "default", "gateway": "203.0.113.1", "dev": "eth0"},
+                 {"dst": "203.0.113.0/24", "dev": "eth0", "protocol": "kernel"},
+                 {"dst": "198.51.100.7", "dev": "eth1"},  # a host route, no length
+                 {"dst": "192.168.7.0/24", "dev": "eth1"},  # in 192.168/16 already
+                 {"dst": "10.250.0.40/30", "dev": "fxeg0123456789"},  # ours
+                 {"dst": "192.0.2.0/24", "dev": "eth1", "type": "blackhole"}],
+          "-6": [{"dst": "default", "gateway": "2001:db8:1::1", "dev": "eth0"},
+                 {"dst": "2001:db8:1::/64", "dev": "eth0"},
+                 {"dst": "fe80::/64", "dev": "eth0"},
+                 {"dst": "fd00:faa5:1::/64", "dev": "wg0"}]}
+
+
+def test_the_hosts_lan_is_denied_unless_allowed_and_a_new_route_is_drift():
+    """Review 13: the host's own connected routes (its LAN, public or not) are denied
+    like the private ranges, read at every converge; egress_allow comes first."""
+    routes = {k: list(v) for k, v in ROUTES.items()}
+
+    async def run(*argv, **kw):
+        assert argv[:2] == ("ip", argv[1]) and argv[2:] == ("-j", "route", "show"), argv
+        return __import__("json").dumps(routes[argv[1]])
+    e = Egress(SETTINGS, "/nonexistent/run/netns", run, _never,
+               vpn_server(SETTINGS.vpn_prefix).ip)
+    lan = asyncio.run(e.connected())
+    assert [str(n) for n in lan] == ["198.51.100.7/32", "203.0.113.0/24", "2001:db8:1::/64"]
+    [plan] = e.plan([entry(allow=["203.0.113.5/32:80"])])
+    v4 = egressfw.render(e.prefixes, [plan.rules], False, lan).splitlines()
+    v6 = egressfw.render(e.prefixes, [plan.rules], True, lan).splitlines()
+    allow = v4.index(f"-A FAAS-EG-FWD -i {plan.veth} -d 203.0.113.5/32 -p tcp -m tcp "
+                     "--dport 80 -j ACCEPT")
+    assert allow < v4.index("-A FAAS-EG-FWD -i fxeg+ -d 203.0.113.0/24 -j DROP")
+    assert "-A FAAS-EG-FWD -i fxeg+ -d 2001:db8:1::/64 -j DROP" in v6
+    assert not any("2001:db8" in r for r in v4)
+    e.lan = lan
+    routes["-4"].append({"dst": "198.18.0.0/24", "dev": "eth1"})  # in 198.18/15: nothing
+    assert asyncio.run(e.connected()) == lan
+    routes["-6"].append({"dst": "2001:db8:9::/48", "dev": "eth1"})
+    assert asyncio.run(e.connected()) != lan
+
+
+def test_the_deny_list_holds_the_other_metadata_nat64_and_6to4():
+    e = egress()
+    [plan] = e.plan([entry()])
+    v4 = egressfw.render(e.prefixes, [plan.rules], v6=False).splitlines()
+    v6 = egressfw.render(e.prefixes, [plan.rules], v6=True).splitlines()
+    for net in ("168.63.129.16/32", "100.100.100.200/32"):
+        assert f"-A FAAS-EG-FWD -i fxeg+ -d {net} -j DROP" in v4
+    for net in ("64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "fc00::/7"):
+        assert f"-A FAAS-EG-FWD -i fxeg+ -d {net} -j DROP" in v6
