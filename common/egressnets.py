@@ -54,3 +54,15 @@ def index(address: str, function_prefix: str) -> int:
     """A function's place in function_prefix: ``::a`` is 10."""
     return int(ipaddress.IPv6Address(address)) - int(
         ipaddress.IPv6Network(function_prefix).network_address)
+
+
+def over_caps(functions: int, calls: int, settings: Any) -> str | None:
+    """What ``functions`` egress functions with ``calls`` may_call entries in all pass of
+    root's caps (max_egress_functions, max_egress_calls), or None."""
+    if functions > settings.max_egress_functions:
+        return (f"{functions} network=egress functions, more than this host's "
+                f"max_egress_functions ({settings.max_egress_functions})")
+    if calls > settings.max_egress_calls:
+        return (f"{calls} may_call entries of network=egress functions, more than this "
+                f"host's max_egress_calls ({settings.max_egress_calls})")
+    return None

@@ -289,6 +289,7 @@ class Egress:
 
     def __init__(self, settings: Any, netns_dir: str, run: Run, check: Check,
                  server: ipaddress.IPv6Address):
+        self.settings = settings
         self.function_prefix = ipaddress.IPv6Network(settings.function_prefix)
         self.egress6 = ipaddress.IPv6Network(settings.egress_prefix)
         self.egress4 = ipaddress.IPv4Network(settings.egress_prefix4)
@@ -320,6 +321,10 @@ class Egress:
         return sorted(out, key=lambda n: (n.version, n))
 
     def plan(self, entries: list[dict[str, Any]]) -> list[Plan]:
+        bad = egressnets.over_caps(len(entries), sum(len(e["may_call"]) for e in entries),
+                                   self.settings)
+        if bad:  # root's caps on what the controller may make us build
+            raise FaasError(Code.FORBIDDEN, f"egress: {bad}", {"field": "egress"})
         return plan(entries, netns_dir=self.ns.dir, function_prefix=self.function_prefix,
                     egress6=self.egress6, egress4=self.egress4, forbidden=self.forbidden)
 

@@ -95,7 +95,8 @@ def internet(netns):
 def platform_config(request) -> str:
     """Every test on both OCI runtimes: each joins the namespace by its path."""
     return (f'runtime = "{request.param}"\ndns_upstreams = ["{INET4}"]\n'
-            'http_listen_vpn = true\nvpn_endpoint = "192.0.2.1:51820"\n')
+            'http_listen_vpn = true\nvpn_endpoint = "192.0.2.1:51820"\n'
+            'max_egress_functions = 2\n')
 
 
 @pytest.fixture(scope="module")
@@ -264,6 +265,21 @@ def test_a_spoofed_source_does_not_leave(egress_platform, internet, functions, n
         listing = run(*internet.argv(tool, "-w", "5", "-v", "-S", "INPUT")).stdout
         [line] = [x for x in listing.splitlines() if f"-s {outside}/" in x]
         assert line.split(" -c ")[1].split()[0] == "0", line  # nothing arrived
+
+
+def test_egress_past_roots_cap_is_refused_at_set(egress_platform, functions):
+    """Review 13: max_egress_functions (2 here: caller and one more) caps what the
+    controller asks netagent to build; past it, `set` says so and nothing changes."""
+    p = egress_platform
+    p.faasctl("set", "plain", "network=egress")
+    try:
+        bad = p.faasctl("set", "inside", "network=egress", check=False)
+        assert bad.returncode != 0 and "max_egress_functions (2)" in bad.stderr, bad.stderr
+        shown = json.loads(p.faasctl("--json", "info", "inside").stdout)
+        assert shown["settings"]["network"] == "none"
+    finally:
+        p.faasctl("set", "plain", "network=none")
+    poll("netagent synced", p.healthy, 20)
 
 def test_egress_allow_opens_a_private_range(egress_platform, functions):
     p = egress_platform

@@ -312,3 +312,21 @@ def test_the_deny_list_holds_the_other_metadata_nat64_and_6to4():
         assert f"-A FAAS-EG-FWD -i fxeg+ -d {net} -j DROP" in v4
     for net in ("64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "fc00::/7"):
         assert f"-A FAAS-EG-FWD -i fxeg+ -d {net} -j DROP" in v6
+
+
+def test_a_sync_past_roots_egress_caps_is_forbidden():
+    """Review 13: netagent builds no more egress functions or may_call rules than root's
+    max_egress_functions and max_egress_calls allow, whatever the controller sends."""
+    caps = load({"FAAS_CONFIG": "/dev/null", "FAAS_ROOT": "/nonexistent",
+                 "FAAS_RUN": "/nonexistent/run", "FAAS_MAX_EGRESS_FUNCTIONS": "2",
+                 "FAAS_MAX_EGRESS_CALLS": "2"})
+    e = Egress(caps, "/nonexistent/run/netns", _never, _never, vpn_server(caps.vpn_prefix).ip)
+    call = ("fd00:faa5:1::f", [80])
+    e.plan([entry(calls=[call, call]), entry(name="b", address="fd00:faa5:1::b")])
+    for over in ([entry(), entry(name="b", address="fd00:faa5:1::b"),
+                  entry(name="c", address="fd00:faa5:1::c")],
+                 [entry(calls=[call, call]), entry(name="b", address="fd00:faa5:1::b",
+                                                   calls=[call])]):
+        with pytest.raises(FaasError) as info:
+            e.plan(over)
+        assert info.value.code == Code.FORBIDDEN and "max_egress" in info.value.message
