@@ -46,6 +46,7 @@ class Daemon:
         self.generation = 0
         self.synced = False
         self.digest = ""  # protocol.state_digest of the state last converged to
+        self.offered = ""  # that of the last sync received, converged or not
         self._proc = psutil.Process()
 
     def handlers(self) -> dict[str, Handler]:
@@ -122,6 +123,7 @@ class AgentDaemon(Daemon):
         root set (``converge`` checks before it changes anything) is refused and logged:
         the caller holds the faas user, and that may be an attacker's."""
         digest = protocol.state_digest(self.service, args["state"])
+        self.offered = digest  # the state being converged to (netagent's repair loop)
         try:
             await self.converge(args["state"])
         except FaasError as exc:

@@ -2,9 +2,9 @@
 ``faasctl set``, so the operator learns it at once) and netagent (at every sync, since
 it trusts no sender).
 
-Never loopback, link-local (the cloud metadata address 169.254.169.254 among it),
-multicast or unspecified ranges, and never faasd's own prefixes: the VPN, functions,
-clients, and the egress prefixes themselves.
+Never loopback, link-local (the cloud metadata address 169.254.169.254 among it), the
+other clouds' metadata addresses, multicast or unspecified ranges, and never faasd's own
+prefixes: the VPN, functions, clients, and the egress prefixes themselves.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ Net = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 NEVER: tuple[Net, ...] = tuple(ipaddress.ip_network(n) for n in (
     "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
-    "::/128", "::1/128", "::ffff:0:0/96", "fe80::/10", "ff00::/8"))
+    "::/128", "::1/128", "::ffff:0:0/96", "fe80::/10", "ff00::/8",
+    # the clouds' metadata services outside link-local: Azure's WireServer, Alibaba's,
+    # AWS's IPv6 one
+    "168.63.129.16/32", "100.100.100.200/32", "fd00:ec2::254/128"))
 
 
 def own_prefixes(settings: Any) -> list[Net]:
@@ -51,3 +54,15 @@ def index(address: str, function_prefix: str) -> int:
     """A function's place in function_prefix: ``::a`` is 10."""
     return int(ipaddress.IPv6Address(address)) - int(
         ipaddress.IPv6Network(function_prefix).network_address)
+
+
+def over_caps(functions: int, calls: int, settings: Any) -> str | None:
+    """What ``functions`` egress functions with ``calls`` may_call entries in all pass of
+    root's caps (max_egress_functions, max_egress_calls), or None."""
+    if functions > settings.max_egress_functions:
+        return (f"{functions} network=egress functions, more than this host's "
+                f"max_egress_functions ({settings.max_egress_functions})")
+    if calls > settings.max_egress_calls:
+        return (f"{calls} may_call entries of network=egress functions, more than this "
+                f"host's max_egress_calls ({settings.max_egress_calls})")
+    return None

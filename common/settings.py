@@ -130,6 +130,10 @@ SETTINGS: tuple[Setting, ...] = (
             "a /64 each, NATed out (docs/network.md)", _egress6),
     Setting("egress_prefix4", str, "10.250.0.0/16", "IPv4 of network=egress functions: a "
             "/30 each, NATed out of the default route", _v4net),
+    Setting("max_egress_functions", int, 256, "most network=egress functions this host "
+            "holds (a namespace, a veth and rules each)", _between(0, 1 << 20)),
+    Setting("max_egress_calls", int, 4096, "most may_call entries of all network=egress "
+            "functions together (a firewall rule each)", _between(0, 1 << 20)),
     Setting("vpn_endpoint", str, "", "HOST:PORT that peers dial; printed in client configs",
             _endpoint),
     Setting("dns_upstreams", list, [], "resolvers for names outside faas., for VPN peers and "

@@ -47,6 +47,7 @@ class Controller(SecretOps, VolumeOps, Daemon):
         paths = layout.of(self.settings)
         self.state = State(paths.state_db, self.settings.function_prefix,
                            self.settings.vpn_prefix, host_maxima(self.settings))
+        self.state.egress_caps = self.settings  # max_egress_functions, max_egress_calls
         self.uploads = Uploads(paths.spool, self.settings.upload_max_bytes,
                                self.settings.upload_idle_seconds, self.settings.upload_min_rate,
                                self.settings.upload_rate_window, self.settings.upload_slots,

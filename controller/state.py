@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from common import fnsettings
+from common import egressnets, fnsettings
 from common.errors import Code, FaasError
 
 # Each entry migrates from version i to i+1; never edit one that has shipped.
@@ -98,6 +98,7 @@ class State:
                  maxima: dict[str, float] | None = None):
         self.prefix = ipaddress.IPv6Network(function_prefix)
         self.maxima = maxima  # the host's (fnsettings.host_maxima): caps defaults and sets
+        self.egress_caps: Any = None  # the host's Settings: max_egress_functions, _calls
         self.vpn_prefix = ipaddress.IPv6Network(vpn_prefix)
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -261,10 +262,30 @@ class State:
                 raise FaasError(Code.NOT_FOUND, f"may_call: no function named "
                                 f"{', '.join(missing)}; faasctl list shows them",
                                 {"key": "may_call", "missing": missing})
+        if self.egress_caps is not None and {"network", "may_call"} & set(changes):
+            self.check_egress_caps(name, settings)
         with self.tx() as db:
             db.execute("UPDATE functions SET settings=? WHERE name=?", (json.dumps(settings), name))
             self._bump(db)
         return settings
+
+    def check_egress_caps(self, name: str, settings: dict[str, Any]) -> None:
+        """netagent refuses a whole sync past root's caps on egress functions and their
+        may_call entries: a change that takes the totals past one is refused now (one
+        that lowers them, never)."""
+        specs = {s["name"]: s["settings"] for s in self.specs()}
+
+        def counts() -> tuple[int, int]:
+            egress = [s for s in specs.values() if s["network"] == "egress"]
+            return len(egress), sum(1 for s in egress for n in s["may_call"] if n in specs)
+        before = counts()
+        specs[name] = settings
+        after = counts()
+        bad = egressnets.over_caps(*after, self.egress_caps)
+        if bad and (after[0] > before[0] or after[1] > before[1]):
+            raise FaasError(Code.CONFLICT, f"{bad}: root may raise it in the settings file "
+                            "(docs/settings.md)", {"key": "network" if after[0] > before[0]
+                                                   else "may_call"})
 
     def remove(self, name: str) -> dict[str, Any]:
         """Forget a function and all its versions."""

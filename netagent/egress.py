@@ -25,7 +25,7 @@ from common import egressnets
 from common.errors import Code, FaasError
 from common.fnsettings import BY_KEY
 from common.paths import root_dir
-from netagent.egressfw import VETH_PREFIX, EgressFirewall, Prefixes, Rules
+from netagent.egressfw import DENY4, DENY6, VETH_PREFIX, EgressFirewall, Net, Prefixes, Rules
 from netagent.firewall import Check, Run
 
 NS_IF = "eth0"  # the namespace's side of the veth
@@ -102,12 +102,17 @@ def plan(entries: list[dict[str, Any]], *, netns_dir: str,
             if to not in function_prefix or not target["ports"]:
                 raise FaasError(Code.FORBIDDEN, f"{where}.may_call {to} is not a function "
                                 "address with ports", {"field": f"{where}.may_call"})
+            if not BY_KEY["ports"].canonical(target["ports"]):
+                raise FaasError(Code.BAD_REQUEST, f"{where}.may_call {to}: "
+                                f"{target['ports']!r:.80} is not a value the ports setting "
+                                "could have (1-16 TCP ports, none twice, not 53)",
+                                {"field": f"{where}.may_call"})
             calls.append((to, tuple(sorted(set(target["ports"])))))
         host6, ns6, host4, ns4 = addresses(index, egress6, egress4)
         veth = veth_name(name, str(address))
         plans.append(Plan(name, os.path.join(netns_dir, name), veth, host6, ns6, host4, ns4,
                           Rules(veth, check_allow(entry["egress_allow"], forbidden, where),
-                                tuple(calls))))
+                                tuple(calls), (ns4.ip, ns6.ip))))
     return plans
 
 
@@ -284,6 +289,7 @@ class Egress:
 
     def __init__(self, settings: Any, netns_dir: str, run: Run, check: Check,
                  server: ipaddress.IPv6Address):
+        self.settings = settings
         self.function_prefix = ipaddress.IPv6Network(settings.function_prefix)
         self.egress6 = ipaddress.IPv6Network(settings.egress_prefix)
         self.egress4 = ipaddress.IPv4Network(settings.egress_prefix4)
@@ -295,8 +301,30 @@ class Egress:
         self.run = run
         self.ns = Namespaces(netns_dir, run, check)
         self.firewall = EgressFirewall(run, check)
+        self.lan: list[Net] = []  # the host's connected prefixes the rules were made with
+        self.denied = [ipaddress.ip_network(n) for n in (*DENY4, *DENY6)] + \
+            [*own6, self.egress4]
+
+    async def connected(self) -> list[Net]:
+        """The prefixes of the host's own connected (non-default) routes, its LAN, that
+        the deny list does not hold already; our veths' aside."""
+        out: set[Net] = set()
+        for family in ("-4", "-6"):
+            for r in json.loads(await self.run("ip", family, "-j", "route", "show") or "[]"):
+                if r.get("dst", "default") == "default" or r.get("type", "unicast") != \
+                        "unicast" or str(r.get("dev", "")).startswith(VETH_PREFIX):
+                    continue
+                net = ipaddress.ip_network(r["dst"], strict=False)
+                if not any(d.version == net.version and net.subnet_of(d)  # type: ignore
+                           for d in self.denied):
+                    out.add(net)
+        return sorted(out, key=lambda n: (n.version, n))
 
     def plan(self, entries: list[dict[str, Any]]) -> list[Plan]:
+        bad = egressnets.over_caps(len(entries), sum(len(e["may_call"]) for e in entries),
+                                   self.settings)
+        if bad:  # root's caps on what the controller may make us build
+            raise FaasError(Code.FORBIDDEN, f"egress: {bad}", {"field": "egress"})
         return plan(entries, netns_dir=self.ns.dir, function_prefix=self.function_prefix,
                     egress6=self.egress6, egress4=self.egress4, forbidden=self.forbidden)
 
@@ -305,7 +333,8 @@ class Egress:
         forwarding switches, and last the removal of what no plan names."""
         made: list[str] = []
         if plans:  # none: no veth, so no rule matters (and no iptables is needed)
-            await self.firewall.apply(self.prefixes, [p.rules for p in plans])
+            self.lan = await self.connected()
+            await self.firewall.apply(self.prefixes, [p.rules for p in plans], self.lan)
             await self.ns.private_dir()
             host = await self.ns.host_veths()
             made = [p.name for p in plans if await self.ns.converge(p, host)]
@@ -321,7 +350,9 @@ class Egress:
         if set(host) != {p.veth for p in plans} or any(
                 host[p.veth] != sorted([str(p.host4), str(p.host6)]) for p in plans):
             return "egress veths"
+        if plans and await self.connected() != self.lan:
+            return "egress routes"  # the host's LAN changed: its prefixes denied anew
         if plans and not await self.firewall.installed(self.prefixes,
-                                                       [p.rules for p in plans]):
+                                                       [p.rules for p in plans], self.lan):
             return "egress firewall"
         return None

@@ -65,9 +65,11 @@ class NetAgent(AgentDaemon):
         self.egress = Egress(self.settings, layout.of(self.settings).netns, self.net.run,
                              self.net.check, self.server.ip)
         self._lock = asyncio.Lock()
-        # the last state converged to: the drift check holds the interface to it
+        # the last state that passed its checks: the drift check holds the interface to it
         self.desired: tuple[set[ipaddress.IPv6Interface],
                             dict[str, ipaddress.IPv6Network], Ports, list[Plan]] | None = None
+        # its digest while no converge to it has succeeded yet (a step failed), else None
+        self.pending: str | None = None
 
     def handlers(self) -> dict[str, Handler]:
         return {**super().handlers(), "wg_info": self.op_wg_info, "peers": self.op_peers}
@@ -137,8 +139,14 @@ class NetAgent(AgentDaemon):
         peers = self.check_peers(state["peers"])
         plans = self.egress.plan(state.get("egress", []))
         async with self._lock:  # a sync and the drift check, one at a time
-            await self._converge(addresses, peers, ports, plans)
+            # The state is wanted once it passed its checks: the repair loop retries this
+            # one if a step fails, never an older one (which would put back a removed
+            # peer every second). The digest we report stays the last converged one
+            # until this state is whole (op_sync, or the repair loop).
             self.desired = (addresses, peers, ports, plans)
+            self.pending = self.offered or "unknown"
+            await self._converge(addresses, peers, ports, plans)
+            self.pending = None
 
     async def _converge(self, addresses: set[ipaddress.IPv6Interface],
                         peers: dict[str, ipaddress.IPv6Network], ports: Ports,
@@ -206,20 +214,29 @@ class NetAgent(AgentDaemon):
             except TimeoutError:
                 pass
             tick += 1
-            if not self.synced or self.desired is None:
+            if self.desired is None:
                 continue
             try:
-                async with self._lock:
-                    drift = await self.drift(*self.desired)
-                    if drift:
-                        self.log.warning("drift_repaired", what=drift)
-                        await self._converge(*self.desired)
+                await self.repair()
                 if tick % ENDPOINT_SAVE_TICKS == 0:
                     await self.save_endpoints()
             except FaasError as exc:  # the next tick tries again
                 self.log.warning("drift_check_failed", error=exc.message)
             except Exception as exc:  # never let the repair loop die quietly
                 self.log.error("drift_check_failed", error=repr(exc))
+
+    async def repair(self) -> None:
+        """One tick of the repair loop: converge again to the desired state if a step of
+        its sync failed or something drifted from it; report its digest once whole."""
+        async with self._lock:
+            if self.desired is None:
+                return
+            drift = "unconverged" if self.pending else await self.drift(*self.desired)
+            if drift:
+                self.log.warning("drift_repaired", what=drift)
+                await self._converge(*self.desired)
+                if self.pending:  # the state a failed sync wanted, whole at last
+                    self.digest, self.synced, self.pending = self.pending, True, None
 
     async def drift(self, addresses: set[ipaddress.IPv6Interface],
                     peers: dict[str, ipaddress.IPv6Network], ports: Ports,

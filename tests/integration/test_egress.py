@@ -95,7 +95,8 @@ def internet(netns):
 def platform_config(request) -> str:
     """Every test on both OCI runtimes: each joins the namespace by its path."""
     return (f'runtime = "{request.param}"\ndns_upstreams = ["{INET4}"]\n'
-            'http_listen_vpn = true\nvpn_endpoint = "192.0.2.1:51820"\n')
+            'http_listen_vpn = true\nvpn_endpoint = "192.0.2.1:51820"\n'
+            'max_egress_functions = 2\n')
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +168,8 @@ def test_a_none_function_reaches_nothing(egress_platform, functions):
     "fd00:faa5:0:100::2/80",  # a VPN peer's address
     f"{METADATA}/80",  # routed to the internet, which answers there: the firewall stops it
     f"{PRIVATE}/80",  # a private range, until egress_allow
+    f"{INET4}/80",  # the host's LAN (a connected route's prefix), public or not
+    f"[{INET6}]/80",
 ])
 def test_an_egress_function_reaches_nothing_of_the_hosts(egress_platform, functions, target):
     host, port = target.rsplit("/", 1)
@@ -180,7 +183,8 @@ def test_an_egress_function_reaches_nothing_of_the_hosts(egress_platform, functi
 def test_the_hosts_service_answers_others_so_the_drops_above_are_the_firewall(
         egress_platform, netns, functions):
     for url in (f"http://{PLATFORM4}:8081/", f"http://[{SERVER}]:8081/",
-                f"http://{METADATA}/", f"http://{PRIVATE}/"):
+                f"http://{METADATA}/", f"http://{PRIVATE}/", f"http://{INET4}/",
+                f"http://[{INET6}]/"):
         out = run(*netns.argv("curl", "-s", "-g", "-o", "/dev/null", "-w", "%{http_code}",
                               "-m", "3", url), check=False)
         assert out.stdout == "200", url
@@ -203,6 +207,80 @@ def test_may_call_opens_exactly_the_functions_it_names(egress_platform, function
          .startswith("error connect"), 20)
 
 
+def test_a_may_call_target_of_sixteen_ports_is_reached_on_the_sixteenth(egress_platform,
+                                                                      functions):
+    """Review 13: 16 ports in one multiport rule ("too many ports specified") failed
+    every sync from then on; now two rules, and the 16th port is reached."""
+    p = egress_platform
+    p.faasctl("set", "inside", "ports=80," + ",".join(str(n) for n in range(9001, 9016)))
+    p.faasctl("set", "caller", "may_call=inside")
+    try:
+        poll("caller reaching inside's 16th port", lambda: fetch(
+            p, functions["caller"], functions["inside"], 9015).startswith("fetched ok"), 20)
+        poll("netagent synced", p.healthy, 20)
+    finally:
+        p.faasctl("set", "caller", "may_call=")
+        p.faasctl("set", "inside", "ports=80")
+
+
+SPOOF = """
+import socket, sys
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
+s.setsockopt(socket.SOL_IP, getattr(socket, "IP_FREEBIND", 15), 1)
+s.settimeout(2)
+s.bind((sys.argv[1], 0))
+try:
+    s.connect((sys.argv[2], 80))
+    print("connected")
+except OSError as exc:
+    print("failed", exc)
+"""
+
+
+def test_a_spoofed_source_does_not_leave(egress_platform, internet, functions, netns):
+    """Review 13: a function may send from any address (IP_FREEBIND is allowed); only
+    its namespace's own address gets past its veth. A sender in the function's own
+    namespace (the one its containers join): its own source reaches the internet; one
+    outside the egress prefixes never arrives there, and in IPv6 (IPv4 has the kernel's
+    reverse path filter too) it and a neighbour's are counted by FAAS-EG-SRC's DROP."""
+    p = egress_platform
+    index = int(ipaddress.IPv6Address(functions["caller"])) & 0xffff
+    own4 = str(ipaddress.IPv4Address("10.250.0.2") + 4 * index)
+    own6 = str(ipaddress.IPv6Address("fd00:faa5:e::2") + (index << 64))
+    ns = ("nsenter", f"--net={p.run_dir / 'netns' / 'caller'}", "python3", "-c", SPOOF)
+    for src, dst in ((own4, WEB4), (own6, WEB6)):
+        assert run(*ns, src, dst).stdout.startswith("connected"), src
+    for tool, dst, outside, neighbour in (("iptables", WEB4, "192.0.2.7", "10.250.0.6"),
+                                          ("ip6tables", WEB6, "2001:db8:1::99",
+                                           "fd00:faa5:e:1::2")):
+        count = ("INPUT", "-s", outside, "-j", "ACCEPT")  # the internet's, counting
+        if run(*internet.argv(tool, "-w", "5", "-C", *count), check=False).returncode:
+            run(*internet.argv(tool, "-w", "5", "-A", *count))
+        for src in (outside, neighbour):
+            before = dropped(netns, "FAAS-EG-SRC", "-A FAAS-EG-SRC ", tool)
+            out = run(*ns, src, dst).stdout
+            assert out.startswith("failed"), (src, out)
+            if tool == "ip6tables":
+                assert dropped(netns, "FAAS-EG-SRC", "-A FAAS-EG-SRC ", tool) > before, src
+        listing = run(*internet.argv(tool, "-w", "5", "-v", "-S", "INPUT")).stdout
+        [line] = [x for x in listing.splitlines() if f"-s {outside}/" in x]
+        assert line.split(" -c ")[1].split()[0] == "0", line  # nothing arrived
+
+
+def test_egress_past_roots_cap_is_refused_at_set(egress_platform, functions):
+    """Review 13: max_egress_functions (2 here: caller and one more) caps what the
+    controller asks netagent to build; past it, `set` says so and nothing changes."""
+    p = egress_platform
+    p.faasctl("set", "plain", "network=egress")
+    try:
+        bad = p.faasctl("set", "inside", "network=egress", check=False)
+        assert bad.returncode != 0 and "max_egress_functions (2)" in bad.stderr, bad.stderr
+        shown = json.loads(p.faasctl("--json", "info", "inside").stdout)
+        assert shown["settings"]["network"] == "none"
+    finally:
+        p.faasctl("set", "plain", "network=none")
+    poll("netagent synced", p.healthy, 20)
+
 def test_egress_allow_opens_a_private_range(egress_platform, functions):
     p = egress_platform
     bad = p.faasctl("set", "caller", "egress_allow=10.99.0.0/33", check=False)
@@ -221,9 +299,9 @@ def test_egress_allow_opens_a_private_range(egress_platform, functions):
          .startswith("error connect"), 20)
 
 
-def dropped(netns, chain: str, match: str) -> int:
+def dropped(netns, chain: str, match: str, tool: str = "ip6tables") -> int:
     """Packets the DROP rule of ``chain`` holding ``match`` has dropped so far."""
-    out = run(*netns.argv("ip6tables", "-w", "5", "-v", "-S", chain)).stdout
+    out = run(*netns.argv(tool, "-w", "5", "-v", "-S", chain)).stdout
     [line] = [x for x in out.splitlines() if match in x and x.endswith("-j DROP")]
     return int(line.split(" -c ")[1].split()[0])
 

@@ -43,3 +43,23 @@ def test_may_call_of_a_missing_function_is_refused_and_changes_nothing(state):
     assert state.function("caller")["settings"]["may_call"] == []
     assert state.function("caller")["settings"]["network"] == "none"
     assert state.generation == generation
+
+
+def test_egress_past_roots_caps_is_refused_at_set_and_lowering_always_passes(state):
+    """Review 13: root caps the egress functions (a namespace, veth and rules each) and
+    their may_call entries; netagent refuses a sync past them, the controller the set."""
+    state.egress_caps = type("Caps", (), {"max_egress_functions": 1, "max_egress_calls": 1})
+    state.set("caller", {"network": "egress", "may_call": "fib"})
+    generation = state.generation
+    with pytest.raises(FaasError) as info:
+        state.set("echo", {"network": "egress"})
+    assert info.value.code == Code.CONFLICT and "max_egress_functions (1)" in info.value.message
+    with pytest.raises(FaasError) as info:
+        state.set("caller", {"may_call": "fib,echo"})
+    assert info.value.code == Code.CONFLICT and "max_egress_calls (1)" in info.value.message
+    assert state.generation == generation and state.function("echo")["settings"][
+        "network"] == "none"
+    state.egress_caps.max_egress_functions = 0  # lowered by root: going down still works
+    state.set("caller", {"may_call": ""})
+    state.set("caller", {"network": "none"})
+    assert state.egress() == []

@@ -60,6 +60,9 @@ def test_addresses_come_from_the_functions_place_in_its_prefix():
     (entry(allow=["10.1.0.1/16"]), Code.BAD_REQUEST),  # host bits: not canonical
     (entry(calls=[("fd00:faa5:0:100::1", [80])]), Code.FORBIDDEN),  # the server, not a fn
     (entry(calls=[("fd00:faa5:1::b", [])]), Code.FORBIDDEN),
+    (entry(calls=[("fd00:faa5:1::b", [80, 53])]), Code.BAD_REQUEST),  # not a ports value
+    (entry(calls=[("fd00:faa5:1::b", [80, 80])]), Code.BAD_REQUEST),
+    (entry(calls=[("fd00:faa5:1::b", list(range(1, 18)))]), Code.BAD_REQUEST),  # 17
 ])
 def test_a_bad_entry_refuses_the_whole_sync(bad, code):
     with pytest.raises(FaasError) as info:
@@ -100,6 +103,7 @@ def test_rules_hold_the_deny_list_after_egress_allow_and_only_may_call_in():
     # into the host: DNS on the server address and may_call, nothing else
     in6 = [r for r in v6 if r.startswith("-A FAAS-EG-IN") and "icmp" not in r]
     assert in6 == [
+        "-A FAAS-EG-IN -j FAAS-EG-SRC",
         "-A FAAS-EG-IN -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
         "-A FAAS-EG-IN -d fd00:faa5:0:100::1/128 -p udp -m udp --dport 53 -j ACCEPT",
         "-A FAAS-EG-IN -d fd00:faa5:0:100::1/128 -p tcp -m tcp --dport 53 -j ACCEPT",
@@ -210,3 +214,119 @@ def test_namespaces_compare_before_they_act(tmp_path):
     assert ("ip", "link", "set", "fyeg" + p.veth[4:], "netns", p.path) in calls
     assert ("nsenter", f"--net={p.path}", "ip", "-6", "route", "replace", "default", "via",
             str(p.host6.ip)) in calls
+
+
+def test_sixteen_may_call_ports_take_two_multiport_rules():
+    """Review 13: ip6tables' multiport match takes at most 15 ports ("too many ports
+    specified"); a target serving 16 got one rule and every sync failed from then on."""
+    e = egress()
+    [plan] = e.plan([entry(calls=[("fd00:faa5:1::b", list(range(8000, 8016)))])])
+    v6 = egressfw.render(e.prefixes, [plan.rules], v6=True).splitlines()
+    rules = [r for r in v6 if "--dports" in r]
+    assert [r.split("--dports ")[1].split()[0].count(",") + 1 for r in rules] == [15, 1]
+    assert sorted(int(p) for r in rules for p in r.split("--dports ")[1].split()[0]
+                  .split(",")) == list(range(8000, 8016))
+
+
+def test_only_the_functions_own_source_gets_past_its_veth():
+    """Review 13: a function may send with any source (IP_FREEBIND, raw sockets); from
+    its veth only its namespace's own address goes on, in both families, into the host
+    and forwarded; IPv6 link-local only into the host (neighbour discovery)."""
+    e = egress()
+    plans = e.plan([entry(), entry(name="fob", address="fd00:faa5:1::b")])
+    for v6 in (False, True):
+        lines = egressfw.render(e.prefixes, [p.rules for p in plans], v6).splitlines()
+        src = [r for r in lines if r.startswith("-A FAAS-EG-SRC")]
+        want = [f"-A FAAS-EG-SRC -i {p.veth} -s {(p.ns6 if v6 else p.ns4).ip}/"
+                f"{128 if v6 else 32} -j RETURN" for p in plans]
+        assert src == want + (["-A FAAS-EG-SRC -s fe80::/10 -j RETURN"] if v6 else []) + [
+            "-A FAAS-EG-SRC -j DROP"]
+        first_in = next(r for r in lines if r.startswith("-A FAAS-EG-IN"))
+        assert first_in == "-A FAAS-EG-IN -j FAAS-EG-SRC"  # before even ESTABLISHED
+        fwd = [r for r in lines if r.startswith("-A FAAS-EG-FWD -i")]
+        jump = fwd.index("-A FAAS-EG-FWD -i fxeg+ -j FAAS-EG-SRC")
+        assert jump == (1 if v6 else 0)  # before egress_allow and the rest
+        if v6:
+            assert fwd[0] == "-A FAAS-EG-FWD -i fxeg+ -s fe80::/10 -j DROP"
+        assert ":FAAS-EG-SRC - [0:0]" in lines
+
+
+@pytest.mark.parametrize("never", ["168.63.129.16/32", "100.100.100.0/24",
+                                   "fd00:ec2::254/128", "fd00:ec2::/32"])
+def test_the_other_clouds_metadata_may_never_be_allowed(never):
+    """Review 13: Azure's WireServer, Alibaba's and AWS's IPv6 metadata addresses, like
+    169.254.169.254: egress_allow may not open them (netagent and the controller)."""
+    with pytest.raises(FaasError) as info:
+        egress().plan([entry(allow=[never])])
+    assert info.value.code == Code.FORBIDDEN
+    from controller.main import Controller
+    with pytest.raises(FaasError):
+        Controller.check_egress_allow(_Ctl("fd00:faa5:1::a"), never)
+
+
+ROUTES = {"-4": [{"dst": "default", "gateway": "203.0.113.1", "dev": "eth0"},
+                 {"dst": "203.0.113.0/24", "dev": "eth0", "protocol": "kernel"},
+                 {"dst": "198.51.100.7", "dev": "eth1"},  # a host route, no length
+                 {"dst": "192.168.7.0/24", "dev": "eth1"},  # in 192.168/16 already
+                 {"dst": "10.250.0.40/30", "dev": "fxeg0123456789"},  # ours
+                 {"dst": "192.0.2.0/24", "dev": "eth1", "type": "blackhole"}],
+          "-6": [{"dst": "default", "gateway": "2001:db8:1::1", "dev": "eth0"},
+                 {"dst": "2001:db8:1::/64", "dev": "eth0"},
+                 {"dst": "fe80::/64", "dev": "eth0"},
+                 {"dst": "fd00:faa5:1::/64", "dev": "wg0"}]}
+
+
+def test_the_hosts_lan_is_denied_unless_allowed_and_a_new_route_is_drift():
+    """Review 13: the host's own connected routes (its LAN, public or not) are denied
+    like the private ranges, read at every converge; egress_allow comes first."""
+    routes = {k: list(v) for k, v in ROUTES.items()}
+
+    async def run(*argv, **kw):
+        assert argv[:2] == ("ip", argv[1]) and argv[2:] == ("-j", "route", "show"), argv
+        return __import__("json").dumps(routes[argv[1]])
+    e = Egress(SETTINGS, "/nonexistent/run/netns", run, _never,
+               vpn_server(SETTINGS.vpn_prefix).ip)
+    lan = asyncio.run(e.connected())
+    assert [str(n) for n in lan] == ["198.51.100.7/32", "203.0.113.0/24", "2001:db8:1::/64"]
+    [plan] = e.plan([entry(allow=["203.0.113.5/32:80"])])
+    v4 = egressfw.render(e.prefixes, [plan.rules], False, lan).splitlines()
+    v6 = egressfw.render(e.prefixes, [plan.rules], True, lan).splitlines()
+    allow = v4.index(f"-A FAAS-EG-FWD -i {plan.veth} -d 203.0.113.5/32 -p tcp -m tcp "
+                     "--dport 80 -j ACCEPT")
+    assert allow < v4.index("-A FAAS-EG-FWD -i fxeg+ -d 203.0.113.0/24 -j DROP")
+    assert "-A FAAS-EG-FWD -i fxeg+ -d 2001:db8:1::/64 -j DROP" in v6
+    assert not any("2001:db8" in r for r in v4)
+    e.lan = lan
+    routes["-4"].append({"dst": "198.18.0.0/24", "dev": "eth1"})  # in 198.18/15: nothing
+    assert asyncio.run(e.connected()) == lan
+    routes["-6"].append({"dst": "2001:db8:9::/48", "dev": "eth1"})
+    assert asyncio.run(e.connected()) != lan
+
+
+def test_the_deny_list_holds_the_other_metadata_nat64_and_6to4():
+    e = egress()
+    [plan] = e.plan([entry()])
+    v4 = egressfw.render(e.prefixes, [plan.rules], v6=False).splitlines()
+    v6 = egressfw.render(e.prefixes, [plan.rules], v6=True).splitlines()
+    for net in ("168.63.129.16/32", "100.100.100.200/32"):
+        assert f"-A FAAS-EG-FWD -i fxeg+ -d {net} -j DROP" in v4
+    for net in ("64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "fc00::/7"):
+        assert f"-A FAAS-EG-FWD -i fxeg+ -d {net} -j DROP" in v6
+
+
+def test_a_sync_past_roots_egress_caps_is_forbidden():
+    """Review 13: netagent builds no more egress functions or may_call rules than root's
+    max_egress_functions and max_egress_calls allow, whatever the controller sends."""
+    caps = load({"FAAS_CONFIG": "/dev/null", "FAAS_ROOT": "/nonexistent",
+                 "FAAS_RUN": "/nonexistent/run", "FAAS_MAX_EGRESS_FUNCTIONS": "2",
+                 "FAAS_MAX_EGRESS_CALLS": "2"})
+    e = Egress(caps, "/nonexistent/run/netns", _never, _never, vpn_server(caps.vpn_prefix).ip)
+    call = ("fd00:faa5:1::f", [80])
+    e.plan([entry(calls=[call, call]), entry(name="b", address="fd00:faa5:1::b")])
+    for over in ([entry(), entry(name="b", address="fd00:faa5:1::b"),
+                  entry(name="c", address="fd00:faa5:1::c")],
+                 [entry(calls=[call, call]), entry(name="b", address="fd00:faa5:1::b",
+                                                   calls=[call])]):
+        with pytest.raises(FaasError) as info:
+            e.plan(over)
+        assert info.value.code == Code.FORBIDDEN and "max_egress" in info.value.message

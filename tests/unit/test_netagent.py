@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from common import protocol
 from common.errors import Code, FaasError
 from common.log import EventLog
 from common.settings import load, vpn_server
@@ -313,3 +314,38 @@ def test_drift_is_found_and_repaired(agent):
     asyncio.run(agent._converge(*agent.desired))
     assert asyncio.run(agent.drift(*agent.desired)) is None
     assert ipaddress.IPv6Interface("fd00:faa5:1::a/128") in agent.net.addrs
+
+
+def test_a_failed_step_leaves_the_new_state_wanted_never_an_older_one(agent):
+    """Review 13: a lasting egress failure (16 ports in one ip6tables rule) made the
+    repair loop re-apply the previous state every second, putting revoked peers back."""
+    a = {"public_key": KEY_A, "address": "fd00:faa5:0:100::2"}
+    b = {"public_key": "B" * 42 + "A=", "address": "fd00:faa5:0:100::3"}
+    asyncio.run(agent.op_sync({"generation": 1, "state": {
+        "addresses": ["fd00:faa5:1::a"], "peers": [a, b], "egress": []}}))
+    old_digest = agent.digest
+    failing = True
+
+    async def egress_converge(plans):
+        if failing:
+            raise FaasError(Code.INTERNAL, "ip6tables-restore: too many ports specified")
+        return {}
+    agent.egress.converge = egress_converge
+    state = {"addresses": ["fd00:faa5:1::a", "fd00:faa5:1::b"], "peers": [b],
+             "egress": [{"name": "fetcher", "address": "fd00:faa5:1::b", "egress_allow": [],
+                         "may_call": [{"address": "fd00:faa5:1::a",
+                                       "ports": list(range(8000, 8016))}]}]}
+    with pytest.raises(FaasError):
+        asyncio.run(agent.op_sync({"generation": 2, "state": state}))
+    for _ in range(3):  # the repair loop's ticks while the egress step still fails
+        with pytest.raises(FaasError):
+            asyncio.run(agent.repair())
+        assert set(agent.net.wg_peers) == {b["public_key"]}  # the revoked peer stays out
+        assert ipaddress.IPv6Interface("fd00:faa5:1::b/128") in agent.net.addrs
+        assert agent.digest == old_digest  # not converged: the controller can tell
+    failing = False
+    asyncio.run(agent.repair())
+    assert agent.digest == protocol.state_digest("netagent", state) and agent.pending is None
+    agent.net.calls.clear()
+    asyncio.run(agent.repair())  # whole now: the drift check finds nothing to do
+    assert agent.net.calls == []
