@@ -268,6 +268,20 @@ def test_secrets(platform):
         assert value.decode() not in (platform.root / "logs" / f"{program}.log").read_text()
 
 
+def test_volumes(platform):
+    made = ok(call(platform, "POST", "/api/volumes", {"name": "data", "size": "8M"}))
+    assert made["name"] == "data"
+    listed = ok(call(platform, "GET", "/api/volumes"))
+    assert [(v["name"], v["size"], v["functions"]) for v in listed] == [("data", 8 << 20, [])]
+    refused(call(platform, "POST", "/api/volumes", {"name": "data", "size": "8M"}),
+            409, "conflict")
+    refused(call(platform, "POST", "/api/volumes", {"name": "Bad", "size": "8M"}),
+            400, "bad_request")
+    assert ok(call(platform, "DELETE", "/api/volumes/data"))["name"] == "data"
+    refused(call(platform, "DELETE", "/api/volumes/data"), 404, "not_found")
+    assert ok(call(platform, "GET", "/api/volumes")) == []
+
+
 def test_every_documented_operation_was_exercised():
     assert COVERED == oc.operations(SPEC)
 

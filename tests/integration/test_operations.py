@@ -87,6 +87,8 @@ def test_stop_all_then_start_all_brings_everything_back(platform, deployed):
 def test_simulated_reboot(platform, deployed):
     before = functions(platform)
     platform.stop()  # supervisord and everything under it
+    for point in platform.mounts():  # a reboot unmounts everything (volumes, secrets' tmpfs)
+        run("umount", point)
     for entry in platform.run_dir.iterdir():  # /run is a tmpfs: a reboot empties it
         run("rm", "-rf", entry)
     run(*platform.netns.argv("ip", "link", "del", platform.interface), check=False)
