@@ -207,6 +207,8 @@ class NetAgent(AgentDaemon):
         seconds, remember where each peer was last seen (root-only file), so after a
         restart that lost the interface the server greets them first."""
         tick = 0
+        said: tuple[str, str] | None = None  # the last failure logged: logged once, not
+        # every second while a step keeps failing the same way
         while not self.stop.is_set():
             try:
                 await asyncio.wait_for(self.stop.wait(), HEAL_SECONDS)
@@ -217,22 +219,31 @@ class NetAgent(AgentDaemon):
             if self.desired is None:
                 continue
             try:
-                await self.repair()
+                await self.repair(quiet=said is not None)
                 if tick % ENDPOINT_SAVE_TICKS == 0:
                     await self.save_endpoints()
+                if said is not None and not self.pending:
+                    self.log.info("drift_check_recovered", after=said[1])
+                said = None
             except FaasError as exc:  # the next tick tries again
-                self.log.warning("drift_check_failed", error=exc.message)
+                if said != ("warning", exc.message):
+                    said = ("warning", exc.message)
+                    self.log.warning("drift_check_failed", error=exc.message,
+                                     retry="every second, logged once")
             except Exception as exc:  # never let the repair loop die quietly
-                self.log.error("drift_check_failed", error=repr(exc))
+                if said != ("error", repr(exc)):
+                    said = ("error", repr(exc))
+                    self.log.error("drift_check_failed", error=repr(exc),
+                                   retry="every second, logged once")
 
-    async def repair(self) -> None:
+    async def repair(self, quiet: bool = False) -> None:
         """One tick of the repair loop: converge again to the desired state if a step of
         its sync failed or something drifted from it; report its digest once whole."""
         async with self._lock:
             if self.desired is None:
                 return
             drift = "unconverged" if self.pending else await self.drift(*self.desired)
-            if drift:
+            if drift and not (quiet and drift == "unconverged"):  # retrying: said once
                 self.log.warning("drift_repaired", what=drift)
                 await self._converge(*self.desired)
                 if self.pending:  # the state a failed sync wanted, whole at last
