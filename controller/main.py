@@ -99,8 +99,7 @@ class Controller(SecretOps, VolumeOps, Daemon):
                     "peers": self.state.peer_names()}
         if agent == "netagent":
             return {"addresses": self.state.addresses(), "peers": self.state.active_peers(),
-                    "ports": [{"address": s["address"], "ports": s["settings"]["ports"]}
-                              for s in self.state.specs()],
+                    "ports": vpn.peer_ports(self.state.specs(), self.monitor.held),
                     "egress": self.state.egress()}
         if agent == "dnsagent":
             return {"records": [{"name": s["name"], "address": s["address"]}
