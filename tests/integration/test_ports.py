@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from harness import poll, run
@@ -272,9 +271,10 @@ def test_a_port_a_local_user_took_first_is_not_opened_to_peers(platform, netns, 
         poll("the runner's bind of 5432 failing", lambda: any(
             e["event"] == "listen_failed" and e.get("function") == SQUAT
             for e in platform.log_lines("runner")), 20)
-        failed = time.time()
-        poll("a runner ping after the failure", lambda: (
-            platform.status()["runner"]["last_seen"] or 0) > failed + 0.5, 10)
+        poll("the controller told by the runner that 5432 is not held", lambda: any(
+            f["name"] == SQUAT and "port 5432 held by another program" in f["problem"]
+            for f in json.loads(platform.faasctl("--json", "status", check=False).stdout)[
+                "functions"]), 10)
         assert squatted(platform.netns.argv, addr)  # locally: the squatter holds 5432
         poll("80 through the tunnel", lambda: client.tcp_open(addr, 80), 10)
         assert not client.tcp_open(addr, 5432)  # the firewall: the runner does not hold it
