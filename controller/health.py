@@ -155,9 +155,11 @@ class Monitor:
             agent.error = f"speaks protocol {reply['protocol']}, controller {protocol.VERSION}"
             self.log.error("protocol_mismatch", agent=name, protocol=reply["protocol"])
             return
-        if name == "runner":  # only what the runner we synced says: not a new one's empty
-            # hands, nor a report from before our sync
-            ours = reply["synced"] and agent.synced_boot == reply["boot_id"]
+        if name == "runner":  # only what a runner holding our state says: not a new one's
+            # empty hands, nor a report from before our sync. Synced by us, or (this
+            # controller restarted) holding exactly the state we want.
+            ours = reply["synced"] and (agent.synced_boot == reply["boot_id"]
+                                        or reply["digest"] == self.wanted_digest(name))
             await self.runner_holds(reply["held"] if ours else None)
         if (not reply["synced"] or agent.synced_boot != reply["boot_id"]
                 or reply["generation"] != self.generation()):

@@ -172,6 +172,22 @@ def test_a_runner_down_or_restarted_closes_5432_until_the_new_one_holds_it():
     assert opened(netagent) == [80, 5432]
 
 
+def test_a_restarted_controller_trusts_at_once_a_runner_holding_its_state():
+    """No second of 5432 closed at a controller restart: the runner's digest is that of
+    the state this controller wants, so its report counts before any sync of ours."""
+    runner, netagent, mon = monitor()
+    runner.synced, runner.generation = True, 5
+    runner.digest = protocol.state_digest("runner", {"images": [], "functions": []})
+    runner.held = [{"address": A, "ports": [80, 5432]}]
+    check(mon, "netagent", "runner")
+    assert mon.held == {A: frozenset({80, 5432})} and opened(netagent) == [80, 5432]
+    runner, netagent, mon = monitor()  # the same, holding another state: not trusted
+    runner.synced, runner.generation, runner.digest = True, 5, "e" * 64
+    runner.held = [{"address": A, "ports": [80, 5432]}]
+    check(mon, "netagent", "runner")
+    assert mon.held is None and opened(netagent) == [80]
+
+
 def test_netagent_holding_an_older_report_is_resynced_by_digest():
     """Level-triggered: a netagent the push missed is found by its next ping."""
     runner, netagent, mon = monitor()
