@@ -388,7 +388,8 @@ NETAGENT_STATE: dict[str, Field] = {
     "ports": List(item=Record(fields={
         "address": IPv6(), "ports": List(item=Int(min=1, max=65535), max_items=16)}),
         max_items=65536, required=False, default=[],
-        help="the TCP ports peers may reach on each function address; an address of "
+        help="the TCP ports peers may reach on each function address (those of its "
+             "ports setting the runner holds; none: an empty list); an address of "
              "addresses without an entry: 80"),
 }
 DNS_RECORD = Record(fields={"name": FunctionName(), "address": IPv6()})
@@ -424,6 +425,9 @@ OPS: dict[str, dict[str, Op]] = {
         RUNNER_VOLUME_CREATE, RUNNER_VOLUME_LIST, RUNNER_VOLUME_REMOVE)},
 }
 
+# A function address and the ports of its `ports` setting the runner holds a listener on.
+HELD = Record(fields={"address": IPv6(), "ports": List(item=Int(min=1, max=65535),
+                                                       max_items=16)})
 # What a ping reply carries; the controller checks it before trusting a peer.
 PING_RESULT = Record(
     fields={
@@ -438,6 +442,9 @@ PING_RESULT = Record(
         "generation": Int(),
         "digest": Str(max_len=64, pattern=r"([0-9a-f]{64})?", required=False, default="",
                       help="state_digest of the desired state the agent last converged to"),
+        "held": List(item=HELD, max_items=65536, required=False,
+                     help="the runner's: the ports it holds a listener on, by function "
+                          "address (netagent opens no other port >= 1024 to peers)"),
     }
 )
 

@@ -7,6 +7,11 @@ reports the digest of another state than the one we want (someone else holding t
 user sent it a sync: the generation alone would not show it), the agent gets a ``sync``
 carrying its whole desired state. A restarted agent therefore heals without an operator,
 and so does an agent whose sync failed: the next ping finds it still unsynced.
+
+The runner's ping also says which ports it holds a listener on; netagent opens a port
+>= 1024 to peers only while the runner we synced holds it (controller/vpn.py's
+``peer_ports``), so a change of that report resyncs netagent at once, and its digest is
+part of what netagent should hold.
 """
 
 from __future__ import annotations
@@ -88,7 +93,12 @@ class Monitor:
         self.interval = interval
         self.log = log
         self.agents = {name: AgentHealth(name) for name in clients}
-        self._digests: dict[str, tuple[int, str]] = {}  # agent -> (generation, digest)
+        # agent -> ((generation, holdings version), digest)
+        self._digests: dict[str, tuple[tuple[int, int], str]] = {}
+        # The runner's last report of the ports it holds, by function address; None while
+        # there is none from the runner we synced (down, restarted, not synced yet).
+        self.held: dict[str, frozenset[int]] | None = None
+        self._held_version = 0  # bumped at every change of ``held``
 
     async def run(self, stop: asyncio.Event) -> None:
         """One watcher task per agent, so a dead agent never delays the others."""
@@ -129,6 +139,8 @@ class Monitor:
             if agent.state != "down":
                 self.log.warning("agent_down", agent=name, error=exc.message)
             agent.state = "down"
+            if name == "runner":
+                await self.runner_holds(None)
             return
         if agent.boot_id is not None and reply["boot_id"] != agent.boot_id:
             agent.restarted()
@@ -143,6 +155,12 @@ class Monitor:
             agent.error = f"speaks protocol {reply['protocol']}, controller {protocol.VERSION}"
             self.log.error("protocol_mismatch", agent=name, protocol=reply["protocol"])
             return
+        if name == "runner":  # only what a runner holding our state says: not a new one's
+            # empty hands, nor a report from before our sync. Synced by us, or (this
+            # controller restarted) holding exactly the state we want.
+            ours = reply["synced"] and (agent.synced_boot == reply["boot_id"]
+                                        or reply["digest"] == self.wanted_digest(name))
+            await self.runner_holds(reply["held"] if ours else None)
         if (not reply["synced"] or agent.synced_boot != reply["boot_id"]
                 or reply["generation"] != self.generation()):
             await self.sync(name, reply["boot_id"])
@@ -152,14 +170,31 @@ class Monitor:
                              digest=reply["digest"][:12])
             await self.sync(name, reply["boot_id"])
 
+    async def runner_holds(self, report: list[dict[str, Any]] | None) -> None:
+        """Record the runner's report of the ports it holds (None: no report to trust);
+        on a change, netagent gets its new desired state now (level-triggered all the
+        same: its next ping compares digests)."""
+        held = None if report is None else {
+            e["address"]: frozenset(e["ports"]) for e in report}
+        if held == self.held:
+            return
+        self.held = held
+        self._held_version += 1
+        self.log.info("ports_held", known=held is not None, functions=len(held or {}),
+                      ports=sum(len(p) for p in (held or {}).values()))
+        netagent = self.agents.get("netagent")
+        if netagent is not None and netagent.state == "up" and netagent.boot_id is not None:
+            await self.sync("netagent", netagent.boot_id)
+
     def wanted_digest(self, name: str) -> str:
         """The digest of the state we want the agent to hold; computed once per
-        generation (every change of desired state bumps it)."""
-        generation = self.generation()
+        generation (every change of desired state bumps it) and runner report of held
+        ports."""
+        key = (self.generation(), self._held_version)
         cached = self._digests.get(name)
-        if cached is None or cached[0] != generation:
+        if cached is None or cached[0] != key:
             try:
-                cached = (generation, protocol.state_digest(name, self.desired(name)))
+                cached = (key, protocol.state_digest(name, self.desired(name)))
             except FaasError as exc:  # a state the agent's schema refuses: the sync says why
                 return f"unusable: {exc.message}"
             self._digests[name] = cached

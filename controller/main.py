@@ -100,8 +100,7 @@ class Controller(SecretOps, VolumeOps, Daemon):
                     "peers": self.state.peer_names()}
         if agent == "netagent":
             return {"addresses": self.state.addresses(), "peers": self.state.active_peers(),
-                    "ports": [{"address": s["address"], "ports": s["settings"]["ports"]}
-                              for s in self.state.specs()],
+                    "ports": vpn.peer_ports(self.state.specs(), self.monitor.held),
                     "egress": self.state.egress()}
         if agent == "dnsagent":
             return {"records": [{"name": s["name"], "address": s["address"]}
@@ -160,7 +159,7 @@ class Controller(SecretOps, VolumeOps, Daemon):
                 "functions": await self.function_problems()}
 
     async def function_problems(self) -> list[dict[str, Any]]:
-        """Functions whose listener or warm pool is not what the state says."""
+        """Functions whose listeners or warm pool are not what the state says."""
         runner = self.monitor.agents["runner"]
         if runner.state != "up" or not runner.synced:
             return []  # the process table says so already
@@ -168,6 +167,8 @@ class Controller(SecretOps, VolumeOps, Daemon):
             served = {f["name"]: f for f in
                       (await self.clients["runner"].call("stats", {}, retries=0,
                                                          timeout=2.0))["functions"]}
+            held = {h["address"]: h["ports"] for h in (await self.clients["runner"].call(
+                "ping", {}, retries=0)).get("held") or []}  # now, not at the last ping
         except FaasError:
             return []
         problems = []
@@ -181,6 +182,12 @@ class Controller(SecretOps, VolumeOps, Daemon):
                 problems.append({"name": fn["name"], "serious": False, "problem":
                                  f"warm pool {got['idle']}+{got['starting']} starting of "
                                  f"min_warm {want}"})
+            lost = [str(p) for p in fn["settings"]["ports"]
+                    if p not in held.get(fn["address"], fn["settings"]["ports"])]
+            if got is not None and lost:
+                problems.append({"name": fn["name"], "serious": True, "problem": "port "
+                                 f"{','.join(lost)} held by another program (runner log: "
+                                 "listen_failed): closed to peers until the runner binds it"})
         problems += [{"name": name, "problem": "served, but not in the state", "serious": True}
                      for name in served]
         return problems

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Collection, Mapping
+from typing import Any
 
 from common import wgconf
 from common.errors import Code, FaasError
@@ -55,3 +57,28 @@ def check_endpoint(endpoint: str) -> str:
                         "public name or address and wg_port) in /etc/faasd/faasd.toml and "
                         "restart the controller (faasd ctl restart controller)")
     return endpoint
+
+
+PRIVILEGED = 1024  # below: only root binds (Linux's ip_unprivileged_port_start default)
+Held = Mapping[str, Collection[int]]  # the runner's report: function address -> ports held
+
+
+def peer_ports(specs: list[dict[str, Any]], held: Held | None) -> list[dict[str, Any]]:
+    """The ports netagent opens to peers on each function address: those of the
+    function's ``ports`` setting its listener is the runner's. ``held``: the runner's last
+    report (``ping``), None while there is none from the runner we synced (down,
+    restarted, not yet synced). A port the runner does not report held may be another
+    program's (a local user binding it with IP_FREEBIND first, a host service on [::]:PORT
+    the runner's bind then collides with), so it stays closed. Without a report for the
+    address, ports < 1024 stay open: no local user can bind them, and the runner serves
+    a new function or a new runner its functions before its next ping says so."""
+    out = []
+    for spec in specs:
+        address, wanted = spec["address"], spec["settings"]["ports"]
+        holds = None if held is None else held.get(address)
+        if holds is None:
+            ports = [p for p in wanted if p < PRIVILEGED]
+        else:
+            ports = [p for p in wanted if p in holds]
+        out.append({"address": address, "ports": ports})
+    return out

@@ -111,9 +111,10 @@ class NetAgent(AgentDaemon):
     def check_ports(self, functions: set[ipaddress.IPv6Interface],
                     ports: list[dict[str, Any]]) -> Ports:
         """The TCP ports peers may reach, by function address: each entry's address one
-        of this sync's function addresses, its ports a value the ``ports`` setting could
-        have (1-16 ports, none twice, not 53), else bad_request; an address without an
-        entry gets 80 (what every function served before ``ports`` existed)."""
+        of this sync's function addresses, its ports none (the runner holds none of them
+        yet) or a value the ``ports`` setting could have (1-16 ports, none twice, not 53),
+        else bad_request; an address without an entry gets 80 (what every function served
+        before ``ports`` existed)."""
         out: dict[ipaddress.IPv6Address, list[int]] = {i.ip: [80] for i in functions}
         seen: set[ipaddress.IPv6Address] = set()
         for i, entry in enumerate(ports):
@@ -122,7 +123,7 @@ class NetAgent(AgentDaemon):
                 raise FaasError(Code.BAD_REQUEST, f"ports[{i}]: {ip} is not a function "
                                 "address of this sync, or appears twice",
                                 {"field": f"ports[{i}].address"})
-            if not fnsettings.BY_KEY["ports"].canonical(entry["ports"]):
+            if entry["ports"] and not fnsettings.BY_KEY["ports"].canonical(entry["ports"]):
                 raise FaasError(Code.BAD_REQUEST, f"ports[{i}]: {entry['ports']!r:.80} is "
                                 "not 1-16 TCP ports, none twice, not 53",
                                 {"field": f"ports[{i}].ports"})

@@ -247,6 +247,14 @@ class Fleet:
         return EgressNet(netns, os.path.join(bundle, "resolv.conf"),
                          os.path.join(bundle, "hosts"))
 
+    def held(self) -> list[dict[str, Any]]:
+        """The ports each served function holds a listener on, by address: what netagent
+        may open to peers (docs/network.md, "Ports and callers"). A port another program
+        holds (listen_failed) is not in it until the runner's own bind succeeds."""
+        return [{"address": fn.address, "ports": sorted(fn.listeners)}
+                for fn in sorted(self.functions.values(), key=lambda f: f.address)
+                if not fn.closed]
+
     def snapshot(self) -> list[dict[str, Any]]:
         """Per-function pool and counters, by name."""
         return [self.functions[name].snapshot() for name in sorted(self.functions)]

@@ -107,6 +107,12 @@ class Runner(AgentDaemon):
         for name, error in (await asyncio.to_thread(self.volumes.unmount_all)).items():
             self.log.warning("volume_unmount_failed", volume=name, error=error)
 
+    async def op_ping(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Liveness, and the ports this runner holds (before setup: none)."""
+        reply = await super().op_ping(args)
+        reply["held"] = self.fleet.held() if self.fleet is not None else []
+        return reply
+
     async def op_image_add(self, args: dict[str, Any]) -> dict[str, Any]:
         """Extract a spooled upload into a rootfs, or find it already extracted."""
         result = await self.store.add(args["upload"], args["tag"])

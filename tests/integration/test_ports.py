@@ -232,6 +232,62 @@ def test_changing_ports_opens_the_new_closes_the_removed_and_keeps_the_function(
     assert figures(platform)["served"] > served  # the same function: its counters go on
 
 
+SQUAT = "squat"
+# Bind [argv 1]:5432 with IP_FREEBIND, say so, answer every connection. SO_REUSEADDR:
+# else the TIME_WAIT its answered connections leave would keep the runner's bind failing
+# for a minute after it exits (Linux lets a bind pass a TIME_WAIT only if both set it).
+SQUATTER = (
+    "import socket,sys\n"
+    "s=socket.socket(socket.AF_INET6); s.setsockopt(socket.IPPROTO_IPV6,78,1)\n"
+    "s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+    "s.bind((sys.argv[1],5432)); s.listen(); print('bound',flush=True)\n"
+    "while True:\n"
+    "    c,_=s.accept(); c.sendall(b'SQUATTED\\n'); c.close()\n")
+
+
+def squatted(argv, address: str) -> bool:
+    """Whether [address]:5432 answers as the squatter does (from wherever argv runs)."""
+    return "SQUATTED" in run(*argv("timeout", 3, "bash", "-c",
+                                   f"exec 3<>/dev/tcp/{address}/5432 && cat <&3"),
+                             check=False, timeout=10).stdout
+
+
+def test_a_port_a_local_user_took_first_is_not_opened_to_peers(platform, netns, image_tar,
+                                                              client):
+    """docs/security.md: an unprivileged local process binds [fn]:5432 with IP_FREEBIND
+    before the function is given ports=80,5432. The runner's bind fails, so it does not
+    report 5432 held and netagent keeps it closed to peers (80 open); once the squatter
+    is gone the runner binds within a second, reports it, and the peer reaches the
+    handler on 5432."""
+    addr = json.loads(platform.faasctl("--json", "new", SQUAT, "-f", image_tar).stdout)[
+        "address"]
+    platform.faasctl("set", SQUAT, "memory=64M")
+    squatter = subprocess.Popen(netns.argv(
+        "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+        "-c", SQUATTER, addr), stdout=subprocess.PIPE, text=True)
+    try:
+        assert squatter.stdout.readline() == "bound\n"
+        platform.faasctl("set", SQUAT, "ports=80,5432")
+        poll("the runner's bind of 5432 failing", lambda: any(
+            e["event"] == "listen_failed" and e.get("function") == SQUAT
+            for e in platform.log_lines("runner")), 20)
+        poll("the controller told by the runner that 5432 is not held", lambda: any(
+            f["name"] == SQUAT and "port 5432 held by another program" in f["problem"]
+            for f in json.loads(platform.faasctl("--json", "status", check=False).stdout)[
+                "functions"]), 10)
+        assert squatted(platform.netns.argv, addr)  # locally: the squatter holds 5432
+        poll("80 through the tunnel", lambda: client.tcp_open(addr, 80), 10)
+        assert not client.tcp_open(addr, 5432)  # the firewall: the runner does not hold it
+        assert not squatted(client.ns.argv, addr)
+    finally:
+        squatter.kill()
+        squatter.wait()
+    packet = poll("5432 through the tunnel, to the handler",
+                  lambda: raw(client.ns.argv, addr, 5432), 10)
+    assert (packet["port"], packet["peer"]) == (5432, PEER)
+    platform.faasctl("rm", SQUAT)
+
+
 def test_a_killed_runner_comes_back_on_every_port_knowing_its_peers(platform, address,
                                                                     client):
     os.kill(platform.status()["runner"]["pid"], signal.SIGKILL)

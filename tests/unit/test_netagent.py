@@ -190,12 +190,22 @@ def test_sync_gives_the_firewall_each_functions_ports_80_by_default(agent):
     assert agent.desired[2] == agent.firewall.ports  # what the drift check holds it to
 
 
+def test_an_empty_ports_list_opens_nothing_of_that_address(agent):
+    """The runner holds none of the function's ports yet (another program took them):
+    the controller sends none, and the firewall opens nothing of that address."""
+    sync(agent, {"addresses": [FN_A, FN_B], "peers": [GOOD_PEER],
+                 "ports": [{"address": FN_A, "ports": []}, {"address": FN_B, "ports": [80]}]})
+    assert agent.firewall.ports == {ipaddress.IPv6Address(FN_A): [],
+                                    ipaddress.IPv6Address(FN_B): [80]}
+    rules = firewall.port_rules("FAAS-wg0-IN", agent.firewall.ports)
+    assert rules == [f"-A FAAS-wg0-IN -d {FN_B}/128 -p tcp -m multiport --dports 80 -j ACCEPT"]
+
+
 @pytest.mark.parametrize("ports", [
     [{"address": "fd00:faa5:1::c", "ports": [80]}],  # not a function of this sync
     [{"address": FN_A, "ports": [80]}, {"address": FN_A, "ports": [81]}],  # twice
     [{"address": FN_A, "ports": [53]}],  # the VPN's DNS
     [{"address": FN_A, "ports": [80, 80]}],  # a port twice
-    [{"address": FN_A, "ports": []}],  # none
 ])
 def test_bad_ports_refuse_the_whole_sync(agent, ports):
     sync(agent, {"addresses": [FN_A], "peers": [GOOD_PEER]})
