@@ -101,7 +101,7 @@ class Controller(SecretOps, VolumeOps, Daemon):
         if agent == "netagent":
             return {"addresses": self.state.addresses(), "peers": self.state.active_peers(),
                     "ports": vpn.peer_ports(self.state.specs(), self.monitor.held),
-                    "egress": self.state.egress()}
+                    "egress": vpn.egress_targets(self.state.egress(), self.monitor.held)}
         if agent == "dnsagent":
             return {"records": [{"name": s["name"], "address": s["address"]}
                                 for s in self.state.specs()]}

@@ -72,13 +72,29 @@ def peer_ports(specs: list[dict[str, Any]], held: Held | None) -> list[dict[str,
     the runner's bind then collides with), so it stays closed. Without a report for the
     address, ports < 1024 stay open: no local user can bind them, and the runner serves
     a new function or a new runner its functions before its next ping says so."""
+    return [{"address": spec["address"],
+             "ports": open_ports(spec["address"], spec["settings"]["ports"], held)}
+            for spec in specs]
+
+
+def open_ports(address: str, wanted: Collection[int], held: Held | None) -> list[int]:
+    """Of the ports ``wanted`` on ``address``, those that may be opened to a caller (a
+    VPN peer, or an egress function by ``may_call``): see :func:`peer_ports`."""
+    holds = None if held is None else held.get(address)
+    if holds is None:
+        return [p for p in wanted if p < PRIVILEGED]
+    return [p for p in wanted if p in holds]
+
+
+def egress_targets(egress: list[dict[str, Any]], held: Held | None) -> list[dict[str, Any]]:
+    """netagent's egress entries with each ``may_call`` target's ports cut to those the
+    runner holds, as for peers; a target left with none is left out (nothing to open)."""
     out = []
-    for spec in specs:
-        address, wanted = spec["address"], spec["settings"]["ports"]
-        holds = None if held is None else held.get(address)
-        if holds is None:
-            ports = [p for p in wanted if p < PRIVILEGED]
-        else:
-            ports = [p for p in wanted if p in holds]
-        out.append({"address": address, "ports": ports})
+    for entry in egress:
+        targets = []
+        for target in entry["may_call"]:
+            ports = open_ports(target["address"], target["ports"], held)
+            if ports:
+                targets.append({**target, "ports": ports})
+        out.append({**entry, "may_call": targets})
     return out

@@ -18,7 +18,7 @@ from common import protocol
 from common.errors import Code, FaasError
 from common.log import EventLog
 from controller.health import Monitor
-from controller.vpn import peer_ports
+from controller.vpn import egress_targets, peer_ports
 from runner.fleet import Fleet
 from runner.main import Runner
 
@@ -57,6 +57,18 @@ def test_a_function_holding_none_of_its_ports_gets_an_empty_list():
     state = {"addresses": [A], "peers": [], "ports": peer_ports([spec(A, 5432)], {A: set()})}
     assert state["ports"] == [{"address": A, "ports": []}]
     protocol.state_digest("netagent", state)  # the sync's schema takes it
+
+
+def test_an_egress_caller_reaches_only_the_ports_its_target_holds():
+    """may_call targets are cut like peers' ports: a squatter on [target]:5432 is not
+    reachable from the caller's namespace either; a target holding nothing is left out."""
+    egress = [{"name": "c", "address": "fd00:faa5:1::c", "egress_allow": [],
+               "may_call": [{"address": A, "ports": [80, 5432]},
+                            {"address": B, "ports": [8080]}]}]
+    assert egress_targets(egress, {A: {80}, B: set()})[0]["may_call"] == [
+        {"address": A, "ports": [80]}]
+    assert egress_targets(egress, None)[0]["may_call"] == [{"address": A, "ports": [80]}]
+    assert egress_targets(egress, {A: {80, 5432}, B: {8080}}) == egress
 
 
 # --- the runner's report --------------------------------------------------------------
