@@ -20,7 +20,7 @@ import posixpath
 import re
 import textwrap
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from common.errors import Code, FaasError
 
@@ -321,6 +321,32 @@ def apply(current: dict[str, Any], changes: dict[str, str],
         raise FaasError(Code.BAD_REQUEST, f"more than {MAX_ENV} environment variables")
     out["env"] = env
     return out
+
+
+# Settings that name things the runner keeps apart from functions (faasctl secret,
+# faasctl volume): the setting's key, and how an item names the thing it uses.
+NAMED_RESOURCES: dict[str, Callable[[str], str]] = {
+    "secrets": lambda item: item,
+    "mounts": lambda item: item.split(":", 1)[0],  # VOLUME:/path[:ro]
+}
+
+
+def named(specs: Iterable[Mapping[str, Any]]) -> list[tuple[str, Mapping[str, Any]]]:
+    """(name, settings) of each function spec, as :func:`users` takes them."""
+    return [(spec["name"], spec["settings"]) for spec in specs]
+
+
+def users(functions: Iterable[tuple[str, Mapping[str, Any]]],
+          key: str) -> dict[str, list[str]]:
+    """For each secret (``key`` "secrets") or volume ("mounts") some function uses, the
+    names of those functions, sorted: what ``list`` shows and ``rm`` refuses on, for the
+    controller and, again as root, the runner. ``functions``: (name, settings) pairs."""
+    name_of = NAMED_RESOURCES[key]
+    out: dict[str, set[str]] = {}
+    for function, settings in functions:
+        for item in settings[key]:
+            out.setdefault(name_of(item), set()).add(function)
+    return {name: sorted(fns) for name, fns in out.items()}
 
 
 # Per-function settings that a host setting (common.settings, root's file) caps.

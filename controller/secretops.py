@@ -19,11 +19,6 @@ from common.rpc import Client
 from controller.state import State
 
 
-def users_of(state: State, secret: str) -> list[str]:
-    """Functions whose settings name ``secret``, by name."""
-    return [f["name"] for f in state.specs() if secret in f["settings"]["secrets"]]
-
-
 class SecretOps:
     """The controller's secret_create, secret_list and secret_rm, and the check ``set
     secrets=`` needs: a part of the Controller class, kept apart (a mixin)."""
@@ -46,15 +41,13 @@ class SecretOps:
     async def op_secret_list(self, args: dict[str, Any]) -> dict[str, Any]:
         """Names, sizes and dates from the runner, with the functions using each."""
         rows = (await self.runner.call("secret_list", {}))["secrets"]
-        used: dict[str, list[str]] = {}
-        for spec in self.state.specs():
-            for name in spec["settings"]["secrets"]:
-                used.setdefault(name, []).append(spec["name"])
+        used = fnsettings.users(fnsettings.named(self.state.specs()), "secrets")
         return {"secrets": [{**r, "functions": used.get(r["name"], [])} for r in rows]}
 
     async def op_secret_rm(self, args: dict[str, Any]) -> dict[str, Any]:
         """Remove a secret no function uses (the runner checks again, as root)."""
-        users = users_of(self.state, args["name"])
+        used = fnsettings.users(fnsettings.named(self.state.specs()), "secrets")
+        users = used.get(args["name"], [])
         if users:
             raise FaasError(Code.CONFLICT, f"secret {args['name']} is used by "
                             f"{', '.join(users)}: take it out of their secrets first "

@@ -52,11 +52,7 @@ class VolumeOps:
 
     def mounted_by(self) -> dict[str, list[str]]:
         """For each volume some function mounts, those functions by name."""
-        users: dict[str, list[str]] = {}
-        for fn in self.state.functions():
-            for m in fn["settings"]["mounts"]:
-                users.setdefault(m.split(":", 1)[0], []).append(fn["name"])
-        return {name: sorted(set(fns)) for name, fns in users.items()}
+        return fnsettings.users(fnsettings.named(self.state.functions()), "mounts")
 
     async def op_volume_create(self, args: dict[str, Any]) -> dict[str, Any]:
         """A new volume, made by the runner within the host's bounds."""

@@ -14,6 +14,7 @@ import pwd
 import shutil
 from typing import Any, Callable, Mapping
 
+from common import fnsettings
 from common.layout import Layout
 from common.log import EventLog
 from common.paths import root_dir
@@ -205,10 +206,13 @@ class Fleet:
         return lambda: Container(name, self.bundles, self.ctl, self.runtime, make_config, sink,
                                  drop)
 
+    def settings_by_name(self) -> list[tuple[str, dict[str, Any]]]:
+        """(name, settings) of each function of the desired state."""
+        return [(name, spec["settings"]) for name, spec in self.specs.items()]
+
     def secret_users(self, secret: str) -> list[str]:
         """Functions of the desired state that name ``secret``."""
-        return sorted(n for n, spec in self.specs.items()
-                      if secret in spec["settings"]["secrets"])
+        return fnsettings.users(self.settings_by_name(), "secrets").get(secret, [])
 
     def secret_changed(self, secret: str) -> None:
         """A secret's value was replaced: the functions using it replace their idle
@@ -221,9 +225,7 @@ class Fleet:
 
     def mounting(self, volume: str) -> list[str]:
         """The functions of the desired state whose mounts name ``volume``."""
-        return sorted(name for name, spec in self.specs.items()
-                      if any(m.split(":", 1)[0] == volume
-                             for m in spec["settings"]["mounts"]))
+        return fnsettings.users(self.settings_by_name(), "mounts").get(volume, [])
 
     def egress_net(self, name: str, limits: FunctionSettings, container_id: str) -> EgressNet:
         """The namespace netagent holds for ``name`` (refused until it is one: the next
