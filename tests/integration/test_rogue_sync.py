@@ -115,6 +115,13 @@ def test_netagent_drift_at_the_current_generation_is_put_back(platform, fn, imag
     platform.wait_healthy()
     dev = ["ip", "-n", platform.netns.name, "-6", "addr", "show", "dev", platform.interface]
     assert f"{other['address']}/128" in run(*dev).stdout
+
+    def both_held():  # else the runner's report of fn-b's ports resyncs netagent itself
+        held = [e for e in platform.log_lines("controller") if e.get("event") == "ports_held"]
+        deployed = len(json.loads(platform.faasctl("--json", "list").stdout)["functions"])
+        return held and held[-1].get("functions") == deployed
+
+    poll("the runner's report of both functions' ports", both_held, 15)
     reply = as_faas(platform, "netagent", "sync", {"generation": generation(platform),
                                                    "state": {"addresses": [fn["address"]],
                                                              "peers": []}})
