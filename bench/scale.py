@@ -9,7 +9,8 @@ by the first deploy, and reused by digest after). At 1, 100, 500 and 1,000 funct
     deploy       wall time of `faasctl new` (what an operator waits) and the controller's
                  own figure, median of the last 10 deploys (at 1: deploys 2-11; the
                  first one, which extracts the image, is printed apart)
-    daemons      RSS and open fds of each daemon, supervisord and named
+    daemons      RSS, open fds and idle CPU (5 s with nothing happening) of each daemon,
+                 supervisord and named
     list         wall time of `faasctl list` and `faasctl --json list`
     zone         reload: dnsagent's last zone change, from written to reloaded (its log's
                  timestamps: `rndc reload faas`); check: `named-checkzone` on the zone
@@ -62,6 +63,15 @@ DAEMONS = ("controller", "netagent", "dnsagent", "runner", "dns")
 AGENT_RSS_PER_FN = 40 << 10  # bytes per function an agent's RSS may grow by
 FDS_PER_FN = 1.1  # fds per function a daemon may grow by (the runner's listeners: 1)
 DEPLOY_RATIO = 2.0
+IDLE_SECONDS = 5.0
+SERVICE_NOFILE = "1024:524288"  # systemd's DefaultLimitNOFILE (soft:hard)
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) one process has used, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / HZ
 
 
 def name_of(i: int) -> str:
@@ -99,10 +109,13 @@ class ScalePlatform(Platform):
     which then shuts the platform down in order)."""
 
     def start(self) -> None:
+        # the open-file limits a systemd service gets by default, not this shell's: what
+        # supervisord.conf's minfds raises is then what the daemons run with
+        argv = ["prlimit", f"--nofile={SERVICE_NOFILE}", *self.netns.argv(
+            BIN / "faasd", "up", "--foreground")]
         with open(self.base / "faasd-up.log", "wb") as log:
-            self.proc = subprocess.Popen(self.netns.argv(BIN / "faasd", "up", "--foreground"),
-                                         env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(argv, env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
 
 
 @contextlib.contextmanager
@@ -160,14 +173,22 @@ class Scale:
         got["supervisord"] = int((self.p.run_dir / "supervisord.pid").read_text())
         return got
 
-    def daemons(self) -> dict[str, dict[str, int]]:
-        """RSS (bytes) and open fds of each process."""
+    def daemons(self) -> dict[str, dict[str, Any]]:
+        """RSS (bytes), open fds and idle CPU (share of one core over IDLE_SECONDS with
+        nothing deployed or called meanwhile) of each process."""
+        pids = self.pids()
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        time.sleep(IDLE_SECONDS)  # a measuring window, not a wait for something to happen
         rows = {}
-        for name, pid in self.pids().items():
+        for name, pid in pids.items():
             status = dict(line.split(":", 1) for line in
                           Path(f"/proc/{pid}/status").read_text().splitlines())
-            rows[name] = {"rss": int(status["VmRSS"].split()[0]) << 10,
-                          "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+            limit = next(line.split()[3] for line in
+                         Path(f"/proc/{pid}/limits").read_text().splitlines()
+                         if line.startswith("Max open files"))
+            rows[name] = {"rss": int(status["VmRSS"].split()[0]) << 10, "nofile": limit,
+                          "fds": len(os.listdir(f"/proc/{pid}/fd")),
+                          "cpu": (cpu_seconds(pid) - before[name]) / IDLE_SECONDS}
         return rows
 
     def timed(self, *args: str) -> float:
@@ -289,12 +310,15 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> bool:
               f"{c['zone'][1] * 1e3:>4.0f}ms "
               f"{c['first_fn']:>5.1f}ms {c['last_fn']:>6.1f}ms")
     names = list(r["idle"])
-    print("\nRSS MiB / fds")
-    print(f"{'n':>5} " + " ".join(f"{n:>15}" for n in names))
-    for label, d in [("idle", r["idle"])] + [(str(c["n"]), c["daemons"]) for c in cps] \
-            + [("after restarts", r["after"])]:
-        print(f"{label:>5} " + " ".join(
-            f"{mib(d[n]['rss']) + ' / ' + str(d[n]['fds']):>15}" for n in names))
+    print("\nRSS MiB / fds / idle CPU % of a core")
+    print(f"{'n':>7} " + " ".join(f"{n:>18}" for n in names))
+    for label, d in [("0", r["idle"])] + [(str(c["n"]), c["daemons"]) for c in cps] \
+            + [("restart", r["after"])]:
+        print(f"{label:>7} " + " ".join(
+            f"{mib(d[n]['rss'])} / {d[n]['fds']} / {d[n]['cpu'] * 100:.1f}".rjust(18)
+            for n in names))
+    print("open files limit (soft): " + ", ".join(f"{n} {d['nofile']}"
+                                                  for n, d in r["after"].items()))
     print(f"\nrestarted runner serves all {args.functions} again in "
           f"{r['restart_runner']:.1f}s, netagent in {r['restart_netagent']:.1f}s")
     first, last = cps[0], cps[-1]
