@@ -149,17 +149,37 @@ class WgKey(Str):
 
 @dataclass(frozen=True)
 class List(Field):
-    """A list of items of one field type, at most ``max_items`` long."""
+    """A list of items of one field type, at most ``max_items`` long.
+
+    ``memo``: remember the items of the last list that passed, by their ``repr`` (which
+    tells every msgpack type and value apart), and do not check one of those again. For
+    the lists of an agent's desired state, whose every sync carries them whole and
+    changes one item of a thousand: checking a function's spec costs ten times its repr
+    (docs/operations.md, "Scale"). Only items that passed are kept, only those of the
+    last list (memory: one state's worth), and the result is the same either way, since
+    a check depends on nothing but the item. Callers must not change what it returns."""
 
     item: Field = field(default_factory=Str)
     max_items: int = 1024
+    memo: bool = False
+    _passed: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def check(self, value: Any, path: str) -> list[Any]:
         if not isinstance(value, list):
             raise _bad(path, f"must be a list, not {type(value).__name__}")
         if len(value) > self.max_items:
             raise _bad(path, f"more than {self.max_items} items")
-        return [self.item.check(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if not self.memo:
+            return [self.item.check(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        known, passed, out = self._passed, {}, []
+        for i, v in enumerate(value):
+            key = repr(v)
+            checked = known[key] if key in known else self.item.check(v, f"{path}[{i}]")
+            passed[key] = checked
+            out.append(checked)
+        known.clear()  # the dataclass is frozen: the same dict, refilled
+        known.update(passed)
+        return out
 
     def describe(self) -> str:
         return f"list of {self.item.describe()}"
