@@ -122,7 +122,8 @@ class AgentDaemon(Daemon):
         """Converge to the whole desired state; idempotent. A state outside the bounds
         root set (``converge`` checks before it changes anything) is refused and logged:
         the caller holds the faas user, and that may be an attacker's."""
-        digest = protocol.state_digest(self.service, args["state"])
+        # the arguments went through the sync's schema on their way in (common/rpc.py)
+        digest = protocol.state_digest(self.service, args["state"], checked=True)
         self.offered = digest  # the state being converged to (netagent's repair loop)
         try:
             await self.converge(args["state"])

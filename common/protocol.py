@@ -394,13 +394,14 @@ NETAGENT_STATE: dict[str, Field] = {
 }
 DNS_RECORD = Record(fields={"name": FunctionName(), "address": IPv6()})
 DNSAGENT_STATE: dict[str, Field] = {
-    "records": List(item=DNS_RECORD, max_items=65536, required=False, default=[],
+    "records": List(item=DNS_RECORD, max_items=65536, required=False, default=[], memo=True,
                     help="one AAAA record <name>.faas per function"),
 }
 RUNNER_STATE: dict[str, Field] = {
     "images": List(item=DIGEST, max_items=65536, required=False, default=[],
                    help="image digests whose rootfs must be kept; others are removed"),
     "functions": List(item=FUNCTION_SPEC, max_items=65536, required=False, default=[],
+                      memo=True,
                       help="functions to serve: listener, version, settings"),
     "peers": List(item=Record(fields={"name": PEER_NAME, "address": IPv6()}),
                   max_items=65536, required=False, default=[],
@@ -449,13 +450,22 @@ PING_RESULT = Record(
 )
 
 
-def state_digest(service: str, state: Any) -> str:
+def state_schema(service: str) -> Field:
+    """The schema of an agent's desired state: the ``state`` argument of its sync."""
+    return OPS[service]["sync"].args.fields["state"]
+
+
+def state_digest(service: str, state: Any, checked: bool = False) -> str:
     """sha256 of an agent's desired state as its sync schema reads it (so both sides
     compute it from the same normalized values), over canonical JSON. An agent reports
     the digest of what it last converged to; the controller resyncs when it is not the
-    digest of what it wants, whatever the generation numbers say."""
-    checked = OPS[service]["sync"].args.fields["state"].check(state, "state")
-    text = json.dumps(checked, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    digest of what it wants, whatever the generation numbers say. ``checked``: ``state``
+    already came out of :func:`state_schema`'s check (a sync's arguments, the
+    controller's cache): checking it again would cost as much as the sync's own check,
+    once per function (docs/operations.md, "Scale")."""
+    if not checked:
+        state = state_schema(service).check(state, "state")
+    text = json.dumps(state, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -93,8 +93,8 @@ class Monitor:
         self.interval = interval
         self.log = log
         self.agents = {name: AgentHealth(name) for name in clients}
-        # agent -> ((generation, holdings version), digest)
-        self._digests: dict[str, tuple[tuple[int, int], str]] = {}
+        # agent -> ((generation, holdings version), its checked desired state, digest)
+        self._wanted: dict[str, tuple[tuple[int, int], dict[str, Any], str]] = {}
         # The runner's last report of the ports it holds, by function address; None while
         # there is none from the runner we synced (down, restarted, not synced yet).
         self.held: dict[str, frozenset[int]] | None = None
@@ -186,19 +186,26 @@ class Monitor:
         if netagent is not None and netagent.state == "up" and netagent.boot_id is not None:
             await self.sync("netagent", netagent.boot_id)
 
-    def wanted_digest(self, name: str) -> str:
-        """The digest of the state we want the agent to hold; computed once per
-        generation (every change of desired state bumps it) and runner report of held
-        ports."""
+    def wanted(self, name: str) -> tuple[dict[str, Any], str]:
+        """The state we want the agent to hold, as its sync's schema reads it, and its
+        digest; built, checked and hashed once per generation (every change of desired
+        state bumps it) and runner report of held ports, not at every sync and ping: each
+        is O(functions) (docs/operations.md, "Scale"). FaasError: the agent's schema
+        refuses it."""
         key = (self.generation(), self._held_version)
-        cached = self._digests.get(name)
+        cached = self._wanted.get(name)
         if cached is None or cached[0] != key:
-            try:
-                cached = (key, protocol.state_digest(name, self.desired(name)))
-            except FaasError as exc:  # a state the agent's schema refuses: the sync says why
-                return f"unusable: {exc.message}"
-            self._digests[name] = cached
-        return cached[1]
+            state = protocol.state_schema(name).check(self.desired(name), "state")
+            cached = (key, state, protocol.state_digest(name, state, checked=True))
+            self._wanted[name] = cached
+        return cached[1], cached[2]
+
+    def wanted_digest(self, name: str) -> str:
+        """The digest of the state we want the agent to hold."""
+        try:
+            return self.wanted(name)[1]
+        except FaasError as exc:  # a state the agent's schema refuses: the sync says why
+            return f"unusable: {exc.message}"
 
     async def push(self) -> None:
         """Sync every agent that is up now, after a change of desired state. An agent
@@ -211,8 +218,9 @@ class Monitor:
         agent = self.agents[name]
         generation = self.generation()
         try:
-            await self.clients[name].call("sync", {"generation": generation,
-                                                   "state": self.desired(name)})
+            state, _ = self.wanted(name)
+            await self.clients[name].call("sync", {"generation": generation, "state": state},
+                                          checked=True)
         except FaasError as exc:
             agent.error = f"sync failed: {exc.message}"
             self.log.warning("sync_failed", agent=name, code=exc.code.value, error=exc.message)

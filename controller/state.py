@@ -106,6 +106,7 @@ class State:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
+        self._specs: tuple[int, list[dict[str, Any]]] | None = None  # (generation, specs)
         self._migrate()
 
     def _migrate(self) -> None:
@@ -138,12 +139,13 @@ class State:
     def generation(self) -> int:
         return int(self.db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0])
 
-    def functions(self) -> list[dict[str, Any]]:
-        """Every function with its address and current version."""
+    def functions(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Every function with its address and current version (only ``name``, if given)."""
+        where, params = ("WHERE f.name = ?", (name,)) if name is not None else ("", ())
         rows = self.db.execute(
             "SELECT f.name, f.address, f.version, f.created, f.settings, v.digest, v.config"
             " FROM functions f JOIN versions v ON v.name = f.name AND v.version = f.version"
-            " ORDER BY f.name")
+            f" {where} ORDER BY f.name", params)
         return [{"name": r["name"], "address": r["address"], "version": r["version"],
                  "created": r["created"], "digest": r["digest"],
                  "command": command_of(json.loads(r["config"])),
@@ -153,7 +155,15 @@ class State:
     def specs(self) -> list[dict[str, Any]]:
         """What the runner needs to serve every function: address, image digest,
         settings. Not the image's config: the runner has its own record of that (the
-        stored copy is for list and info)."""
+        stored copy is for list and info). Read once per generation: each agent's
+        desired state asks for it, and each read parses every function's settings.
+        Callers must not change what it returns (it is the cache's own)."""
+        generation = self.generation
+        if self._specs is None or self._specs[0] != generation:
+            self._specs = (generation, self._read_specs())
+        return self._specs[1]
+
+    def _read_specs(self) -> list[dict[str, Any]]:
         rows = self.db.execute(
             "SELECT f.name, f.address, f.settings, v.digest FROM functions f"
             " JOIN versions v ON v.name = f.name AND v.version = f.version ORDER BY f.name")
@@ -163,9 +173,8 @@ class State:
 
     def function(self, name: str) -> dict[str, Any]:
         """One function, or not_found."""
-        for f in self.functions():
-            if f["name"] == name:
-                return f
+        for f in self.functions(name):
+            return f
         raise FaasError(Code.NOT_FOUND, f"no function named {name!r}; faasctl list shows them",
                         {"name": name})
 

@@ -21,7 +21,7 @@ class FakeAgent:
         self.generation = 0
         self.digest = ""  # of the state it last converged to, as a real agent reports
 
-    async def call(self, op, args=None, timeout=None, retries=None):
+    async def call(self, op, args=None, timeout=None, retries=None, checked=False):
         if self.down:
             raise FaasError(Code.TIMEOUT, "no answer")
         if op == "ping":
@@ -40,6 +40,8 @@ class FakeAgent:
 GENERATION = [5]
 DIGEST = "sha256:" + "d" * 64
 WANTED = {"images": [DIGEST], "functions": []}  # a runner state its schema accepts
+# what a sync carries: the state as the schema reads it, checked once per generation
+SENT = protocol.state_schema("runner").check(WANTED, "state")
 
 
 def make():
@@ -59,7 +61,7 @@ def test_first_sight_syncs_once():
     agent, mon = make()
     health = check(mon)
     assert health.state == "up" and health.synced and health.generation == 5
-    assert agent.syncs == [{"generation": 5, "state": WANTED}]
+    assert agent.syncs == [{"generation": 5, "state": SENT}]
     check(mon)
     assert len(agent.syncs) == 1
 
@@ -154,7 +156,7 @@ def test_agent_holding_another_state_at_the_same_generation_is_resynced():
     check(mon)
     agent.digest = protocol.state_digest("runner", {"images": [], "functions": []})
     check(mon)
-    assert len(agent.syncs) == 2 and agent.syncs[-1]["state"] == WANTED
+    assert len(agent.syncs) == 2 and agent.syncs[-1]["state"] == SENT
     assert agent.digest == protocol.state_digest("runner", WANTED)
     check(mon)
     assert len(agent.syncs) == 2  # back to ours: nothing more to do

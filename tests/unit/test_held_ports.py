@@ -116,7 +116,7 @@ class Agent:
         self.held: list[dict] | None = None
         self.syncs: list[dict] = []
 
-    async def call(self, op, args=None, timeout=None, retries=None):
+    async def call(self, op, args=None, timeout=None, retries=None, checked=False):
         if self.down:
             raise FaasError(Code.TIMEOUT, "no answer")
         if op == "ping":

@@ -72,6 +72,7 @@ class FakeFirewall:
     async def apply(self, prefix, server, ports=None): self.applied, self.ports = \
         self.applied + 1, ports
     async def installed(self, prefix=None, server=None, ports=None): return self.applied > 0
+    def forget(self): pass
 
 
 class FakeEgress:
@@ -326,13 +327,18 @@ def test_drift_is_found_and_repaired(agent):
     assert ipaddress.IPv6Interface("fd00:faa5:1::a/128") in agent.net.addrs
 
 
+def as_served(args: dict[str, Any]) -> dict[str, Any]:
+    """A sync's arguments as the RPC server hands them to op_sync: through its schema."""
+    return protocol.OPS["netagent"]["sync"].args.check(args, "args")
+
+
 def test_a_failed_step_leaves_the_new_state_wanted_never_an_older_one(agent):
     """Review 13: a lasting egress failure (16 ports in one ip6tables rule) made the
     repair loop re-apply the previous state every second, putting revoked peers back."""
     a = {"public_key": KEY_A, "address": "fd00:faa5:0:100::2"}
     b = {"public_key": "B" * 42 + "A=", "address": "fd00:faa5:0:100::3"}
-    asyncio.run(agent.op_sync({"generation": 1, "state": {
-        "addresses": ["fd00:faa5:1::a"], "peers": [a, b], "egress": []}}))
+    asyncio.run(agent.op_sync(as_served({"generation": 1, "state": {
+        "addresses": ["fd00:faa5:1::a"], "peers": [a, b], "egress": []}})))
     old_digest = agent.digest
     failing = True
 
@@ -346,7 +352,7 @@ def test_a_failed_step_leaves_the_new_state_wanted_never_an_older_one(agent):
                          "may_call": [{"address": "fd00:faa5:1::a",
                                        "ports": list(range(8000, 8016))}]}]}
     with pytest.raises(FaasError):
-        asyncio.run(agent.op_sync({"generation": 2, "state": state}))
+        asyncio.run(agent.op_sync(as_served({"generation": 2, "state": state})))
     for _ in range(3):  # the repair loop's ticks while the egress step still fails
         with pytest.raises(FaasError):
             asyncio.run(agent.repair())
