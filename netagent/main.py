@@ -246,6 +246,7 @@ class NetAgent(AgentDaemon):
             drift = "unconverged" if self.pending else await self.drift(*self.desired)
             if drift and not (quiet and drift == "unconverged"):  # retrying: said once
                 self.log.warning("drift_repaired", what=drift)
+                self.firewall.forget()  # whatever changed, the chains are written whole
                 await self._converge(*self.desired)
                 if self.pending:  # the state a failed sync wanted, whole at last
                     self.digest, self.synced, self.pending = self.pending, True, None
