@@ -64,7 +64,7 @@ AGENT_RSS_PER_FN = 40 << 10  # bytes per function an agent's RSS may grow by
 FDS_PER_FN = 1.1  # fds per function a daemon may grow by (the runner's listeners: 1)
 DEPLOY_RATIO = 2.0
 IDLE_SECONDS = 5.0
-SERVICE_NOFILE = "1024:524288"  # systemd's DefaultLimitNOFILE (soft:hard)
+SERVICE_NOFILE = "1024:"  # soft, as systemd's DefaultLimitNOFILE; the hard one kept
 HZ = os.sysconf("SC_CLK_TCK")
 
 
@@ -109,8 +109,8 @@ class ScalePlatform(Platform):
     which then shuts the platform down in order)."""
 
     def start(self) -> None:
-        # the open-file limits a systemd service gets by default, not this shell's: what
-        # supervisord.conf's minfds raises is then what the daemons run with
+        # the soft open-file limit a systemd service gets by default, not this shell's:
+        # what the daemons raise it to is then what they run with
         argv = ["prlimit", f"--nofile={SERVICE_NOFILE}", *self.netns.argv(
             BIN / "faasd", "up", "--foreground")]
         with open(self.base / "faasd-up.log", "wb") as log:

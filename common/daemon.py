@@ -13,6 +13,7 @@ import asyncio
 import grp
 import os
 import pwd
+import resource
 import secrets
 import signal
 import sys
@@ -142,9 +143,35 @@ class AgentDaemon(Daemon):
         """Make the world match ``state`` (subclasses)."""
 
 
+def raise_open_files(nr_open_path: str = "/proc/sys/fs/nr_open") -> tuple[int, int]:
+    """Raise this process's soft limit of open files to its hard limit (at most the
+    kernel's ``fs.nr_open``); return (before, after). A service gets 1024 soft by
+    default (systemd's DefaultLimitNOFILE=1024:524288), and the runner holds a listening
+    socket per function port: it would stop binding near 1,000 functions. Raising the
+    soft limit up to the hard one needs no privilege and never fails the start
+    (docs/operations.md, "Scale")."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with open(nr_open_path) as f:
+            ceiling = int(f.read())
+    except (OSError, ValueError):
+        ceiling = 1 << 20  # the kernel's default fs.nr_open
+    target = ceiling if hard == resource.RLIM_INFINITY else min(hard, ceiling)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return soft, target
+        except (OSError, ValueError):
+            pass
+    return soft, soft
+
+
 def run_main(cls: type[Daemon]) -> None:
     """Entry point of a daemon's console script."""
     log = EventLog(cls.service)
+    before, after = raise_open_files()
+    if after != before:
+        log.info("open_files_raised", soft=after, was=before)
     try:
         settings = load()
     except SettingsError as exc:

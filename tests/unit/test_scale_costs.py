@@ -200,3 +200,22 @@ def test_a_memo_list_checks_only_new_items_and_refuses_what_the_plain_one_refuse
 def test_the_agents_state_lists_that_grow_with_functions_are_memos():
     assert protocol.state_schema("runner").fields["functions"].memo
     assert protocol.state_schema("dnsagent").fields["records"].memo
+
+
+# --- open files: the daemons raise their soft limit --------------------------------------
+
+
+def test_a_daemon_raises_its_soft_open_files_limit_to_the_hard_one(monkeypatch, tmp_path):
+    import resource
+
+    from common import daemon
+    limits = {"now": (1024, 524288)}
+    monkeypatch.setattr(resource, "getrlimit", lambda what: limits["now"])
+    monkeypatch.setattr(resource, "setrlimit", lambda what, value: limits.update(now=value))
+    nr_open = tmp_path / "nr_open"
+    nr_open.write_text("1048576\n")
+    assert daemon.raise_open_files(str(nr_open)) == (1024, 524288)
+    assert limits["now"] == (524288, 524288)
+    assert daemon.raise_open_files(str(nr_open)) == (524288, 524288)  # nothing to do
+    limits["now"] = (1024, resource.RLIM_INFINITY)  # no hard limit: the kernel's ceiling
+    assert daemon.raise_open_files(str(nr_open)) == (1024, 1048576)
