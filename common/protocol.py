@@ -379,15 +379,15 @@ EGRESS = Record(fields={
                      help="functions it may reach: address and ports"),
 })
 NETAGENT_STATE: dict[str, Field] = {
-    "addresses": List(item=IPv6(), max_items=65536, required=False, default=[],
+    "addresses": List(item=IPv6(), max_items=65536, required=False, default=[], memo=True,
                       help="function addresses (/128) to hold on the WireGuard interface"),
-    "peers": List(item=PEER, max_items=65536, required=False, default=[],
+    "peers": List(item=PEER, max_items=65536, required=False, default=[], memo=True,
                   help="VPN peers: each key may send from exactly its own /128"),
     "egress": List(item=EGRESS, max_items=16384, required=False, default=[],
                    help="network=egress functions: a namespace, veth, NAT and firewall each"),
     "ports": List(item=Record(fields={
         "address": IPv6(), "ports": List(item=Int(min=1, max=65535), max_items=16)}),
-        max_items=65536, required=False, default=[],
+        max_items=65536, required=False, default=[], memo=True,
         help="the TCP ports peers may reach on each function address (those of its "
              "ports setting the runner holds; none: an empty list); an address of "
              "addresses without an entry: 80"),

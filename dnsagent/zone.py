@@ -11,6 +11,7 @@ second wall, and the one next to the file.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -156,8 +157,10 @@ def render(records: Iterable[Record], serial: int, ns: ipaddress.IPv6Address) ->
     return "\n".join(lines) + "\n"
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def _plain(ip: ipaddress.IPv6Address) -> str:
-    # Rebuilt from the integer, so no scope id can ever be printed.
+    # Rebuilt from the integer, so no scope id can ever be printed. Remembered: the zone
+    # is rendered at every sync and every second's check (docs/operations.md, "Scale").
     return str(ipaddress.IPv6Address(int(ip)))
 
 

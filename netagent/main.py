@@ -39,7 +39,7 @@ from common.rpc import Handler
 from common.settings import EX_CONFIG, SettingsError, load, vpn_server
 from netagent.egress import Egress, Plan
 from netagent.firewall import Firewall, Ports
-from netagent.net import Net
+from netagent.net import Net, address, interface
 
 KEEPALIVE = 25  # seconds, for a peer the server greets first (see set_peer)
 HEAL_SECONDS = 1.0  # how often the interface is compared with the desired state
@@ -81,11 +81,11 @@ class NetAgent(AgentDaemon):
         the controller may not make us hold any other address): else forbidden."""
         wanted = set()
         for addr in addresses:
-            ip = ipaddress.IPv6Address(addr)
+            ip = address(addr)
             if ip not in self.function_prefix or ip == self.function_prefix.network_address:
                 raise FaasError(Code.FORBIDDEN, f"{addr} is not a function address of the "
                                 f"function prefix {self.function_prefix}", {"address": addr})
-            wanted.add(ipaddress.IPv6Interface(f"{ip}/128"))
+            wanted.add(interface(f"{ip}/128"))
         return wanted
 
     def check_peers(self, peers: list[dict[str, str]]) -> dict[str, ipaddress.IPv6Network]:
@@ -118,7 +118,7 @@ class NetAgent(AgentDaemon):
         out: dict[ipaddress.IPv6Address, list[int]] = {i.ip: [80] for i in functions}
         seen: set[ipaddress.IPv6Address] = set()
         for i, entry in enumerate(ports):
-            ip = ipaddress.IPv6Address(entry["address"])
+            ip = address(entry["address"])
             if ip not in out or ip in seen:
                 raise FaasError(Code.BAD_REQUEST, f"ports[{i}]: {ip} is not a function "
                                 "address of this sync, or appears twice",

@@ -8,6 +8,7 @@ put a fake in its place and the root tests exercise the real thing.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import os
@@ -22,6 +23,20 @@ from common.proc import die_with_parent
 COMMAND_TIMEOUT = 15.0  # seconds; ip6tables waits at most 5 s for the xtables lock
 PACKAGES = {"ip": "iproute2", "wg": "wireguard-tools", "ip6tables": "iptables",
             "ip6tables-restore": "iptables", "wireguard-go": "wireguard-go"}
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def interface(text: str) -> ipaddress.IPv6Interface:
+    """``ipaddress.IPv6Interface(text)``, remembered: every sync and every second's
+    drift check reads each function's address again, and parsing one costs more than
+    the rest of its share of the work (docs/operations.md, "Scale")."""
+    return ipaddress.IPv6Interface(text)
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def address(text: str) -> ipaddress.IPv6Address:
+    """``ipaddress.IPv6Address(text)``, remembered (see :func:`interface`)."""
+    return ipaddress.IPv6Address(text)
 
 
 class Net:
@@ -110,7 +125,7 @@ class Net:
         """The global IPv6 addresses on the interface."""
         out = await self.run("ip", "-6", "-j", "addr", "show", "dev", self.interface)
         data: list[dict[str, Any]] = json.loads(out or "[]")
-        return [ipaddress.IPv6Interface(f"{a['local']}/{a['prefixlen']}")
+        return [interface(f"{a['local']}/{a['prefixlen']}")
                 for link in data for a in link.get("addr_info", [])
                 if a.get("family") == "inet6" and a.get("scope") == "global"]
 

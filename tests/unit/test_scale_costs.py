@@ -200,6 +200,8 @@ def test_a_memo_list_checks_only_new_items_and_refuses_what_the_plain_one_refuse
 def test_the_agents_state_lists_that_grow_with_functions_are_memos():
     assert protocol.state_schema("runner").fields["functions"].memo
     assert protocol.state_schema("dnsagent").fields["records"].memo
+    netagent = protocol.state_schema("netagent").fields
+    assert netagent["addresses"].memo and netagent["ports"].memo and netagent["peers"].memo
 
 
 # --- open files: the daemons raise their soft limit --------------------------------------
