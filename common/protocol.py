@@ -16,7 +16,6 @@ message any daemon sends is here, and nowhere else); field types are
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
 from dataclasses import dataclass, field
@@ -457,16 +456,19 @@ def state_schema(service: str) -> Field:
 
 def state_digest(service: str, state: Any, checked: bool = False) -> str:
     """sha256 of an agent's desired state as its sync schema reads it (so both sides
-    compute it from the same normalized values), over canonical JSON. An agent reports
-    the digest of what it last converged to; the controller resyncs when it is not the
-    digest of what it wants, whatever the generation numbers say. ``checked``: ``state``
-    already came out of :func:`state_schema`'s check (a sync's arguments, the
+    compute it from the same normalized values), over its msgpack encoding. An agent
+    reports the digest of what it last converged to; the controller resyncs when it is
+    not the digest of what it wants, whatever the generation numbers say. ``checked``:
+    ``state`` already came out of :func:`state_schema`'s check (a sync's arguments, the
     controller's cache): checking it again would cost as much as the sync's own check,
-    once per function (docs/operations.md, "Scale")."""
+    once per function (docs/operations.md, "Scale").
+
+    msgpack, not JSON with sorted keys (five times slower at 1,000 functions): the check
+    writes every record's keys in its schema's order and keeps lists and maps in the
+    order sent, so the controller and the agent it synced encode the same bytes."""
     if not checked:
         state = state_schema(service).check(state, "state")
-    text = json.dumps(state, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(pack(state)).hexdigest()
 
 
 # --- codec ------------------------------------------------------------------------
