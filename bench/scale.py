@@ -9,6 +9,8 @@ by the first deploy, and reused by digest after). At 1, 100, 500 and 1,000 funct
     deploy       wall time of `faasctl new` (what an operator waits) and the controller's
                  own figure, median of the last 10 deploys (at 1: deploys 2-11; the
                  first one, which extracts the image, is printed apart)
+    CPU          each daemon's CPU time per deploy over those same deploys: unlike the
+                 times, not moved by what else runs on the machine
     daemons      RSS, open fds and idle CPU (5 s with nothing happening) of each daemon,
                  supervisord and named
     list         wall time of `faasctl list` and `faasctl --json list`
@@ -22,7 +24,8 @@ then, at N, the time for a restarted runner, and for a restarted netagent, to se
 all N again (every listener bound, every address on the interface, synced, the last
 function answering). The targets are same-run ratios, printed with PASS/MISS:
 
-    deploy time at N <= 2x deploy time at 1 (server side and wall)
+    deploy time at N <= 2x deploy time at 1 (server side and wall), and so the
+    daemons' CPU time per deploy
     each agent's RSS grows by <= 40 KiB per function, and its fds by <= 1.1 per function
     (the runner's listening sockets, one per port, are the expected one per function)
 
@@ -38,6 +41,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -63,6 +67,7 @@ DAEMONS = ("controller", "netagent", "dnsagent", "runner", "dns")
 AGENT_RSS_PER_FN = 40 << 10  # bytes per function an agent's RSS may grow by
 FDS_PER_FN = 1.1  # fds per function a daemon may grow by (the runner's listeners: 1)
 DEPLOY_RATIO = 2.0
+AGENTS_CPU = ("controller", "netagent", "dnsagent", "runner", "dns")
 IDLE_SECONDS = 5.0
 SERVICE_NOFILE = "1024:"  # soft, as systemd's DefaultLimitNOFILE; the hard one kept
 HZ = os.sysconf("SC_CLK_TCK")
@@ -146,6 +151,8 @@ class Scale:
         self.walls: list[float] = []  # seconds per deploy, as faasctl's caller sees it
         self.server: list[float] = []  # the controller's own figure
         self.addresses: list[str] = []
+        self.cpu: list[dict[str, float]] = []  # each daemon's CPU seconds after each deploy
+        self.pid_of: dict[str, int] = {}
 
     def deploy(self, i: int) -> None:
         started = time.perf_counter()
@@ -154,6 +161,9 @@ class Scale:
         reply = json.loads(out.stdout)
         self.server.append(reply["seconds"])
         self.addresses.append(reply["address"])
+        if not self.pid_of:
+            self.pid_of = {n: p for n, p in self.pids().items() if n in AGENTS_CPU}
+        self.cpu.append({n: cpu_seconds(p) for n, p in self.pid_of.items()})
 
     def request(self, address: str) -> dict[str, Any]:
         out = run(*self.p.netns.argv(sys.executable, SELF, "probe", address, 80),
@@ -213,11 +223,19 @@ class Scale:
             self.p.root / "dns" / "faas.db")
         return reload, time.perf_counter() - started
 
+    def cpu_per_deploy(self, first: int, last: int) -> dict[str, float]:
+        """Each daemon's CPU seconds per deploy over deploys first+1..last (1-based):
+        what the deploys cost, whatever else the machine was doing meanwhile."""
+        a, b = self.cpu[first - 1], self.cpu[last - 1]
+        return {n: (b[n] - a[n]) / (last - first) for n in b}
+
     def checkpoint(self, n: int) -> dict[str, Any]:
         window = self.server[1:WINDOW + 1] if n == 1 else self.server[n - WINDOW:n]
         walls = self.walls[1:WINDOW + 1] if n == 1 else self.walls[n - WINDOW:n]
+        first, last = (1, WINDOW + 1) if n == 1 else (n - WINDOW, n)
         return {
             "n": n, "deploy": statistics.median(window), "deploy_wall": statistics.median(walls),
+            "cpu_per_deploy": self.cpu_per_deploy(first, last),
             "daemons": self.daemons(),
             "list": self.timed("list"), "list_json": self.timed("--json", "list"),
             "zone": self.zone_seconds(),
@@ -310,6 +328,12 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> bool:
               f"{c['zone'][1] * 1e3:>4.0f}ms "
               f"{c['first_fn']:>5.1f}ms {c['last_fn']:>6.1f}ms")
     names = list(r["idle"])
+    print("\nCPU ms per deploy (each daemon, over the same deploys)")
+    print(f"{'n':>5} " + " ".join(f"{n:>11}" for n in AGENTS_CPU) + f" {'sum':>7}")
+    for c in cps:
+        d = c["cpu_per_deploy"]
+        print(f"{c['n']:>5} " + " ".join(f"{d[n] * 1e3:>11.0f}" for n in AGENTS_CPU)
+              + f" {sum(d.values()) * 1e3:>7.0f}")
     print("\nRSS MiB / fds / idle CPU % of a core")
     print(f"{'n':>7} " + " ".join(f"{n:>18}" for n in names))
     for label, d in [("0", r["idle"])] + [(str(c["n"]), c["daemons"]) for c in cps] \
@@ -325,6 +349,9 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> bool:
     grown = last["n"] - first["n"] or 1
     checks = [
         (f"deploy at {last['n']} / at 1 (controller)", last["deploy"] / first["deploy"],
+         DEPLOY_RATIO, f"<= {DEPLOY_RATIO}x"),
+        (f"daemons' CPU per deploy at {last['n']} / at 1",
+         sum(last["cpu_per_deploy"].values()) / sum(first["cpu_per_deploy"].values()),
          DEPLOY_RATIO, f"<= {DEPLOY_RATIO}x"),
         (f"deploy at {last['n']} / at 1 (faasctl wall)",
          last["deploy_wall"] / first["deploy_wall"], DEPLOY_RATIO, f"<= {DEPLOY_RATIO}x"),
@@ -348,6 +375,10 @@ def main() -> None:
     if sys.argv[1:2] == ["probe"]:
         probe(sys.argv[2], int(sys.argv[3]))
         return
+    # Started in the background, a shell leaves SIGINT ignored; and a kill must not leave
+    # the platform behind: both end the run through its clean-up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--functions", type=int, default=1000)
     ap.add_argument("--json", help="also write the raw figures to this file")
