@@ -27,6 +27,7 @@ from typing import Any
 from common import fdstore, layout
 from common.log import EventLog
 from common.paths import root_dir
+from common.proc import die_with_parent
 from common.rpc import AlreadyRunning, take_lock
 from common.settings import EX_CONFIG, SettingsError, load
 
@@ -201,6 +202,7 @@ def main() -> None:
         print("faas-keeper: run me as root (it holds the runner's sockets)", file=sys.stderr)
         sys.exit(EX_CONFIG)
     raise_fd_limit()
+    die_with_parent(signal.SIGTERM)  # supervisord killed: the next one starts a keeper
     try:
         asyncio.run(serve(settings.run, log))
     except SettingsError as exc:  # its directory is not root's
