@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import poll, run
+from harness import BIN, poll, run
 
 from tests.imagebuild import Dir, File, build_image
 
@@ -122,13 +122,13 @@ def program_pid(platform, program: str) -> int:
 
 
 def check_fault(platform, deployed, label: str, inject, back, lossless: bool = True,
-                targets: dict[str, str] | None = None) -> None:
+                targets: dict[str, str] | None = None, count: int = 240) -> None:
     """Run ``inject`` under load, wait for ``back`` (returns the moment the broken part
     is back), then assert recovery, no deployment lost, no orphans, and no failed request
     (``lossless``) or failures only inside the outage."""
     before = functions(platform)
     expected = orphans(platform, deployed)
-    load = Load(platform, targets or deployed)
+    load = Load(platform, targets or deployed, count)
     try:
         started, wall_started = time.monotonic(), time.time()
         inject()
@@ -208,6 +208,24 @@ def test_whole_supervisord_killed(platform, deployed):
         platform.wait_healthy(30)
         return time.monotonic()
     check_fault(platform, deployed, "supervisord killed", inject, back, lossless=False)
+
+
+def test_faasd_reload_restarts_everything_and_loses_nothing(platform, deployed):
+    """What install.sh runs on a running host (an upgrade): every program restarted, one
+    at a time, under load."""
+    boots = {name: row["boot_id"] for name, row in platform.status().items()}
+    keeper = program_pid(platform, "keeper")
+
+    def inject():
+        out = run(*platform.netns.argv(BIN / "faasd", "reload"), env=platform.env,
+                  timeout=300)
+        assert "runner restarted on the new code" in out.stdout, out.stdout
+
+    def back():
+        return time.monotonic()
+    check_fault(platform, deployed, "faasd reload", inject, back, count=720)
+    assert all(platform.status()[name]["boot_id"] != boot for name, boot in boots.items())
+    assert program_pid(platform, "keeper") != keeper
 
 
 def test_faasd_down_and_up(platform, deployed):
@@ -294,4 +312,4 @@ def test_print_figures():
     for label, sent, failed, slowest, outage, recovered in FIGURES:
         print(f"{label:24} {sent:5}  {failed:6}  {slowest:6.2f}s  {outage:5.2f}s  "
               f"{recovered:7.2f}s")
-    assert len(FIGURES) == 17
+    assert len(FIGURES) == 18
