@@ -83,8 +83,10 @@ for tool in faasctl faasd; do ln -sf "$prefix/venv/bin/$tool" "/usr/local/bin/$t
 [ "$start" -eq 1 ] || exit 0
 
 if faasd ctl pid >/dev/null 2>&1; then
-  say "faasd is running: restarting it on the new code"
-  faasd ctl restart all >/dev/null
+  # An upgrade: one program at a time, the keeper holding the listeners and waiting
+  # connections while the runner restarts, so no request is lost (docs/operations.md).
+  say "faasd is running: restarting it on the new code, one program at a time"
+  faasd reload
 else
   say "starting faasd"
   faasd up

@@ -25,6 +25,7 @@ import psutil
 from common import protocol
 from common.errors import Code, FaasError
 from common.log import EventLog
+from common.proc import die_with_parent
 from common.rpc import Access, AlreadyRunning, Handler, Server
 from common.settings import EX_CONFIG, Settings, SettingsError, load
 
@@ -168,6 +169,9 @@ def raise_open_files(nr_open_path: str = "/proc/sys/fs/nr_open") -> tuple[int, i
 
 def run_main(cls: type[Daemon]) -> None:
     """Entry point of a daemon's console script."""
+    # supervisord killed: we stop too (gracefully), so the next `faasd up` finds no
+    # orphan holding our lock. Under systemd the unit's cgroup is killed anyway.
+    die_with_parent(signal.SIGTERM)
     log = EventLog(cls.service)
     before, after = raise_open_files()
     if after != before:
