@@ -63,11 +63,11 @@ from tests.imagebuild import Dir, File, build_image  # noqa: E402
 HANDLER_C = REPO / "tests" / "integration" / "handlers" / "testhandler.c"
 CHECKPOINTS = (1, 100, 500, 1000)
 WINDOW = 10  # deploys whose median is the deploy time at a checkpoint
-DAEMONS = ("controller", "netagent", "dnsagent", "runner", "dns")
+DAEMONS = ("controller", "netagent", "dnsagent", "runner", "keeper", "dns")
 AGENT_RSS_PER_FN = 40 << 10  # bytes per function an agent's RSS may grow by
 FDS_PER_FN = 1.1  # fds per function a daemon may grow by (the runner's listeners: 1)
 DEPLOY_RATIO = 2.0
-AGENTS_CPU = ("controller", "netagent", "dnsagent", "runner", "dns")
+AGENTS_CPU = ("controller", "netagent", "dnsagent", "runner", "keeper", "dns")
 IDLE_SECONDS = 5.0
 SERVICE_NOFILE = "1024:"  # soft, as systemd's DefaultLimitNOFILE; the hard one kept
 HZ = os.sysconf("SC_CLK_TCK")
@@ -356,7 +356,7 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> bool:
         (f"deploy at {last['n']} / at 1 (faasctl wall)",
          last["deploy_wall"] / first["deploy_wall"], DEPLOY_RATIO, f"<= {DEPLOY_RATIO}x"),
     ]
-    for name in ("controller", "netagent", "dnsagent", "runner"):
+    for name in ("controller", "netagent", "dnsagent", "runner", "keeper"):
         rss = (last["daemons"][name]["rss"] - first["daemons"][name]["rss"]) / grown
         fds = (last["daemons"][name]["fds"] - first["daemons"][name]["fds"]) / grown
         checks.append((f"{name} RSS growth per function, KiB", rss / 1024,
