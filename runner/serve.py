@@ -195,7 +195,7 @@ class Function:
         self.closed = False
         self._resume_accept: asyncio.TimerHandle | None = None
         self._accept()
-        self.janitor = asyncio.ensure_future(self._janitor())
+        _tend(self)
         self.refill()
 
     @property
@@ -651,21 +651,20 @@ class Function:
             return
         self.idle.append(container)
 
-    async def _janitor(self) -> None:
-        """Stop containers idle past ``idle_timeout`` beyond what min_warm keeps."""
-        while True:
-            await asyncio.sleep(1)
-            now = time.monotonic()
-            for container in [c for c in self.idle if not c.alive]:  # died while idle
-                self.idle.remove(container)
-                self._spawn(container.stop(0))
-            # the front of the list has waited longest (the back is used first)
-            while len(self.idle) > self.settings.min_warm and \
-                    now - self.idle[0].idle_since > self.settings.idle_timeout:
-                self._spawn(self.idle.pop(0).stop())
-            self.refill()  # a pool that lost containers, or whose start failed, fills up
-            if self.listen_failed:
-                self._listen(self.settings.ports)
+    def tidy(self) -> None:
+        """Every second (the runner's one janitor, below): stop containers idle past
+        ``idle_timeout`` beyond what min_warm keeps, refill, retry failed listens."""
+        now = time.monotonic()
+        for container in [c for c in self.idle if not c.alive]:  # died while idle
+            self.idle.remove(container)
+            self._spawn(container.stop(0))
+        # the front of the list has waited longest (the back is used first)
+        while len(self.idle) > self.settings.min_warm and \
+                now - self.idle[0].idle_since > self.settings.idle_timeout:
+            self._spawn(self.idle.pop(0).stop())
+        self.refill()  # a pool that lost containers, or whose start failed, fills up
+        if self.listen_failed:
+            self._listen(self.settings.ports)
 
     async def _reply(self, conn: socket.socket, data: bytes) -> None:
         """Answer the client ourselves. Its request is read away first: closing a socket
@@ -707,7 +706,7 @@ class Function:
         if self._expiry_first is not None:
             self._expiry_first.cancel()
             self._expiry_first = None
-        self.janitor.cancel()
+        _untend(self)
         for port, sock in self.listeners.items():
             if self.keep is not None and not leave:
                 self.keep.unlisten(self.address, self.bind(port))
@@ -741,6 +740,38 @@ class Function:
                              return_exceptions=True)
         self.idle.clear()
         self.busy.clear()
+
+
+# One janitor per event loop for every function, not a task each: 1,000 functions would
+# be 1,000 timers a second for work that is mostly nothing.
+_TENDED: dict[asyncio.AbstractEventLoop, set[Function]] = {}
+_JANITORS: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
+
+
+def _tend(fn: Function) -> None:
+    fns = _TENDED.get(fn.loop)
+    if fns is None:
+        fns = _TENDED[fn.loop] = set()
+        _JANITORS[fn.loop] = fn.loop.create_task(_janitor(fn.loop, fns))
+    fns.add(fn)
+
+
+def _untend(fn: Function) -> None:
+    _TENDED.get(fn.loop, set()).discard(fn)
+
+
+async def _janitor(loop: asyncio.AbstractEventLoop, fns: set[Function]) -> None:
+    try:
+        while fns:
+            await asyncio.sleep(1)
+            for fn in list(fns):
+                try:
+                    fn.tidy()
+                except Exception as exc:  # a bug in one function's round: the others go on
+                    fn.log.error("janitor_failed", function=fn.name, error=repr(exc))
+    finally:
+        _TENDED.pop(loop, None)
+        _JANITORS.pop(loop, None)
 
 
 def settings_from(data: dict[str, Any]) -> ServeSettings:
