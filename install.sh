@@ -63,14 +63,21 @@ if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
   systemctl disable --now named.service >/dev/null 2>&1 || true
 fi
 # Debian confines named with AppArmor; let it read faasd's zone and configuration and
-# write its working directory (pid, lock, session key) under the default FAAS_ROOT.
+# write its working directory (pid, lock, session key) under the default FAAS_ROOT. The
+# lock needs `k` (a Debian 12 guest showed named restarting on "file_lock" denials), so
+# lines an older install.sh wrote without it are replaced.
 aa_local=/etc/apparmor.d/local/usr.sbin.named
-if [ -d /etc/apparmor.d/local ] && ! grep -q 'faasd' "$aa_local" 2>/dev/null; then
+if [ -d /etc/apparmor.d/local ] \
+   && ! grep -qF '/var/lib/faasd/named/work/** rwk,' "$aa_local" 2>/dev/null; then
+  [ ! -e "$aa_local" ] || sed -i '/^# faasd (install.sh)/d; \#^/var/lib/faasd/#d' "$aa_local"
   cat >>"$aa_local" <<'AA'
 # faasd (install.sh): its zone, its named.conf and named's working directory
+/var/lib/faasd/dns/ r,
 /var/lib/faasd/dns/** r,
+/var/lib/faasd/named/ r,
 /var/lib/faasd/named/** r,
-/var/lib/faasd/named/work/** rw,
+/var/lib/faasd/named/work/ rw,
+/var/lib/faasd/named/work/** rwk,
 AA
   if command -v apparmor_parser >/dev/null && [ -e /etc/apparmor.d/usr.sbin.named ] \
      && [ -d /sys/kernel/security/apparmor ]; then
