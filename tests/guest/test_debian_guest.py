@@ -10,6 +10,7 @@ QEMU or the image missing is a failure, never a skip. ``pytest -s`` shows the pr
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -66,6 +67,29 @@ def _handler_image(out: Path) -> Path:
     return tar
 
 
+def _install(g: Guest, timeout: float = 1500) -> None:
+    """``sudo ./install.sh`` in the background of the guest, its output shown as it comes
+    (the agent answers only when a command ends), then its exit status checked."""
+    g.sh("(cd /root/faasd && sudo ./install.sh > /root/install.log 2>&1; "
+         "echo $? > /root/install.rc) </dev/null >/dev/null 2>&1 &")
+    shown = 0
+    deadline = time.monotonic() + timeout
+    while True:
+        rc = g.run("cat /root/install.rc 2>/dev/null", 20)["stdout"].strip()
+        new = g.sh(f"tail -c +{shown + 1} /root/install.log")
+        shown += len(new.encode())
+        for line in new.splitlines():
+            line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+            if not re.match(r"(upload|verify|extract) ", line):  # faasctl new's progress
+                say(f"  install.sh: {line}")
+        if rc:
+            break
+        if time.monotonic() > deadline:
+            raise AssertionError(f"install.sh still running after {timeout:.0f}s")
+        time.sleep(2)  # poll interval for its output, not synchronisation
+    assert rc == "0", f"install.sh exited {rc}; its output is above"
+
+
 @pytest.fixture(scope="module")
 def guest():
     """A booted guest with faasd installed by ``sudo ./install.sh``, the probe function
@@ -83,9 +107,8 @@ def guest():
         g.sh("mkdir -p /mnt/src && mount -o ro /dev/vdb /mnt/src && "
              "cp -a /mnt/src/faasd /root/faasd")
         say("running `sudo ./install.sh` in /root/faasd (the README's command)")
-        out = g.sh("cd /root/faasd && sudo ./install.sh 2>&1", timeout=1500)
-        say(f"install.sh done in {time.monotonic() - t:.0f}s; its last lines:\n"
-            + "\n".join(out.splitlines()[-8:]))
+        _install(g)
+        say(f"install.sh done in {time.monotonic() - t:.0f}s")
         say("deploying the probe function with memory and pids limits")
         g.sh(f"faasctl new probe -f /mnt/src/extra/probe.tar && "
              f"faasctl set probe memory={MEMORY} pids={PIDS}", timeout=300)
