@@ -109,6 +109,7 @@ class Guest:
 
     def _send(self, msg: dict) -> None:
         assert self.sock is not None
+        self.sock.settimeout(30)
         self.sock.sendall(encode(msg))
 
     def _receive(self, want: str, deadline: float) -> dict | None:
@@ -130,13 +131,18 @@ class Guest:
         return None
 
     def sync(self, timeout: float) -> None:
-        """Wait until the agent answers: a fresh ping every 2 s (one sent before the
-        guest's port was open is lost) until one comes back."""
+        """Wait until the agent answers a ping with a fresh id. While the guest's port is
+        closed QEMU leaves what we send in the socket, so the first ping is read at the
+        next boot; one more every 10 s covers a ping an agent read and died with. Not
+        more often: each fills the socket's buffer until the guest reads."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             ping = uuid.uuid4().hex
-            self._send({"id": ping, "cmd": "true", "timeout": 10})
-            if self._receive(ping, min(deadline, time.monotonic() + 2)):
+            try:
+                self._send({"id": ping, "cmd": "true", "timeout": 10})
+            except TimeoutError:  # nobody reads and the buffer is full: wait for a reader
+                pass
+            if self._receive(ping, min(deadline, time.monotonic() + 10)):
                 return
         raise GuestError(f"the guest's agent did not answer within {timeout:.0f}s; "
                          f"console tail:\n{self.console_tail()}")
@@ -171,8 +177,12 @@ class Guest:
         deadline = t0 + timeout
         while time.monotonic() < deadline:
             self.sync(deadline - time.monotonic())
-            r = self.run("cat /proc/sys/kernel/random/boot_id", 10)
-            if r["rc"] == 0 and r["stdout"].strip() not in ("", before):
+            # The agent of the old boot may answer the ping and die before this one.
+            rid = uuid.uuid4().hex
+            self._send({"id": rid, "cmd": "cat /proc/sys/kernel/random/boot_id",
+                        "timeout": 10})
+            r = self._receive(rid, min(deadline, time.monotonic() + 15))
+            if r and r["rc"] == 0 and r["stdout"].strip() not in ("", before):
                 return time.monotonic() - t0
             time.sleep(1)  # the old boot is still shutting down; ask again
         raise GuestError(f"the guest did not come back within {timeout:.0f}s of a reboot; "

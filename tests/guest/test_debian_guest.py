@@ -122,6 +122,7 @@ def guest():
         g.sh(PEER, timeout=60)
         yield g
     finally:
+        say("the guest's console, last lines:\n" + g.console_tail(25))
         say("stopping QEMU, removing the overlay and temp files")
         g.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -179,7 +180,7 @@ def test_crun_without_the_hybrid_host_workaround(guest):
          lambda: _call(guest, "probe", "/get/sys/fs/cgroup/pids.max").strip() == str(PIDS),
          120, 1)
     listing = poll("a running crun container",
-                   lambda: guest.run("crun --root /run/faasd/runtime/crun list")["stdout"]
+                   lambda: guest.run("crun --root /run/faasd/crun list")["stdout"]
                    .count("running"), 60, 1)
     assert listing >= 1
 
