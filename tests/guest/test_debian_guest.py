@@ -30,6 +30,7 @@ HANDLER_C = HERE.parent / "integration" / "handlers" / "testhandler.c"
 DNS = "fd00:faa5:0:100::1"  # the server's VPN address (vpn_prefix ::1), where named answers
 MEMORY, MEMORY_BYTES, PIDS = "96M", 96 * 1024 * 1024, 37
 T0 = time.monotonic()
+ADDRESSES: dict[str, str] = {}  # each function's address after the install: kept forever
 
 
 def say(what: str) -> None:
@@ -120,6 +121,8 @@ def guest():
              lambda: g.run("faasctl status", 20)["rc"] == 0, 120, 1)
         g.sh("faasctl vpn add peer > /root/peer.conf && chmod 600 /root/peer.conf")
         g.sh(PEER, timeout=60)
+        ADDRESSES.update({name: g.sh(f"faasctl ip {name}").strip()
+                          for name in ("fibonacci", "probe")})
         yield g
     finally:
         say("the guest's console, last lines:\n" + g.console_tail(25))
@@ -193,8 +196,22 @@ def test_status_is_healthy(guest):
     assert all(line[1] == "up" and line[-1] == "yes" for line in lines), out
 
 
+def test_systemctl_stop_takes_containers_and_the_interface_away(guest):
+    """The containers live in /faasd/<id> cgroups outside faasd.service's: systemd's own
+    killing would miss them, so the unit's stop must be faasd down's (docs/operations.md)."""
+    procs = "cat /sys/fs/cgroup/faasd/*/cgroup.procs 2>/dev/null | wc -l"
+    assert int(poll("a warm container's processes", lambda: int(guest.sh(procs)), 60, 1)) > 0
+    say("check: systemctl stop faasd stops every container and removes wg0")
+    guest.sh("systemctl stop faasd", timeout=180)
+    assert guest.run("systemctl is-active faasd")["stdout"].strip() == "inactive"
+    assert int(guest.sh(procs)) == 0
+    assert guest.run("ip link show wg0")["rc"] != 0
+    assert guest.run("pgrep -x named")["rc"] == 1
+
+
 def test_reboot_brings_everything_back(guest):
-    before = {name: guest.sh(f"faasctl ip {name}").strip() for name in ("fibonacci", "probe")}
+    before = dict(ADDRESSES)
+    assert set(before) == {"fibonacci", "probe"}
     say("rebooting the guest (systemctl reboot)")
     say(f"the guest's agent answered {guest.reboot():.0f}s after the reboot")
     assert guest.sh("systemctl is-enabled faasd").strip() == "enabled"
