@@ -38,6 +38,7 @@ AGENT_PORT = "org.faasd.agent"
 WHEELHOUSE = "/opt/faasd-wheelhouse"
 HEADROOM_MB = 3072  # free space in the root filesystem for the venv, images, containers
 BUILDER_FILES = ("guestimage.py", "guestagent.py")
+STALE_BUILD = 6 * 3600  # seconds; a build takes minutes, so an older build-* is an orphan
 
 Say = Callable[[str], None]
 
@@ -183,6 +184,9 @@ def ensure_image(say: Say = print) -> Path:
     names = packages()
     versions = candidate_versions(names)
     CACHE.mkdir(parents=True, exist_ok=True)
+    for left in CACHE.glob("build-*"):  # from a run that was killed a while ago
+        if time.time() - left.stat().st_mtime > STALE_BUILD:
+            shutil.rmtree(left, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix="build-", dir=CACHE))
     try:
         say("building the pip wheelhouse on the host")

@@ -120,3 +120,11 @@ def test_client_skips_stale_and_foreign_answers(tmp_path):
     host.close()  # the fake agent reads EOF and returns
     thread.join(5)
     guest_end.close()
+
+
+def test_missing_tools_fail_with_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setattr(gi.shutil, "which", lambda tool: None)
+    with pytest.raises(RuntimeError, match="debootstrap is missing.*install.sh --no-start"):
+        gi.ensure_image(lambda s: None)
+    with pytest.raises(AssertionError, match="qemu-system-x86_64 is missing"):
+        Guest(tmp_path, tmp_path / "d", tmp_path).start()
