@@ -127,8 +127,10 @@ UNIT
 fi
 
 if faasd ctl pid >/dev/null 2>&1; then
-  say "faasd is running: restarting it on the new code"
-  faasd ctl restart all >/dev/null
+  # An upgrade: one program at a time, the keeper holding the listeners and waiting
+  # connections while the runner restarts, so no request is lost (docs/operations.md).
+  say "faasd is running: restarting it on the new code, one program at a time"
+  faasd reload
 elif [ "$systemd" -eq 1 ]; then
   say "starting faasd through systemd (faasd.service, enabled: it starts at boot)"
   systemctl start faasd.service

@@ -3,8 +3,10 @@
 ``faasd up`` checks the settings, prepares ``$FAAS_ROOT`` and ``$FAAS_RUN`` with the
 owners and modes that decide who may talk to whom, and starts supervisord with
 ``supervisord.conf``; ``faasd ctl ...`` is supervisorctl for that instance; ``faasd
-down`` stops everything. The config file takes every path from the environment this
-command sets, so it works from any directory and for any number of instances.
+reload`` restarts every program on new code and configuration one at a time, losing no
+request (cli/rolling.py); ``faasd down`` stops everything. The config file takes every
+path from the environment this command sets, so it works from any directory and for any
+number of instances.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import time
 
+from cli import rolling
 from common import layout
 from common.daemon import owner_ids
 from common.paths import root_dir
@@ -89,6 +92,23 @@ def down(settings: Settings, conf: str, env: dict[str, str], timeout: float = 60
                           env=env, check=False).returncode
 
 
+def reload(settings: Settings, conf: str, env: dict[str, str]) -> int:
+    supervisorctl = _supervisor_bin("supervisorctl", env)
+
+    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([supervisorctl, "-c", conf, *args], env=env, text=True,
+                              capture_output=True, check=False)
+
+    def healthy() -> bool:
+        return subprocess.run([os.path.join(env["FAAS_BIN"], "faasctl"), "status"], env=env,
+                              capture_output=True, check=False).returncode == 0
+
+    if ctl("pid").returncode != 0:
+        print("faasd: supervisord is not running here: `faasd up` starts it", file=sys.stderr)
+        return 1
+    return rolling.reload(settings, ctl, healthy, say=lambda m: print(f"faasd: {m}"))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console script faasd."""
     parser = argparse.ArgumentParser(prog="faasd", description=__doc__.split("\n\n")[0])
@@ -101,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--foreground", action="store_true", help="run supervisord in the foreground")
     sub.add_parser("down", help="stop every program and supervisord, then take the "
                    "WireGuard interface and its firewall chains away")
+    sub.add_parser("reload", help="after an upgrade: re-read supervisord.conf and restart "
+                   "every program on the new code, one at a time, losing no request")
     ctl = sub.add_parser("ctl", help="supervisorctl for this instance (status, restart NAME, ...)")
     ctl.add_argument("args", nargs=argparse.REMAINDER)
     ns = parser.parse_args(argv)
@@ -118,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
         argv_ += ["-n"] if ns.foreground else []
     elif ns.command == "down":
         sys.exit(down(settings, conf, env))
+    elif ns.command == "reload":
+        sys.exit(reload(settings, conf, env))
     else:
         argv_ = [_supervisor_bin("supervisorctl", env), "-c", conf, *ns.args]
     os.execve(argv_[0], argv_, env)

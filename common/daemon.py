@@ -24,6 +24,7 @@ import psutil
 from common import protocol
 from common.errors import Code, FaasError
 from common.log import EventLog
+from common.proc import die_with_parent
 from common.rpc import Access, AlreadyRunning, Handler, Server
 from common.settings import EX_CONFIG, Settings, SettingsError, load
 
@@ -143,6 +144,9 @@ class AgentDaemon(Daemon):
 
 def run_main(cls: type[Daemon]) -> None:
     """Entry point of a daemon's console script."""
+    # supervisord killed: we stop too (gracefully), so the next `faasd up` finds no
+    # orphan holding our lock. Under systemd the unit's cgroup is killed anyway.
+    die_with_parent(signal.SIGTERM)
     log = EventLog(cls.service)
     try:
         settings = load()

@@ -49,6 +49,8 @@ DIRS = (
     Dir("crun_dir", "run", "crun", "root", "root", 0o700, "crun's state", True),
     Dir("netns", "run", "netns", "root", "root", 0o700,
         "netagent's network namespaces of egress functions", True),
+    Dir("keeper_dir", "run", "keeper", "root", "root", 0o700,
+        "the keeper's socket: only the runner may reach it", True),
 )
 
 # Files and daemon-made directories, by Layout property: (owner daemon, relative path
@@ -72,6 +74,7 @@ FILES = {
     "wg_endpoints": ("netagent", "wireguard/endpoints.json"),
     "function_logs": ("runner", "logs/functions/"),
     "http_sock": ("controller", "http.sock"),
+    "keeper_sock": ("keeper", "keeper/keeper.sock"),
     "supervisord_sock": ("supervisord", "supervisord.sock"),
     "supervisord_pid": ("supervisord", "supervisord.pid"),
 }
@@ -225,6 +228,15 @@ class Layout:
         """The bind mount that holds a network=egress function's namespace (netagent
         makes it; the runner's containers join it). ``function`` is a checked name."""
         return self._u("netns", function)
+
+    @property
+    def keeper_dir(self) -> str:
+        return self._u("keeper")
+
+    @property
+    def keeper_sock(self) -> str:
+        """The keeper's fd store (``common/fdstore.py``)."""
+        return self._u("keeper", "keeper.sock")
 
     @property
     def supervisord_sock(self) -> str:

@@ -98,7 +98,7 @@ class Access:
     gid: int = -1
 
 
-def _take_lock(path: str) -> int:
+def take_lock(path: str) -> int:
     """Open and flock the lock file; refuse files that are not plainly ours."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
@@ -140,7 +140,7 @@ class Server:
 
     def bind(self) -> None:
         """Take the lock, replace a stale socket file and bind with the right mode."""
-        self._lock_fd = _take_lock(self.lock_path)
+        self._lock_fd = take_lock(self.lock_path)
         try:
             os.unlink(self.path)  # stale: its owner is gone, or we would not hold the lock
         except FileNotFoundError:

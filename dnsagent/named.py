@@ -31,7 +31,9 @@ import pwd
 import re
 import secrets
 import shutil
+import signal
 import sys
+import time
 
 from common.daemon import owner_ids
 from common.files import atomic_write
@@ -256,6 +258,29 @@ def named_argv(layout: Layout, bind_user: str = BIND_USER) -> list[str]:
     return [named, "-g", "-u", bind_user, "-c", layout.named_conf]
 
 
+def stop_stale(layout: Layout, grace: float = 5.0) -> None:
+    """A named of this instance still running (its supervisord was killed, and named,
+    having changed its uid, did not get the parent-death signal) holds port 53 and its
+    lock: stopped, so this one can start. Only a process whose command line names this
+    instance's named.conf is touched."""
+    try:
+        with open(os.path.join(layout.named_work, "named.pid"), encoding="ascii") as f:
+            pid = int(f.read().strip() or 0)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except (OSError, ValueError):
+        return
+    if pid <= 1 or layout.named_conf.encode() not in argv:
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if os.path.exists(f"/proc/{pid}"):
+        os.kill(pid, signal.SIGKILL)
+    print(f"faas-named: stopped a named left running (pid {pid})", file=sys.stderr)
+
+
 def main() -> None:
     """Console script faas-named: render this instance's configuration, exec named."""
     try:
@@ -265,6 +290,7 @@ def main() -> None:
                   file=sys.stderr)
             sys.exit(EX_NOPERM)
         layout = prepare(settings)
+        stop_stale(layout)
         argv = named_argv(layout)
     except SettingsError as exc:
         print(f"faas-named: {exc}", file=sys.stderr)

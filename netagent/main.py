@@ -8,7 +8,7 @@ the controller's user: nobody else may talk to it.
 
 What it converges, in order (docs/network.md):
 
-1. the interface (kernel WireGuard, else wireguard-go as its child), up;
+1. the interface (kernel WireGuard, else wireguard-go; either outlives netagent), up;
 2. the server key, generated once into ``$FAAS_ROOT/wireguard/private.key`` (0600) and
    given to ``wg`` by path; the listen port;
 3. the firewall chains, before any peer can send a packet;

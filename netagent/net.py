@@ -17,11 +17,13 @@ from typing import Any
 from common import wgconf
 from common.errors import Code, FaasError
 from common.files import atomic_write
-from common.proc import die_with_parent
 
 COMMAND_TIMEOUT = 15.0  # seconds; ip6tables waits at most 5 s for the xtables lock
 PACKAGES = {"ip": "iproute2", "wg": "wireguard-tools", "ip6tables": "iptables",
             "ip6tables-restore": "iptables", "wireguard-go": "wireguard-go"}
+
+
+WG_RUN_DIR = "/var/run/wireguard"  # wireguard-go's control sockets, one per interface
 
 
 class Net:
@@ -90,10 +92,14 @@ class Net:
             raise FaasError(Code.UNAVAILABLE, "no wireguard kernel module and no wireguard-go: "
                             "apt-get install wireguard-go")
         env = dict(os.environ, WG_PROCESS_FOREGROUND="1")
-        # It dies with us (even on kill -9): the next netagent recreates the interface
-        # from the controller's sync instead of finding an orphan it cannot stop.
+        # In a session of its own, it outlives us, as the kernel's interface would: a
+        # netagent restart or kill must not take the function addresses (on this
+        # interface) away for a second, failing every connection to them. The next
+        # netagent finds the interface and configures it through wireguard-go's own
+        # socket; `faasd down` (``--remove``) deletes the interface, and wireguard-go
+        # ends when its tun device goes.
         self.wireguard_go = await asyncio.create_subprocess_exec(
-            binary, "-f", self.interface, env=env, preexec_fn=lambda: die_with_parent(15),
+            binary, "-f", self.interface, env=env, start_new_session=True,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         for _ in range(100):  # it creates the tun device within milliseconds
             if await self.link_exists():
@@ -127,6 +133,13 @@ class Net:
         if self.wireguard_go is not None and self.wireguard_go.returncode is None:
             self.wireguard_go.terminate()
             await self.wireguard_go.wait()
+        # A wireguard-go another netagent started ends with its tun device; its socket
+        # goes last. Waited for (briefly), so `faasd down` leaves no process behind.
+        uapi = os.path.join(WG_RUN_DIR, f"{self.interface}.sock")
+        for _ in range(100):
+            if not os.path.exists(uapi):
+                break
+            await asyncio.sleep(0.05)
 
     async def route(self, prefix: ipaddress.IPv6Network) -> None:
         await self.run("ip", "-6", "route", "replace", str(prefix), "dev", self.interface)

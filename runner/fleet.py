@@ -23,6 +23,7 @@ from runner.bundle import BundleError, EgressNet, FunctionSettings, build_config
 from runner.callers import Callers
 from runner.container import Container
 from runner.fnlogs import FunctionLogs
+from runner.keep import Keep
 from runner.runtime import Runtime
 from runner.secretstore import MissingSecret, SecretStore
 from runner.serve import Function, settings_from
@@ -68,7 +69,7 @@ class Fleet:
                  log: EventLog, image_config: Callable[[str], Mapping[str, Any] | None],
                  budget: MemoryBudget | None = None, secrets: SecretStore | None = None,
                  callers: Callers | None = None, nameserver: str = "",
-                 volumes: Volumes | None = None):
+                 volumes: Volumes | None = None, keep: Keep | None = None):
         self.paths = Layout(root, run)
         self.nameserver = nameserver  # egress functions' resolver: named's VPN address
         self.secrets = secrets if secrets is not None else SecretStore(
@@ -83,6 +84,8 @@ class Fleet:
         self.budget = budget if budget is not None else MemoryBudget()  # every function's
         self.volumes = volumes  # where a function's mounts come from (runner/volumes.py)
         self.callers = callers  # the VPN peers by address, shared by every function
+        self.keep = keep  # the keeper's client (runner/keep.py); None: no keeper
+        self._adopted = False  # what the previous runner left was given out
         self.functions: dict[str, Function] = {}
         self.specs: dict[str, dict[str, Any]] = {}
         self.closing: set[asyncio.Future[None]] = set()  # dropped functions finishing
@@ -130,15 +133,40 @@ class Fleet:
             if fn is None:
                 self.functions[name] = Function(name, spec["address"],
                                                 settings_from(spec["settings"]), factory, self.log,
-                                                budget=self.budget, callers=self.callers)
+                                                budget=self.budget, callers=self.callers,
+                                                keep=self.keep)
                 self.log.info("serving", function=name, address=spec["address"],
                               digest=spec["digest"])
             else:
                 fn.update(settings_from(spec["settings"]), factory)
                 self.log.info("updated", function=name, digest=spec["digest"])
             self.specs[name] = spec
+        if not self._adopted:
+            self._adopted = True
+            self.adopt()
 
-    async def _drop(self, name: str, removed: bool = False) -> None:
+    def adopt(self) -> None:
+        """After the first sync: the connections the previous runner accepted and never
+        handed over are served now, by the function they came to; the listeners of
+        functions no longer served are closed."""
+        if self.keep is None:
+            return
+        by_address = {fn.address: fn for fn in self.functions.values()}
+        served = closed = 0
+        for key, conn, meta in self.keep.take_orphans():
+            fn = by_address.get(meta.get("address", ""))
+            port = meta.get("port")
+            if fn is None or fn.closed or port not in fn.settings.ports:
+                self.keep.release(key)
+                conn.close()
+                closed += 1
+                continue
+            fn.adopt(conn, port, str(meta.get("remote", "")), key)
+            served += 1
+        listeners = self.keep.release_unclaimed()
+        self.log.info("adopted", connections=served, closed=closed, listeners_closed=listeners)
+
+    async def _drop(self, name: str, removed: bool = False, leave: bool = False) -> None:
         """Stop accepting at once; requests in flight finish in the background, so a
         sync never waits out a function's timeout. A ``removed`` function's containers
         log nothing more (its logs are deleted by the prune that follows)."""
@@ -146,14 +174,14 @@ class Fleet:
         self.specs.pop(name, None)
         if removed:
             self.owners.pop(name, None)
-        fn.stop_accepting()
+        fn.stop_accepting(leave)
         self.log.info("stopped_serving", function=name)
-        task = asyncio.ensure_future(self._finish(name, fn))
+        task = asyncio.ensure_future(self._finish(name, fn, leave))
         self.closing.add(task)
         task.add_done_callback(self.closing.discard)
 
-    async def _finish(self, name: str, fn: Function) -> None:
-        await fn.close()
+    async def _finish(self, name: str, fn: Function, leave: bool = False) -> None:
+        await fn.close(leave)
         if name not in self.functions:
             self.logs.forget(name)
 
@@ -262,9 +290,10 @@ class Fleet:
         return [self.functions[name].snapshot() for name in sorted(self.functions)]
 
     async def close(self) -> None:
-        """Graceful stop: every function finishes what is in flight."""
+        """Graceful stop: every function finishes what is in flight; what waits is left
+        to the next runner through the keeper."""
         for name in list(self.functions):
-            await self._drop(name)
+            await self._drop(name, leave=True)
         if self.closing:
             await asyncio.gather(*self.closing, return_exceptions=True)
         self.logs.flush()

@@ -2,8 +2,10 @@
 
 It decides nothing: it converges to the whole desired state the controller sends with
 ``sync``. Its endpoint is mode 0600 and owned by the controller's user: nobody else may
-talk to it. supervisord stops and kills it as a group so its containers die with it; at
-start it removes whatever a previous run left behind.
+talk to it. Its listeners, and the connections it has not yet handed over, are held by
+the keeper too (runner/keep.py), so a restart, or its ``kill -9``, fails no request: the
+next runner takes them back, and lets the containers of the previous one finish the
+connections they hold before it removes them.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+import time
 from typing import Any
 
 from common import fnsettings, layout
 from common.daemon import AgentDaemon, owner_ids, run_main
 from common.errors import Code, FaasError
+from common.paths import root_dir
 from common.proc import adopt_orphans
 from common.rpc import Handler
 from common.settings import SettingsError, vpn_server
@@ -25,10 +29,13 @@ from runner.callers import Callers
 from runner.fleet import Fleet
 from runner.fnlogs import FunctionLogs
 from runner.images.extract import DEFAULT_LIMITS
+from runner.keep import Keep
 from runner.runtime import RuntimeUnavailable, runtime_for
 from runner.serve import LATENCY_BUCKETS
 from runner.store import ImageStore
 from runner.volumes import Volumes
+
+RETIRE_POLL = 0.2  # seconds between looks at the previous run's containers still running
 
 
 class Runner(AgentDaemon):
@@ -53,6 +60,8 @@ class Runner(AgentDaemon):
         except RuntimeUnavailable as exc:
             raise SettingsError(f"runtime = {self.settings.runtime}: {exc}") from None
         self.fleet: Fleet | None = None
+        self.keep: Keep | None = None
+        self._retiring: asyncio.Task[None] | None = None
         self.volumes = Volumes(layout.of(self.settings), self.settings.max_volume_bytes,
                                self.settings.volumes_max_bytes, self.settings.min_free_bytes)
         self._volume_lock = asyncio.Lock()  # one create, remove or mount at a time
@@ -80,11 +89,14 @@ class Runner(AgentDaemon):
         # (runner/container.py), to be reaped here and not by pid 1.
         adopt_orphans()
         logs = FunctionLogs(layout.of(self.settings).function_logs, self._gid)
+        root_dir(layout.of(self.settings).keeper_dir, 0o700)
+        self.keep = Keep(layout.of(self.settings).keeper_sock, self.log, self.boot_id)
+        await self.keep.start()
         self.fleet = Fleet(self.settings.root, self.settings.run, self.runtime, logs, self.log,
                            self.store.config_of, self.budget, callers=self.callers,
                            nameserver=str(vpn_server(self.settings.vpn_prefix).ip),
-                           volumes=self.volumes)
-        removed = await self.remove_leftover_containers()
+                           volumes=self.volumes, keep=self.keep)
+        removed = await self.retire_leftover_containers()
         counts, failed = await asyncio.to_thread(self.volumes.recover)
         self.log.info("volumes", **counts)
         for name, error in failed.items():  # its functions' starts fail; the rest serve
@@ -93,17 +105,38 @@ class Runner(AgentDaemon):
                       **self.fleet.recover())
         self.log.info("memory_budget", bytes=self.budget.limit)
 
-    async def remove_leftover_containers(self) -> int:
-        """Containers of a previous run: deleted (killed first) through the runtime."""
-        ids = await asyncio.to_thread(self.runtime.list)
-        for cid in ids:
+    async def retire_leftover_containers(self) -> int:
+        """Containers of a previous run: a stopped one is deleted now. One still running
+        may be serving a connection the previous runner handed it; its control socket is
+        gone, so it ends after that connection: it is deleted once it has stopped, and
+        killed past the longest timeout a function may have."""
+        statuses = await asyncio.to_thread(self.runtime.statuses)
+        running = [cid for cid, status in statuses.items() if status == "running"]
+        for cid in set(statuses) - set(running):
             await self.runtime.delete(cid)
-        return len(ids)
+        if running:
+            self._retiring = asyncio.ensure_future(self._retire(running))
+        return len(statuses)
+
+    async def _retire(self, ids: list[str]) -> None:
+        deadline = time.monotonic() + self.maxima["timeout"] + 5
+        killed = 0
+        while ids:
+            await asyncio.sleep(RETIRE_POLL)
+            statuses = await asyncio.to_thread(self.runtime.statuses)
+            late = time.monotonic() > deadline
+            for cid in [c for c in ids if late or statuses.get(c) != "running"]:
+                killed += statuses.get(cid) == "running"
+                await self.runtime.delete(cid)
+                ids.remove(cid)
+        self.log.info("leftovers_retired", killed=killed)
 
     async def teardown(self) -> None:
         """SIGTERM: stop accepting, let requests in flight finish, stop containers."""
         if self.fleet is not None:
             await self.fleet.close()
+        if self.keep is not None:
+            self.keep.close()
         for name, error in (await asyncio.to_thread(self.volumes.unmount_all)).items():
             self.log.warning("volume_unmount_failed", volume=name, error=error)
 

@@ -249,8 +249,12 @@ class Runtime:
 
     def list(self) -> list[str]:
         """The ids of the containers in faasd's state directory."""
+        return list(self.statuses())
+
+    def statuses(self) -> dict[str, str]:
+        """Each container's status (created, running, stopped), by id."""
         out = self._call("list", "--format", "json")
-        return [c["id"] for c in json.loads(out or "null") or []]
+        return {c["id"]: c.get("status", "") for c in json.loads(out or "null") or []}
 
     def state(self, container_id: str) -> dict[str, Any]:
         """The runtime's state of one container (``status``: created, running, stopped;

@@ -27,6 +27,10 @@ Why one module of this length: admission (first byte, per client, memory budget)
 queue and pool are one state machine whose transitions share the per-request hot path;
 split over modules, each hand-over would cross them. Containers themselves live in
 ``runner/container.py``, the memory budget in ``runner/budget.py``.
+
+With a keeper (``runner/keep.py``) every listener, and every connection from its accept
+until it is handed over or ended here, is held there too: a runner that stops or dies
+leaves them to the next one instead of resetting them.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from common.protocol import new_id
 from runner.budget import MemoryBudget
 from runner.callers import Callers
 from runner.container import Container, ContainerFailed
+from runner.keep import Keep
 
 # Upper bounds (seconds) of the request-latency histogram's buckets; one more for +Inf.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -130,7 +135,7 @@ class Request:
     """One client connection, from accept() to its end."""
 
     __slots__ = ("conn", "remote", "port", "peer", "id", "started", "queued_until",
-                 "counted")
+                 "counted", "kept")
 
     def __init__(self, conn: socket.socket, remote: str, started: float, port: int = 80,
                  peer: str | None = None):
@@ -142,6 +147,7 @@ class Request:
         self.started = started  # loop time
         self.queued_until = 0.0  # in the queue; waiting for the first byte: until then
         self.counted = False  # in Function.clients
+        self.kept = ""  # its key in the keeper, until handed over or ended
 
 
 class Function:
@@ -152,7 +158,7 @@ class Function:
     def __init__(self, name: str, address: str, settings: ServeSettings,
                  new_container: Callable[[], Container], log: EventLog,
                  budget: MemoryBudget | None = None, callers: Callers | None = None,
-                 bind: Callable[[int], int] = int):
+                 bind: Callable[[int], int] = int, keep: Keep | None = None):
         self.name = name
         self.address = address
         self.settings = settings
@@ -162,6 +168,7 @@ class Function:
         self.loop = asyncio.get_running_loop()
         self.callers = callers  # None: every caller is local (no VPN peers known)
         self.bind = bind  # the port to bind for a function port (tests: 0, any free one)
+        self.keep = keep  # holds listeners and unserved connections across runner restarts
         self.listeners: dict[int, socket.socket] = {}  # by the function's port
         self.listen_failed: set[int] = set()  # ports that could not be bound: retried
         self._accepting = False
@@ -222,11 +229,13 @@ class Function:
             sock = self.listeners.pop(port)
             if self._accepting:
                 self.loop.remove_reader(sock)
+            if self.keep is not None:
+                self.keep.unlisten(self.address, self.bind(port))
             sock.close()
             self.log.info("port_closed", function=self.name, port=port)
         for port in [p for p in ports if p not in self.listeners]:
             try:
-                self.listeners[port] = sock = listen(self.address, self.bind(port))
+                self.listeners[port] = sock = self._open(port)
             except OSError as exc:  # in use by something else on this host: the others go
                 # on, and the janitor tries again every second (logged once per port)
                 if port not in self.listen_failed:
@@ -240,6 +249,12 @@ class Function:
                 self.log.info("port_opened", function=self.name, port=port)
             self.listen_failed.discard(port)
         self.listen_failed &= set(ports)
+
+    def _open(self, port: int) -> socket.socket:
+        bound = self.bind(port)
+        if self.keep is None:
+            return listen(self.address, bound)
+        return self.keep.listen(self.address, bound, lambda: listen(self.address, bound))
 
     def _accept(self) -> None:
         self._resume_accept = None
@@ -266,7 +281,27 @@ class Function:
                 self._accepting = False
                 self._resume_accept = self.loop.call_later(0.1, self._accept)
                 return
-            self._arrive(Request(conn, addr[0], now, port))
+            req = Request(conn, addr[0], now, port)
+            if self.keep is not None:
+                req.kept = self.keep.pawn(conn, self.address, self.bind(port), addr[0])
+            self._arrive(req)
+
+    def adopt(self, conn: socket.socket, port: int, remote: str, key: str) -> None:
+        """A connection the previous runner accepted and never handed over (the keeper
+        gave it back): served as if it had just been accepted."""
+        req = Request(conn, remote, self.loop.time(), port)
+        req.kept = key
+        conn.setblocking(True)  # as accept() gives them (hand_over expects it)
+        self._arrive(req)
+
+    def _done_with(self, req: Request) -> None:
+        """Handed over or ended here: our copy of the connection closes, the keeper's
+        too."""
+        if req.kept:
+            assert self.keep is not None
+            self.keep.release(req.kept)
+            req.kept = ""
+        req.conn.close()
 
     def _arrive(self, req: Request) -> None:
         """A connection just accepted: refused if its peer is not allowed; else counted
@@ -340,7 +375,7 @@ class Function:
         fd = req.conn.fileno()
         if self.first_byte.pop(fd, None) is not None:
             self.loop.remove_reader(fd)
-        req.conn.close()
+        self._done_with(req)
         self._release(req)
 
     def _release(self, req: Request) -> None:
@@ -382,7 +417,7 @@ class Function:
         it gets a 403 as a 503 is written; another port's protocol is unknown: closed."""
         self.stats.forbidden += 1
         if req.port != 80 or Function.refusing >= REFUSING_MAX:
-            req.conn.close()
+            self._done_with(req)
             return self._account(req, "forbidden")
         Function.refusing += 1
         self._spawn(self._refuse_reply(req, http_error(
@@ -392,7 +427,7 @@ class Function:
     def _refuse(self, req: Request, why: str = "", slot: bool = False) -> None:
         self.stats.rejected += 1
         if Function.refusing >= REFUSING_MAX:  # a flood: closed now, holding nothing
-            req.conn.close()
+            self._done_with(req)
             self._account(req, "rejected")
             if slot:
                 self.active -= 1
@@ -480,7 +515,7 @@ class Function:
                                          f"{self.name}: faasd failed; see its log"), "error",
                          slot=True)
             return
-        req.conn.close()  # the container holds the connection now; ours would keep it open
+        self._done_with(req)  # the container holds the connection now; ours would keep it
         self.busy.add(container)
         setattr(self.stats, how, getattr(self.stats, how) + 1)
         self.stats.served += 1
@@ -540,7 +575,7 @@ class Function:
         try:
             await self._reply(req.conn, data)
         finally:
-            req.conn.close()
+            self._done_with(req)
             self._account(req, outcome)
             if slot:
                 self.active -= 1
@@ -653,8 +688,10 @@ class Function:
                 "first_byte_waiting": len(self.first_byte),
                 **{k: v for k, v in vars(self.stats).items()}}
 
-    def stop_accepting(self) -> None:
-        """Close the listener now (its address may be served again at once)."""
+    def stop_accepting(self, leave: bool = False) -> None:
+        """Close the listener now (its address may be served again at once). ``leave``:
+        the runner is stopping, and what the keeper holds (listeners, connections not yet
+        served) stays there for the next runner."""
         self.closed = True
         if self._accepting:
             for sock in self.listeners.values():
@@ -663,18 +700,37 @@ class Function:
         if self._resume_accept is not None:
             self._resume_accept.cancel()
         for req in list(self.first_byte.values()):  # they have sent nothing to finish
-            self._close_early(req)
+            if leave and req.kept:
+                self._abandon(req)
+            else:
+                self._close_early(req)
         if self._expiry_first is not None:
             self._expiry_first.cancel()
             self._expiry_first = None
         self.janitor.cancel()
-        for sock in self.listeners.values():
+        for port, sock in self.listeners.items():
+            if self.keep is not None and not leave:
+                self.keep.unlisten(self.address, self.bind(port))
             sock.close()
+        if leave:  # the queue too: the next runner serves it
+            kept = [r for r in self.pending if r.kept]
+            for req in kept:
+                self.pending.remove(req)
+                self._abandon(req)
+            self._check_drained()
 
-    async def close(self) -> None:
-        """Stop accepting, let requests in flight (and waiting) finish, stop every
-        container."""
-        self.stop_accepting()
+    def _abandon(self, req: Request) -> None:
+        """Left to the next runner: our copy closes, the keeper's stays."""
+        fd = req.conn.fileno()
+        if self.first_byte.pop(fd, None) is not None:
+            self.loop.remove_reader(fd)
+        req.conn.close()
+        self._release(req)
+
+    async def close(self, leave: bool = False) -> None:
+        """Stop accepting, let requests in flight (and waiting, unless ``leave`` leaves
+        them to the next runner) finish, stop every container."""
+        self.stop_accepting(leave)
         deadline = time.monotonic() + self.settings.timeout + 5
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.timeout + 5):

@@ -164,8 +164,11 @@ class Platform:
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def stop(self) -> None:
+        """`faasd down`: supervisord and its programs stopped, then the interface (and
+        wireguard-go with it, which outlives netagent) and the chains removed."""
         if self.proc is not None and self.proc.poll() is None:
-            self.ctl("shutdown", check=False)
+            run(*self.netns.argv(BIN / "faasd", "down"), env=self.env, check=False,
+                timeout=120)
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:

@@ -18,7 +18,7 @@ from common.errors import Code, FaasError
 from common.settings import load
 
 REPO = Path(__file__).resolve().parents[2]
-DAEMONS = ("controller", "netagent", "dnsagent", "runner")
+DAEMONS = ("controller", "netagent", "dnsagent", "runner", "keeper")
 
 
 def on_disk_block(doc: Path) -> list[str]:

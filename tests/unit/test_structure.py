@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("common", "controller", "netagent", "dnsagent", "runner", "cli", "sdk")
+PACKAGES = ("common", "controller", "netagent", "dnsagent", "runner", "keeper", "cli", "sdk")
 MAX_LINES = 450
 
 

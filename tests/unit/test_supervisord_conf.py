@@ -24,7 +24,7 @@ def test_control_socket_is_private_and_there_is_no_http_server():
 def test_programs():
     cp = parsed()
     programs = {s.split(":", 1)[1]: cp[s] for s in cp if s.startswith("program:")}
-    assert set(programs) == {"controller", "netagent", "dnsagent", "runner", "dns"}
+    assert set(programs) == {"controller", "netagent", "dnsagent", "runner", "dns", "keeper"}
     for name, p in programs.items():
         binary = "faas-named" if name == "dns" else f"faas-{name}"
         assert p["command"] == f"%(ENV_FAAS_BIN)s/{binary}"
@@ -33,11 +33,18 @@ def test_programs():
         assert p["redirect_stderr"] == "true"
     for unprivileged in ("controller", "dnsagent"):
         assert programs[unprivileged]["user"] == "%(ENV_FAAS_USER)s"
-    # named drops to user bind itself; the root programs' children (wireguard-go, runc)
-    # die with them
-    for root in ("netagent", "runner", "dns"):
+    # named drops to user bind itself; a stop kills netagent's and named's children too
+    for root in ("netagent", "dns"):
         assert "user" not in programs[root]
         assert programs[root]["stopasgroup"] == programs[root]["killasgroup"] == "true"
+    # the runner's SIGTERM is its alone: its containers finish the connections they
+    # serve (docs/operations.md); past stopwaitsecs the whole group is killed
+    assert "user" not in programs["runner"]
+    assert programs["runner"]["stopasgroup"] == "false"
+    assert programs["runner"]["killasgroup"] == "true"
+    # the keeper holds the runner's sockets: root, started before it
+    assert "user" not in programs["keeper"]
+    assert int(programs["keeper"]["priority"]) < int(programs["runner"]["priority"])
 
 
 def test_every_path_comes_from_the_environment():
