@@ -28,6 +28,9 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 packages=(python3 python3-venv runc crun wireguard-tools wireguard-go iproute2 iptables
           bind9 bind9-utils bind9-dnsutils curl zstd gcc libc6-dev util-linux procps
           iputils-ping e2fsprogs mount)
+# The test tools beyond those, for --no-start only (./test.sh): the stock Debian 12 guest
+# of tests/guest/ is built with debootstrap and booted under QEMU (docs/guest.md).
+[ "$start" -eq 1 ] || packages+=(qemu-system-x86 qemu-utils debootstrap)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -60,14 +63,21 @@ if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
   systemctl disable --now named.service >/dev/null 2>&1 || true
 fi
 # Debian confines named with AppArmor; let it read faasd's zone and configuration and
-# write its working directory (pid, lock, session key) under the default FAAS_ROOT.
+# write its working directory (pid, lock, session key) under the default FAAS_ROOT. The
+# lock needs `k` (a Debian 12 guest showed named restarting on "file_lock" denials), so
+# lines an older install.sh wrote without it are replaced.
 aa_local=/etc/apparmor.d/local/usr.sbin.named
-if [ -d /etc/apparmor.d/local ] && ! grep -q 'faasd' "$aa_local" 2>/dev/null; then
+if [ -d /etc/apparmor.d/local ] \
+   && ! grep -qF '/var/lib/faasd/named/work/** rwk,' "$aa_local" 2>/dev/null; then
+  [ ! -e "$aa_local" ] || sed -i '/^# faasd (install.sh)/d; \#^/var/lib/faasd/#d' "$aa_local"
   cat >>"$aa_local" <<'AA'
 # faasd (install.sh): its zone, its named.conf and named's working directory
+/var/lib/faasd/dns/ r,
 /var/lib/faasd/dns/** r,
+/var/lib/faasd/named/ r,
 /var/lib/faasd/named/** r,
-/var/lib/faasd/named/work/** rw,
+/var/lib/faasd/named/work/ rw,
+/var/lib/faasd/named/work/** rwk,
 AA
   if command -v apparmor_parser >/dev/null && [ -e /etc/apparmor.d/usr.sbin.named ] \
      && [ -d /sys/kernel/security/apparmor ]; then
@@ -82,13 +92,52 @@ for tool in faasctl faasd; do ln -sf "$prefix/venv/bin/$tool" "/usr/local/bin/$t
 
 [ "$start" -eq 1 ] || exit 0
 
+# Where systemd is PID 1, faasd.service runs supervisord in the foreground and starts the
+# platform at boot (docs/operations.md, "Start at boot"). Written on every run, so an
+# upgrade gets the current unit; enabled, not started, here.
+systemd=0
+if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+  systemd=1
+  cat >/etc/systemd/system/faasd.service.new <<UNIT
+# Written by faasd's install.sh: edit the checkout's install.sh, not this file.
+[Unit]
+Description=faasd, a Function-as-a-Service host (supervisord and its programs)
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+ExecStart=$prefix/venv/bin/faasd up --foreground
+# The same ordered stop as faasd down: supervisord stops each program (the runner its
+# containers, which live in /faasd/<id> cgroups outside this unit's), then the
+# interface and firewall chains go. Whatever is left in this unit's cgroup after that
+# gets SIGKILL.
+ExecStop=$prefix/venv/bin/faasd down
+KillMode=mixed
+TimeoutStopSec=120
+Restart=on-failure
+RestartSec=2
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+  mv /etc/systemd/system/faasd.service.new /etc/systemd/system/faasd.service
+  systemctl daemon-reload
+  systemctl enable faasd.service >/dev/null 2>&1
+fi
+
 if faasd ctl pid >/dev/null 2>&1; then
   # An upgrade: one program at a time, the keeper holding the listeners and waiting
   # connections while the runner restarts, so no request is lost (docs/operations.md).
   say "faasd is running: restarting it on the new code, one program at a time"
   faasd reload
+elif [ "$systemd" -eq 1 ]; then
+  say "starting faasd through systemd (faasd.service, enabled: it starts at boot)"
+  systemctl start faasd.service
 else
-  say "starting faasd"
+  say "starting faasd (systemd is not PID 1 here: faasd will NOT start at boot)"
+  echo "    to start it at boot, have your init run \`faasd up\` (cron: a line" \
+       "'@reboot root /usr/local/bin/faasd up' in /etc/crontab); docs/operations.md"
   faasd up
 fi
 for _ in $(seq 150); do

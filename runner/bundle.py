@@ -236,7 +236,7 @@ def container_env(image_env: list[str], function_env: Mapping[str, str]) -> list
 
 def mounts(control_socket: str, tmp_bytes: int, uid: int, gid: int) -> list[dict[str, Any]]:
     """The filesystems over the read-only rootfs: runc's defaults, a small /tmp that the
-    container's user owns, a read-only /sys, and the control socket."""
+    container's user owns, a read-only /sys and its own cgroup, and the control socket."""
     def mount(dest: str, kind: str, source: str, *options: str) -> dict[str, Any]:
         return {"destination": dest, "type": kind, "source": source, "options": list(options)}
 
@@ -249,6 +249,10 @@ def mounts(control_socket: str, tmp_bytes: int, uid: int, gid: int) -> list[dict
               "size=16m"),
         mount("/dev/mqueue", "mqueue", "mqueue", "nosuid", "noexec", "nodev"),
         mount("/sys", "sysfs", "sysfs", "nosuid", "noexec", "nodev", "ro"),
+        # The container's own cgroup (a cgroup namespace: nothing above it), read-only, as
+        # Docker does: a runtime can size itself from its memory.max and pids.max.
+        mount("/sys/fs/cgroup", "cgroup", "cgroup", "nosuid", "noexec", "nodev", "relatime",
+              "ro"),
         # runc 1.1 resets a tmpfs's mode to that of the directory it covers, whatever
         # mode= says: an image whose /tmp is 0755 would leave /tmp unwritable to a
         # non-root user. Owned by that user, it is writable in either case.

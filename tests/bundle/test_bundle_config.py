@@ -103,10 +103,13 @@ def test_mounts(tmp_path: Path) -> None:
     assert mount_at(cfg, "/proc")["type"] == "proc"
     sys_mount = mount_at(cfg, "/sys")
     assert sys_mount["type"] == "sysfs" and "ro" in sys_mount["options"]
+    cgroup = mount_at(cfg, "/sys/fs/cgroup")
+    assert cgroup["type"] == "cgroup" and "ro" in cgroup["options"]
     ctl = mount_at(cfg, "/control.sock")
     assert ctl["source"] == CTL and "bind" in ctl["options"]
     dests = [m["destination"] for m in cfg["mounts"]]
     assert dests.index("/dev") < dests.index("/dev/shm"), "parents before children"
+    assert dests.index("/sys") < dests.index("/sys/fs/cgroup")
 
 
 def test_resources_and_cgroup(tmp_path: Path) -> None:
