@@ -71,6 +71,7 @@ def _handler_image(out: Path) -> Path:
 def _install(g: Guest, timeout: float = 1500) -> None:
     """``sudo ./install.sh`` in the background of the guest, its output shown as it comes
     (the agent answers only when a command ends), then its exit status checked."""
+    g.sh("rm -f /root/install.rc /root/install.log")
     g.sh("(cd /root/faasd && sudo ./install.sh > /root/install.log 2>&1; "
          "echo $? > /root/install.rc) </dev/null >/dev/null 2>&1 &")
     shown = 0
@@ -194,6 +195,30 @@ def test_status_is_healthy(guest):
     lines = [line.split() for line in out.splitlines()[1:] if line.strip()]
     assert {line[0] for line in lines} >= {"controller", "netagent", "dnsagent", "runner"}
     assert all(line[1] == "up" and line[-1] == "yes" for line in lines), out
+
+
+def test_install_again_under_load_loses_no_request(guest):
+    """An upgrade: `sudo ./install.sh` on the running platform (it runs `faasd reload`,
+    every program restarted one at a time), while a client calls fibonacci all along."""
+    address = ADDRESSES["fibonacci"]
+    say("check: ./install.sh again (an upgrade) while a client calls fibonacci")
+    guest.sh("rm -f /root/load.stop /root/load.txt; (while [ ! -e /root/load.stop ]; do "
+             f"curl -s -m 60 -o /dev/null -w '%{{http_code}}\\n' 'http://[{address}]/?n=10' "
+             ">> /root/load.txt; done) </dev/null >/dev/null 2>&1 & echo $! > /root/load.pid")
+    poll("the load running", lambda: guest.sh("cat /root/load.txt 2>/dev/null").strip(),
+         60, 1)
+    t = time.monotonic()
+    _install(guest)
+    took = time.monotonic() - t
+    guest.sh("touch /root/load.stop; while kill -0 $(cat /root/load.pid) 2>/dev/null; do "
+             "sleep 0.2; done", timeout=120)
+    codes = guest.sh("cat /root/load.txt").split()
+    say(f"upgrade: install.sh took {took:.0f}s; {len(codes)} requests during it, "
+        f"{sum(c != '200' for c in codes)} failed")
+    assert codes and all(c == "200" for c in codes), sorted(set(codes))
+    assert "restarting it on the new code, one program at a time" in guest.sh(
+        "cat /root/install.log")
+    assert guest.run("faasctl status")["rc"] == 0
 
 
 def test_systemctl_stop_takes_containers_and_the_interface_away(guest):
