@@ -23,6 +23,7 @@ from common.log import EventLog
 
 RETRY = 0.5  # seconds between attempts to reach a keeper that is away
 SEND_TIMEOUT = 1.0  # a keeper this slow to read is treated as gone (and re-held later)
+TAKE_TIMEOUT = 10.0  # for the whole set at a runner's start (a slow machine, many fds)
 DROPS_PER_MESSAGE = 2000
 
 
@@ -97,6 +98,7 @@ class Keep:
     def _take(self) -> list[tuple[str, socket.socket, dict[str, Any]]]:
         assert self.sock is not None
         out: list[tuple[str, socket.socket, dict[str, Any]]] = []
+        self.sock.settimeout(TAKE_TIMEOUT)
         fdstore.send(self.sock, {"op": "take"})
         while True:
             got = fdstore.receive(self.sock)
@@ -106,6 +108,7 @@ class Keep:
             for item, fd in zip(message.get("items", []), fds):
                 out.append((item["key"], socket.socket(fileno=fd), item.get("meta", {})))
             if message.get("op") != "held" or message.get("last"):
+                self.sock.settimeout(SEND_TIMEOUT)
                 return out
 
     def _readable(self) -> None:
@@ -134,12 +137,21 @@ class Keep:
             self._retry = asyncio.ensure_future(self._reconnect())
 
     async def _reconnect(self) -> None:
-        while not self._connect():
+        """Until a keeper holds the whole set: a connection can succeed and then fail at
+        once (a keeper that was exiting still had its socket open), and ``_lost`` called
+        from this task's own flush must not leave the runner without one."""
+        while True:
+            try:
+                if self._connect():
+                    self._reset = True
+                    self._dirty = set(self.mine)
+                    self.flush()
+                    if self.sock is not None:
+                        self.log.info("keeper_connected", held=len(self.mine))
+                        return
+            except Exception as exc:  # a bug: logged, and tried again
+                self.log.error("keeper_reconnect_failed", error=repr(exc))
             await asyncio.sleep(RETRY)
-        self._reset = True
-        self._dirty = set(self.mine)
-        self.log.info("keeper_connected", held=len(self.mine))
-        self.flush()
 
     def close(self) -> None:
         """The runner is stopping: the keeper keeps what it holds, for the next one."""

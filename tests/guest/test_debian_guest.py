@@ -208,7 +208,14 @@ def test_install_again_under_load_loses_no_request(guest):
     poll("the load running", lambda: guest.sh("cat /root/load.txt 2>/dev/null").strip(),
          60, 1)
     t = time.monotonic()
-    _install(guest)
+    try:
+        _install(guest)
+    except AssertionError:
+        say("the keeper's log, the runner's keeper lines, the kernel's table:\n" + guest.run(
+            "tail -20 /var/lib/faasd/logs/keeper.log; grep keeper "
+            "/var/lib/faasd/logs/runner.log | tail -20; grep keeper /proc/net/unix; "
+            "faasd ctl status")["stdout"])
+        raise
     took = time.monotonic() - t
     guest.sh("touch /root/load.stop; while kill -0 $(cat /root/load.pid) 2>/dev/null; do "
              "sleep 0.2; done", timeout=120)

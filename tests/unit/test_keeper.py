@@ -209,3 +209,33 @@ def test_a_peer_that_is_not_root_is_refused():
         asyncio.run(main())
     finally:
         shutil.rmtree(where)
+
+
+def test_a_keeper_lost_again_while_reconnecting_is_reached_in_the_end(tmp_path, monkeypatch):
+    """A runner that reaches a keeper which was exiting (its socket still open) loses it
+    again within its own reconnect; it must go on trying, not stop."""
+    async def main():
+        world = World(tmp_path)
+        keeper = world.start_keeper()
+        keep = Keep(world.path, world.log, "boot1")
+        await keep.start()
+        made = listener()
+        keep.listen("::1", made.getsockname()[1], lambda: made)
+        await world.settle(lambda: len(keeper.store.items) == 1)
+        send, failed = fdstore.send, []
+
+        def once(sock, message, fds=()):
+            if message["op"] == "hold" and not failed:
+                failed.append(message)
+                raise ConnectionResetError("the old keeper went away")
+            return send(sock, message, fds)
+        monkeypatch.setattr(fdstore, "send", once)
+        keeper.store.clear()
+        keeper.close()
+        keeper = world.start_keeper()
+        await world.settle(lambda: len(keeper.store.items) == 1)
+        assert failed and keep.sock is not None
+        keep.close()
+        keeper.close()
+        made.close()
+    asyncio.run(main())
